@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+
+from minitodi import backend
+
+
+def test_cpu_device_gives_numpy(monkeypatch):
+    monkeypatch.setenv("MINITODI_DEVICE", "cpu")
+    assert backend.get_xp() is np
+    assert backend.resolve_device("CPU") == "cpu"
+
+
+def test_bad_device_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="device must be one of"):
+        backend.resolve_device("tpu")
+
+
+def test_gpu_request_without_gpu_fails_clearly():
+    if backend.gpu_available():
+        pytest.skip("a GPU is available here")
+    with pytest.raises(RuntimeError, match="no usable GPU"):
+        backend.get_xp("gpu")
+    assert backend.resolve_device("auto") == "cpu"
+
+
+def test_array_module_and_conversions():
+    x = np.arange(3.0)
+    assert backend.array_module(x, None, x) is np
+    assert backend.device_of(x) == "cpu"
+    assert backend.to_float(np.float64(2.5)) == 2.5
+    assert backend.to_numpy(x) is x
+    np.testing.assert_array_equal(backend.to_device(x, "cpu"), x)
+
+
+def test_host_rng_is_seeded():
+    a = backend.host_rng(3).standard_normal(4)
+    b = backend.host_rng(3).standard_normal(4)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.gpu
+def test_roundtrip_through_gpu():
+    if not backend.gpu_available():
+        pytest.skip("no usable GPU")
+    import cupy
+
+    x = np.random.default_rng(0).standard_normal((3, 4))
+    g = backend.to_device(x, "gpu")
+    assert isinstance(g, cupy.ndarray) and backend.array_module(g) is cupy
+    with pytest.raises(TypeError, match="mix NumPy and CuPy"):
+        backend.array_module(x, g)
+    np.testing.assert_array_equal(backend.to_numpy(g), x)
