@@ -72,3 +72,17 @@ def test_rel_error_definition():
     assert gradcheck.rel_error(1.0, 1.0) == 0.0
     assert gradcheck.rel_error(0.0, 0.0) == 0.0
     np.testing.assert_allclose(gradcheck.rel_error(1.0, 3.0), 0.5)
+
+
+def test_fourth_order_stencil_beats_second_order_on_truncation():
+    """f = sin(x): with a large step the O(eps^2) error is visible, the O(eps^4) one much smaller."""
+    x = np.array([0.7])
+    f = lambda: float(np.sin(x[0]))  # noqa: E731
+    exact = np.cos(0.7)
+    err2 = abs(gradcheck.central_difference(f, x, (0,), eps=1e-2, order=2) - exact)
+    err4 = abs(gradcheck.central_difference(f, x, (0,), eps=1e-2, order=4) - exact)
+    assert err2 > 1e-6 and err4 < 1e-9
+    assert x[0] == 0.7
+    assert gradcheck.central_difference(lambda: 3.0, x, (0,), order=4) == 0.0
+    with pytest.raises(ValueError, match="order"):
+        gradcheck.central_difference(f, x, (0,), order=3)

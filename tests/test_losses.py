@@ -1,0 +1,396 @@
+"""The divergences: values against a plain float64 reference, gradients against finite differences."""
+
+import math
+
+import numpy as np
+import pytest
+
+from minitodi import backend, gradcheck, losses
+from minitodi.losses import LOSSES, InfiniteDivergenceError
+
+NAMES = sorted(LOSSES)
+# every loss with its defaults, plus option values that change the gradient
+CASES = [(n, {}) for n in NAMES] + [
+    ("todi", {"beta": 2.0}), ("todi", {"beta": 0.0}), ("todi", {"detach": False}),
+    ("todi", {"beta": 3.0, "detach": False}), ("sfkl", {"lam": 0.4}), ("srkl", {"lam": 0.4}),
+    ("akl", {"mu": 0.8}),
+]
+CASE_IDS = [f"{n}-{','.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for n, o in CASES]
+
+
+# ---------------------------------------------------------------- an independent, unblocked reference
+
+
+def _log_softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def _xlogy_diff(w, la, lb):
+    """w * (la - lb) with 0 wherever w == 0 (0 log 0 = 0)."""
+    with np.errstate(invalid="ignore"):
+        return np.where(w > 0, w * (la - lb), 0.0)
+
+
+def reference(name, s, t, mask=None, temperature=1.0, frozen_s=None, **o):
+    """The divergence's value from its textbook formula, per position, then the masked mean.
+
+    ``frozen_s``: student logits from which stop-gradient weights are computed (ToDi, AKL).
+    """
+    lq, lp = _log_softmax(s / temperature), _log_softmax(t / temperature)
+    q, p = np.exp(lq), np.exp(lp)
+    qw = q if frozen_s is None else np.exp(_log_softmax(frozen_s / temperature))
+    lqw = lq if frozen_s is None else _log_softmax(frozen_s / temperature)
+    fkl = _xlogy_diff(p, lp, lq).sum(-1)
+    rkl = _xlogy_diff(q, lq, lp).sum(-1)
+    if name == "fkl":
+        d = fkl
+    elif name == "rkl":
+        d = rkl
+    elif name == "todi":
+        with np.errstate(invalid="ignore", over="ignore"):  # exp overflow -> a = 0, as it should
+            a = 1 / (1 + np.exp(-o.get("beta", 1.0) * (lp - lqw)))
+        d = (a * _xlogy_diff(p, lp, lq) + (1 - a) * _xlogy_diff(q, lq, lp)).sum(-1)
+    elif name == "jsd":
+        m = (p + q) / 2
+        with np.errstate(divide="ignore"):
+            lm = np.log(m)
+        d = 0.5 * _xlogy_diff(p, lp, lm).sum(-1) + 0.5 * _xlogy_diff(q, lq, lm).sum(-1)
+    elif name == "tvd":
+        d = 0.5 * np.abs(p - q).sum(-1)
+    elif name in ("sfkl", "srkl"):
+        lam = o.get("lam", 0.1)
+        m = lam * p + (1 - lam) * q if name == "sfkl" else (1 - lam) * p + lam * q
+        with np.errstate(divide="ignore"):
+            lm = np.log(m)
+        d = _xlogy_diff(p, lp, lm).sum(-1) if name == "sfkl" else _xlogy_diff(q, lq, lm).sum(-1)
+    elif name == "akl":
+        mu = o.get("mu", 0.5)
+        head, tail = np.zeros(p.shape[:-1]), np.zeros(p.shape[:-1])
+        for i in np.ndindex(p.shape[:-1]):
+            order = np.argsort(p[i])
+            gaps = np.abs(p[i][order] - qw[i][order])
+            tail_set = np.cumsum(p[i][order]) <= mu
+            gh, gt = gaps[~tail_set].sum(), gaps[tail_set].sum()
+            head[i], tail[i] = (gh / (gh + gt), gt / (gh + gt)) if gh + gt > 0 else (0.5, 0.5)
+        d = head * fkl + tail * rkl
+    mask = np.ones(d.shape, bool) if mask is None else mask
+    return d[mask].mean()
+
+
+def _inputs(shape=(3, 4, 13), scale=1.0, seed=0):
+    rng = np.random.default_rng(seed)
+    s = scale * rng.standard_normal(shape)
+    t = scale * rng.standard_normal(shape)
+    mask = rng.random(shape[:-1]) < 0.6
+    mask.flat[0] = True
+    mask.flat[-1] = False
+    return s, t, mask
+
+
+# ---------------------------------------------------------------------------------------- the registry
+
+
+def test_registry_names():
+    assert set(LOSSES) == {"fkl", "rkl", "todi", "jsd", "tvd", "sfkl", "srkl", "akl"}
+
+
+# --------------------------------------------------------------------------- values against reference
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("name,options", CASES, ids=CASE_IDS)
+def test_value_matches_reference(name, options, temperature):
+    s, t, mask = _inputs()
+    value, grad = LOSSES[name](s, t, mask, temperature=temperature, **options)
+    assert isinstance(value, float)
+    assert grad.shape == s.shape and grad.dtype == s.dtype
+    ref = reference(name, s, t, mask, temperature, **options)
+    assert value == pytest.approx(ref, rel=1e-12, abs=1e-15)
+
+
+# ------------------------------------------------------------------- gradients against finite differences
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("name,options", CASES, ids=CASE_IDS)
+def test_gradient_matches_finite_differences_of_the_reference(name, options, temperature):
+    """d loss / d student, every entry, against central differences of the *reference* value.
+
+    Stop-gradient weights (ToDi detach=True, AKL) are held at the base point, as training uses them.
+    """
+    s, t, mask = _inputs()
+    _, grad = LOSSES[name](s, t, mask, temperature=temperature, **options)
+    frozen = s.copy() if name in losses.STOPGRAD_LOSSES and options.get("detach", True) else None
+    x = s.copy()
+    res = gradcheck.check_array(lambda: reference(name, x, t, mask, temperature, frozen, **options),
+                                x, grad, eps=losses.LOSS_CHECK_EPS, order=losses.LOSS_CHECK_ORDER)
+    assert res.n_checked == s.size
+    assert res.max_rel_error < 1e-6, res
+    assert np.all(grad[~mask] == 0)
+
+
+def test_check_loss_and_cli_table_agree_and_pass():
+    from minitodi.cli import gradcheck_table
+
+    rows = gradcheck_table()
+    assert {r[0] for r in rows} == set(LOSSES)
+    assert {r[2] for r in rows} == {1.0, 2.0}
+    assert max(r[4] for r in rows) < 1e-6
+
+
+def test_cli_gradcheck_exit_code(capsys):
+    from minitodi.cli import main
+
+    assert main(["gradcheck", "--losses", "todi"]) == 0
+    out = capsys.readouterr().out
+    assert "todi" in out and "FAIL" not in out
+    # an absurd tolerance makes every row fail, and the command says so with its exit code
+    assert main(["gradcheck", "--losses", "fkl", "--tol", "1e-30"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------- ToDi specifically
+
+
+def test_todi_detached_gradient_is_not_the_gradient_of_the_value():
+    """Plain finite differences (weight not frozen) disagree with detach=True, agree with detach=False."""
+    s, t, mask = _inputs(seed=1)
+    _, g_detached = losses.todi(s, t, mask)
+    _, g_full = losses.todi(s, t, mask, detach=False)
+    x = s.copy()
+    plain = lambda: losses.todi(x, t, mask)[0]  # noqa: E731  (weight recomputed at every step)
+    assert gradcheck.check_array(plain, x, g_full, eps=losses.LOSS_CHECK_EPS, order=losses.LOSS_CHECK_ORDER).max_rel_error < 1e-6
+    assert gradcheck.check_array(plain, x, g_detached, eps=losses.LOSS_CHECK_EPS, order=losses.LOSS_CHECK_ORDER).max_rel_error > 1e-2
+    frozen = lambda: losses.todi(x, t, mask, stopgrad_at=s)[0]  # noqa: E731
+    assert gradcheck.check_array(frozen, x, g_detached, eps=losses.LOSS_CHECK_EPS, order=losses.LOSS_CHECK_ORDER).max_rel_error < 1e-6
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_todi_limits_are_fkl_and_rkl(temperature):
+    """a = 1 everywhere gives FKL (value and gradient); a = 0 gives RKL."""
+    s, t, mask = _inputs(seed=2)
+    for a, other in ((1.0, "fkl"), (0.0, "rkl")):
+        v, g = losses.todi(s, t, mask, temperature=temperature, weight=np.full(s.shape, a))
+        v_ref, g_ref = LOSSES[other](s, t, mask, temperature=temperature)
+        assert v == pytest.approx(v_ref, rel=1e-13)
+        np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-17)
+
+
+def test_todi_weight_direction_and_beta_one_identity():
+    s, t, _ = _inputs(seed=3)
+    a = losses.todi_weight(s, t, temperature=1.5, beta=1.0)
+    p, q = np.exp(_log_softmax(t / 1.5)), np.exp(_log_softmax(s / 1.5))
+    np.testing.assert_allclose(a, p / (p + q), rtol=1e-12)  # sigmoid(log p/q) = p / (p + q)
+    assert np.all((a > 0.5) == (p > q))
+    # at beta = 1 the value is FKL + RKL (the gradients differ: the weight is detached)
+    v = losses.todi(s, t, temperature=1.5)[0]
+    assert v == pytest.approx(losses.fkl(s, t, temperature=1.5)[0] + losses.rkl(s, t, temperature=1.5)[0],
+                              rel=1e-12)
+
+
+def test_sigmoid_weight_has_no_overflow():
+    s = np.array([[0.0, 800.0, -800.0]])
+    t = np.array([[0.0, -800.0, 800.0]])
+    with np.errstate(all="raise", under="ignore"):
+        a = losses.todi_weight(s, t)
+        value, grad = losses.todi(s, t)
+    assert np.all(np.isfinite(a)) and np.isfinite(value) and np.all(np.isfinite(grad))
+    assert a[0, 1] == 0.0 and a[0, 2] == 1.0
+
+
+# --------------------------------------------------------------------------------------- properties
+
+
+@pytest.mark.parametrize("name,options", CASES, ids=CASE_IDS)
+def test_properties(name, options):
+    s, t, mask = _inputs(seed=4)
+    fn = LOSSES[name]
+    value, grad = fn(s, t, mask, temperature=2.0, **options)
+    assert value > 0
+    # gradient rows sum to zero: softmax does not see a constant added to a row
+    np.testing.assert_allclose(grad.sum(-1), 0, atol=1e-16)
+    # adding a constant per row to either input changes nothing
+    shift = np.random.default_rng(5).standard_normal(s.shape[:-1] + (1,)) * 10
+    v2, g2 = fn(s + shift, t - shift, mask, temperature=2.0, **options)
+    assert v2 == pytest.approx(value, rel=1e-9)
+    np.testing.assert_allclose(g2, grad, rtol=1e-7, atol=1e-14)
+    # student equals teacher: zero loss, zero gradient
+    v0, g0 = fn(t, t, mask, temperature=2.0, **options)
+    assert abs(v0) < 1e-15 and np.abs(g0).max() < 1e-15
+    # mask=None counts every position
+    v_all, _ = fn(s, t, None, **options)
+    v_true, _ = fn(s, t, np.ones(mask.shape, bool), **options)
+    assert v_all == v_true
+
+
+def test_blocking_does_not_change_results(monkeypatch):
+    s, t, mask = _inputs(shape=(5, 7, 29), seed=6)
+    whole = {n: LOSSES[n](s, t, mask, temperature=2.0) for n in NAMES}
+    monkeypatch.setattr(losses, "BLOCK_ELEMENTS", 3 * 29)  # blocks of 3 rows, a ragged last block
+    for n in NAMES:
+        v, g = LOSSES[n](s, t, mask, temperature=2.0)
+        assert v == pytest.approx(whole[n][0], rel=1e-13)
+        np.testing.assert_allclose(g, whole[n][1], rtol=1e-13, atol=1e-18)
+
+
+# ------------------------------------------------------------------------------------------ -inf logits
+
+FINITE_WITH_TEACHER_ZEROS = ["fkl", "jsd", "tvd", "sfkl", "srkl"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shared_neginf_entries_drop_out_of_the_vocabulary(name):
+    """-inf in both teacher and student at the same entries = the loss over the other entries."""
+    s, t, mask = _inputs(seed=7)
+    banned = np.zeros(s.shape, bool)
+    banned[..., [2, 5, 11]] = True
+    s_inf, t_inf = np.where(banned, -np.inf, s), np.where(banned, -np.inf, t)
+    keep = [v for v in range(s.shape[-1]) if v not in (2, 5, 11)]
+    with np.errstate(all="raise", under="ignore"):
+        v, g = LOSSES[name](s_inf, t_inf, mask, temperature=2.0)
+    v_ref, g_ref = LOSSES[name](s[..., keep], t[..., keep], mask, temperature=2.0)
+    assert v == pytest.approx(v_ref, rel=1e-12)
+    np.testing.assert_allclose(g[..., keep], g_ref, rtol=1e-10, atol=1e-18)
+    assert np.all(g[banned] == 0)
+
+
+@pytest.mark.parametrize("name", FINITE_WITH_TEACHER_ZEROS)
+def test_teacher_neginf_alone_gives_finite_values_with_zero_log_zero(name):
+    s, t, mask = _inputs(seed=8)
+    t[..., 3] = -np.inf
+    with np.errstate(all="raise", under="ignore"):
+        v, g = LOSSES[name](s, t, mask, temperature=2.0)
+    assert math.isfinite(v) and np.all(np.isfinite(g))
+    assert v == pytest.approx(reference(name, s, t, mask, 2.0), rel=1e-12)
+    x = s.copy()
+    res = gradcheck.check_array(lambda: reference(name, x, t, mask, 2.0), x, g, eps=losses.LOSS_CHECK_EPS, order=losses.LOSS_CHECK_ORDER)
+    assert res.max_rel_error < 1e-6
+
+
+@pytest.mark.parametrize("name", ["rkl", "todi", "akl"])
+def test_student_mass_where_teacher_is_neginf_is_infinite_and_said(name):
+    s, t, mask = _inputs(seed=9)
+    t[1, 2, 4] = -np.inf
+    mask[1, 2] = True
+    with pytest.raises(InfiniteDivergenceError, match=rf"{name} is infinite at position \(1, 2\)"):
+        LOSSES[name](s, t, mask)
+    mask[1, 2] = False  # the same entry at an uncounted position does not matter
+    v, g = LOSSES[name](s, t, mask)
+    assert math.isfinite(v) and np.all(np.isfinite(g))
+
+
+@pytest.mark.parametrize("name", ["fkl", "todi"])
+def test_teacher_mass_where_student_is_neginf_is_infinite_and_said(name):
+    s, t, mask = _inputs(seed=10)
+    s[0, 0, 1] = -np.inf
+    with pytest.raises(InfiniteDivergenceError, match=r"infinite at position \(0, 0\)"):
+        LOSSES[name](s, t, mask)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_all_neginf_row_is_a_clear_error(name):
+    s, t, mask = _inputs(seed=11)
+    t[0, 0, :] = -np.inf
+    with pytest.raises(ValueError, match=r"teacher_logits are -inf for every vocabulary entry at position \(0, 0\)"):
+        LOSSES[name](s, t, mask)
+
+
+# ------------------------------------------------------------------------------------ precision, range
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_huge_logits_are_finite_and_correct(name):
+    s, t, mask = _inputs(seed=12, scale=1e4)
+    with np.errstate(all="raise", under="ignore"):
+        v, g = LOSSES[name](s, t, mask, temperature=2.0)
+    assert math.isfinite(v) and np.all(np.isfinite(g))
+    assert v == pytest.approx(reference(name, s, t, mask, 2.0), rel=1e-10)
+    x = s.copy()  # near-one-hot distributions: the check needs no special care
+    frozen = s.copy() if name in losses.STOPGRAD_LOSSES else None
+    res = gradcheck.check_array(lambda: reference(name, x, t, mask, 2.0, frozen), x, g, eps=1e-2)
+    assert res.max_rel_error < 1e-6
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float32_agrees_with_float64(name):
+    s, t, mask = _inputs(shape=(4, 6, 300), seed=13)
+    v64, g64 = LOSSES[name](s, t, mask, temperature=2.0)
+    v32, g32 = LOSSES[name](s.astype(np.float32), t.astype(np.float32), mask, temperature=2.0)
+    assert g32.dtype == np.float32
+    assert v32 == pytest.approx(v64, rel=1e-5)
+    assert np.abs(g32 - g64).max() <= 1e-5 * np.abs(g64).max()
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_inputs_are_clear_errors(name):
+    fn = LOSSES[name]
+    s, t, mask = _inputs(seed=14)
+    with pytest.raises(ValueError, match="differ in shape"):
+        fn(s, t[..., :-1])
+    with pytest.raises(TypeError, match="float32 or float64"):
+        fn(s.astype(np.int64), t)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        fn(s, t.astype(np.float16))
+    bad = t.copy()
+    bad[2, 1, 5] = np.nan
+    with pytest.raises(ValueError, match=r"teacher_logits contains NaN \(first at index \(2, 1, 5\)\)"):
+        fn(s, bad, mask)
+    bad = s.copy()
+    bad[0, 3, 0] = np.inf
+    with pytest.raises(ValueError, match=r"student_logits contains \+inf"):
+        fn(bad, t, mask)
+    with pytest.raises(ValueError, match="mask has shape"):
+        fn(s, t, mask[:, :2])
+    with pytest.raises(TypeError, match="mask must be boolean"):
+        fn(s, t, mask.astype(np.int64))
+    with pytest.raises(ValueError, match="no position counts"):
+        fn(s, t, np.zeros_like(mask))
+    for temperature in (0.0, -1.0, math.inf):
+        with pytest.raises(ValueError, match="temperature"):
+            fn(s, t, temperature=temperature)
+    with pytest.raises(TypeError):
+        fn(s, t, no_such_option=1)
+
+
+def test_bad_options_are_clear_errors():
+    s, t, _ = _inputs(seed=15)
+    with pytest.raises(ValueError, match="beta"):
+        losses.todi(s, t, beta=-1.0)
+    with pytest.raises(ValueError, match="detach=True"):
+        losses.todi(s, t, detach=False, stopgrad_at=s)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        losses.todi(s, t, weight=np.full(s.shape, 1.5))
+    for lam in (0.0, 1.0, -0.2):
+        with pytest.raises(ValueError, match="lam"):
+            losses.sfkl(s, t, lam=lam)
+        with pytest.raises(ValueError, match="lam"):
+            losses.srkl(s, t, lam=lam)
+    with pytest.raises(ValueError, match="mu"):
+        losses.akl(s, t, mu=1.5)
+
+
+# ------------------------------------------------------------------------------------------------ CuPy
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("name,options", CASES, ids=CASE_IDS)
+def test_cupy_matches_numpy(name, options, dtype):
+    if not backend.gpu_available():
+        pytest.skip("no usable GPU")
+    s, t, mask = _inputs(shape=(4, 9, 257), seed=16)
+    s, t = s.astype(dtype), t.astype(dtype)
+    t[..., 7] = -np.inf
+    s[..., 7] = -np.inf
+    v_np, g_np = LOSSES[name](s, t, mask, temperature=2.0, **options)
+    dev = lambda a: backend.to_device(a, "gpu")  # noqa: E731
+    v_cp, g_cp = LOSSES[name](dev(s), dev(t), dev(mask), temperature=2.0, **options)
+    assert backend.device_of(g_cp) == "gpu" and g_cp.dtype == dtype
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    assert v_cp == pytest.approx(v_np, rel=tol)
+    g_cp = backend.to_numpy(g_cp)
+    assert np.abs(g_cp - g_np).max() <= tol * np.abs(g_np).max()
