@@ -1,0 +1,177 @@
+"""Loss + gradient for every divergence: minitodi against the PyTorch formulation, side by side.
+
+    python benchmarks/bench_losses.py                      # 2048 x 32000 float32, every loss, CPU
+    python benchmarks/bench_losses.py --losses todi fkl --device gpu
+
+Each measurement runs in a fresh child process, so peak memory is that run's alone: the child makes
+its inputs, notes its peak resident memory (CPU) or allocator peak (GPU), runs the loss + gradient
+once to warm up and ``--repeat`` times more, and reports the best wall time and the peak extra
+memory over the inputs. Throughput counts the two logit arrays read: 2 * positions * V * itemsize.
+
+The PyTorch side (run only when torch is installed) writes each loss the way the official ToDi code
+does: full (positions, V) tensors for the softmaxes, log-softmaxes, weights and terms, kept for
+autograd, then ``loss.backward()``.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+LOSS_NAMES = ["fkl", "rkl", "todi", "jsd", "tvd", "sfkl", "srkl", "akl"]
+
+
+def peak_rss_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------------- PyTorch side
+
+
+def torch_loss(name, s, t, temperature, torch):
+    """The divergence written as the official code writes it (autograd keeps every temporary)."""
+    s, t = s / temperature, t / temperature
+    lq, lp = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    q, p = torch.softmax(s, -1), torch.softmax(t, -1)
+    inf = s.isinf() | t.isinf()
+    if name == "fkl":
+        d = p * (lp - lq)
+    elif name == "rkl":
+        d = q * (lq - lp)
+    elif name == "todi":
+        wp, wq = torch.sigmoid(lp - lq).detach(), torch.sigmoid(lq - lp).detach()
+        d = wp * p * (lp - lq) + wq * q * (lq - lp)
+    elif name == "jsd":
+        m = (p + q) / 2
+        d = 0.5 * p * (torch.log(p + 1e-9) - torch.log(m + 1e-9)) + 0.5 * q * (torch.log(q + 1e-9) - torch.log(m + 1e-9))
+    elif name == "tvd":
+        d = 0.5 * (p - q).abs()
+    elif name == "sfkl":
+        d = p * (lp - torch.log(0.1 * p + 0.9 * q))
+    elif name == "srkl":
+        d = q * (lq - torch.log(0.9 * p + 0.1 * q))
+    elif name == "akl":
+        sp, order = p.sort(-1)
+        gap = (sp - q.gather(-1, order)).abs()
+        tail = (torch.cumsum(sp, -1) <= 0.5).float()
+        g_head, g_tail = (gap * (1 - tail)).sum(-1).detach(), (gap * tail).sum(-1).detach()
+        fkl = (p * (lp - lq)).masked_fill(inf, 0).sum(-1)
+        rkl = (q * (lq - lp)).masked_fill(inf, 0).sum(-1)
+        return ((g_head * fkl + g_tail * rkl) / (g_head + g_tail)).mean()
+    return d.masked_fill(inf, 0).sum(-1).mean()
+
+
+# ------------------------------------------------------------------------------------------- child
+
+
+def child(args):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    s = rng.standard_normal((args.positions, args.vocab), dtype=np.float32)
+    t = rng.standard_normal((args.positions, args.vocab), dtype=np.float32)
+    gpu = args.device == "gpu"
+    if args.impl == "minitodi":
+        from minitodi import backend
+        from minitodi.losses import LOSSES
+
+        xp = backend.get_xp(args.device)
+        s, t = xp.asarray(s), xp.asarray(t)
+
+        def run():
+            LOSSES[args.loss](s, t, temperature=2.0)
+    else:
+        import torch
+
+        dev = "cuda" if gpu else "cpu"
+        s, t = torch.from_numpy(s).to(dev), torch.from_numpy(t).to(dev)
+
+        def run():
+            x = s.clone().requires_grad_(True)
+            torch_loss(args.loss, x, t, 2.0, torch).backward()
+            return x.grad
+
+    sync = lambda: None  # noqa: E731
+    if gpu and args.impl == "minitodi":
+        import cupy
+
+        sync = cupy.cuda.Device().synchronize
+        pool = cupy.get_default_memory_pool()
+        base = pool.used_bytes()
+        peak = lambda: pool.total_bytes() - base  # noqa: E731  (pool high-water over the inputs)
+    elif gpu:
+        import torch
+
+        sync = torch.cuda.synchronize
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        peak = lambda: torch.cuda.max_memory_allocated() - base  # noqa: E731
+    else:
+        base = peak_rss_bytes()
+        peak = lambda: peak_rss_bytes() - base  # noqa: E731
+
+    run()
+    sync()
+    times = []
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - t0)
+    best = min(times)
+    nbytes = 2 * args.positions * args.vocab * 4
+    print(json.dumps({"seconds": best, "gbps": nbytes / best / 1e9, "peak_mb": peak() / 2**20}))
+
+
+def measure(args, impl, loss):
+    cmd = [sys.executable, __file__, "--child", "--impl", impl, "--loss", loss,
+           "--positions", str(args.positions), "--vocab", str(args.vocab),
+           "--repeat", str(args.repeat), "--device", args.device]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{impl} {loss} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--positions", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--losses", nargs="+", default=LOSS_NAMES, choices=LOSS_NAMES)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--impl", default="minitodi", help=argparse.SUPPRESS)
+    parser.add_argument("--loss", default="todi", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    try:
+        import torch
+        have_torch = True
+        torch_note = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    except ImportError:
+        have_torch, torch_note = False, "torch not installed: minitodi only"
+    print(f"loss + gradient, {args.positions} x {args.vocab} float32, T=2, {args.device}, "
+          f"best of {args.repeat}; {torch_note}")
+    print(f"{'loss':<6} {'minitodi s':>10} {'GB/s':>6} {'peak MB':>8}", end="")
+    print(f" {'torch s':>8} {'peak MB':>8} {'time x':>7} {'mem x':>6}" if have_torch else "")
+    for loss in args.losses:
+        ours = measure(args, "minitodi", loss)
+        line = f"{loss:<6} {ours['seconds']:>10.3f} {ours['gbps']:>6.2f} {ours['peak_mb']:>8.0f}"
+        if have_torch:
+            ref = measure(args, "torch", loss)
+            line += (f" {ref['seconds']:>8.3f} {ref['peak_mb']:>8.0f} "
+                     f"{ours['seconds'] / ref['seconds']:>7.2f} {ours['peak_mb'] / ref['peak_mb']:>6.2f}")
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
