@@ -42,6 +42,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from pydoc_data.topics import topics
 
 from .backend import to_device
 from .tokenizer import Tokenizer
@@ -238,8 +239,6 @@ def lm_corpus(valid_fraction: float = 0.1) -> dict:
     A topic goes to valid when the sha256 of its name, read as a number, falls in the lowest
     ``valid_fraction`` of the range: deterministic, and independent of which other topics exist.
     """
-    from pydoc_data.topics import topics
-
     if not 0.0 < valid_fraction < 1.0:
         raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
     split = {"train": [], "valid": []}
