@@ -1,0 +1,446 @@
+"""Data: a synthetic instruction suite, a real-text corpus, the user's files, and batches with -100 labels.
+
+**Records** follow the Dolly format used by the ToDi paper (through MiniLLM's data):
+``{"instruction": str, "context": str, "response": str, "references": [str, ...], "task": str}``.
+``references`` lists every answer the record accepts (ROUGE-L takes the max over them and exact match
+tests membership); ``task`` names the family the record comes from.
+
+**Prompt format** (MiniLLM's Dolly template without its one-sentence preamble, which would only cost a
+tiny model context), built by :func:`format_prompt`::
+
+    ### Instruction:
+    {instruction}
+
+    ### Input:          <- these two lines and the blank line after them only when context is non-empty
+    {context}
+
+    ### Response:
+    {response}<|endoftext|>
+
+**Masking.** An example is ``prompt_ids + response_ids + [eos]`` (prompt and response are encoded
+separately, exactly as generation will see them: the model is given the prompt's ids and continues).
+With ``seq = example``, the model input is ``idx = seq[:-1]`` and ``labels[t] = seq[t + 1]``, the token
+that follows ``idx[:t + 1]``; a label is -100 where that target is a prompt token, and padding gets
+-100 too. So losses (CE and every divergence) count the response tokens and the final eos only.
+
+**Truncation.** A sequence may hold ``seq_len + 1`` tokens (``seq_len`` inputs). A longer one loses prompt
+tokens from the left (its start), keeping at least one prompt token; when even the response and eos do
+not fit behind one prompt token, :func:`encode_example` raises (``truncation="error"`` raises as soon as
+anything would be cut). A response is never silently shortened or dropped.
+
+**Batches** are NumPy int64 arrays ``idx`` (B, T) and ``labels`` (B, T), right-padded with the eos id,
+T = the longest row in the batch (<= seq_len). :class:`BatchIterator` draws them endlessly from seeded
+per-epoch permutations; its position (epoch, offset) is a dict of ints, so a run resumes exactly.
+
+**The language-modelling corpus** (:func:`lm_corpus`) is the text of Python's help topics
+(``pydoc_data.topics``, in the standard library: nothing to download). :func:`lm_examples` cuts the token
+stream into chunks of ``seq_len + 1`` tokens, every label counted.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+from pydoc_data.topics import topics
+
+from .backend import to_device
+from .tokenizer import Tokenizer
+
+IGNORE = -100
+RECORD_FIELDS = ("instruction", "context", "response", "references", "task")
+
+# --------------------------------------------------------------------------------------------------
+# the synthetic suite: closed vocabularies
+
+SHORT_WORDS = (
+    "cat dog sun map cup pen box hat bed car bus egg fox ink jam key leg net owl pig rug toy van web yak "
+    "bird fish frog lamp milk nest rain rose ship star tree wind book door gold hill kite lion moon road "
+    "sand snow song wolf cake desk"
+).split()
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
+          "October", "November", "December")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+FRUITS = (
+    "apple apricot avocado banana blueberry blackberry cherry coconut cranberry date dragonfruit grape "
+    "guava grapefruit kiwi kumquat lemon lime lychee mango melon mulberry orange olive pear peach plum "
+    "papaya pineapple"
+).split()
+ANIMALS = (
+    "bear bee bat cat cow crow camel dog duck deer dolphin fox frog fish goat goose giraffe horse hen hare "
+    "lion lamb llama mouse mole monkey owl otter ox pig parrot panda snake shark sheep seal tiger toad "
+    "turtle wolf whale worm"
+).split()
+COLORS = ("red", "blue", "green", "yellow", "orange", "purple", "pink", "brown", "black", "white", "gray")
+RHYMES = (
+    ("cat", "hat", "bat", "mat", "rat", "sat", "fat"),
+    ("can", "fan", "man", "pan", "ran", "van", "tan"),
+    ("king", "ring", "sing", "wing", "thing"),
+    ("cake", "lake", "make", "take", "bake", "snake"),
+    ("light", "night", "right", "sight", "fight", "tight"),
+    ("bell", "tell", "well", "sell", "shell", "smell"),
+    ("hill", "fill", "mill", "pill", "will", "still"),
+    ("hot", "pot", "dot", "lot", "not", "got"),
+)
+
+
+# each family: a function rng -> list of distinct prompts (instruction, context, references).
+# references[0] is the answer of a single-answer family; a multi-answer family lists every valid answer.
+
+def _reverse(rng):
+    templates = ("Reverse the word.", "Spell the word backwards.", "Write the word in reverse order.")
+    return [(t, w, (w[::-1],)) for t in templates for w in SHORT_WORDS]
+
+
+def _add(rng):
+    templates = ("What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}.")
+    return [(t.format(a=a, b=b), "", (str(a + b),)) for t in templates for a in range(13) for b in range(13)]
+
+
+def _next_item(rng):
+    sequences = [("letter", LETTERS[:-1], LETTERS[1:]),
+                 ("day", DAYS, DAYS[1:] + DAYS[:1]),
+                 ("month", MONTHS, MONTHS[1:] + MONTHS[:1]),
+                 ("number", [str(i) for i in range(40)], [str(i) for i in range(1, 41)])]
+    templates = ("What {kind} comes after {x}?", "Name the {kind} after {x}.", "Which {kind} follows {x}?")
+    return [(t.format(kind=kind, x=x), "", (y,)) for t in templates for kind, xs, ys in sequences
+            for x, y in zip(xs, ys)]
+
+
+def _count(rng):
+    templates = ("How many items are in the list?", "Count the items in the list.")
+    words = sorted(set(FRUITS[:12] + ANIMALS[:12]))
+    contexts = set()
+    while len(contexts) < 150:
+        n = int(rng.integers(1, 7))
+        contexts.add(", ".join(words[i] for i in rng.choice(len(words), size=n, replace=False)))
+    return [(t, c, (str(c.count(",") + 1),)) for t in templates for c in sorted(contexts)]
+
+
+def _starts_with(rng):
+    prompts = []
+    for article, category, names in (("a", "fruit", FRUITS), ("an", "animal", ANIMALS)):
+        by_letter = {}
+        for name in names:
+            by_letter.setdefault(name[0], []).append(name)
+        for letter, answers in sorted(by_letter.items()):
+            if len(answers) < 2:
+                continue
+            prompts += [
+                (f"Name {article} {category} that starts with the letter {letter}.", "", tuple(answers)),
+                (f"Give me {article} {category} beginning with {letter}.", "", tuple(answers)),
+                (f"Which {category} starts with {letter}?", "", tuple(answers)),
+                (f"Tell me {article} {category} whose name begins with {letter}.", "", tuple(answers)),
+                (f"Name {article} {category} that starts with the given letter.", letter, tuple(answers)),
+                (f"Give me {article} {category} starting with this letter.", letter, tuple(answers)),
+            ]
+    return prompts
+
+
+def _number_between(rng):
+    prompts = []
+    for lo in range(0, 31):
+        for width in (6, 8, 10):
+            hi = lo + width
+            for parity, word in ((0, "even"), (1, "odd")):
+                answers = tuple(str(k) for k in range(lo + 1, hi) if k % 2 == parity)
+                prompts.append((f"Name an {word} number between {lo} and {hi}.", "", answers))
+    return prompts
+
+
+def _other_color(rng):
+    prompts = []
+    for i, a in enumerate(COLORS):
+        others = tuple(c for c in COLORS if c != a)
+        prompts += [(f"Name a color other than {a}.", "", others), (f"Give me any color except {a}.", "", others)]
+        for b in COLORS[i + 1:]:
+            rest = tuple(c for c in others if c != b)
+            prompts += [(f"Name a color other than {a} and {b}.", "", rest), (f"Any color but {a} or {b}?", "", rest)]
+    return prompts
+
+
+def _rhyme(rng):
+    templates = ("Give a word that rhymes with {w}.", "Name a word that rhymes with {w}.", "What rhymes with {w}?")
+    return [(t.format(w=w), "", tuple(x for x in group if x != w)) for t in templates for group in RHYMES for w in group]
+
+
+FAMILIES = {
+    "reverse": _reverse,
+    "add": _add,
+    "next": _next_item,
+    "count": _count,
+    "starts_with": _starts_with,
+    "number_between": _number_between,
+    "other_color": _other_color,
+    "rhyme": _rhyme,
+}
+MULTI_ANSWER = ("starts_with", "number_between", "other_color", "rhyme")
+
+
+def _split_counts(total, k):
+    return [total // k + (i < total % k) for i in range(k)]
+
+
+def synthetic_suite(seed: int = 0, n_train: int = 4000, n_valid: int = 160, n_test: int = 320,
+                    families=None) -> dict:
+    """The built-in instruction suite: ``{"train": [...], "valid": [...], "test": [...]}`` of records.
+
+    Every family's distinct prompts (instruction + context) are shuffled with ``seed`` and split, so the
+    three splits share no prompt. Valid and test hold one record per prompt, ``n_valid`` / ``n_test`` in
+    all, spread evenly over the families; a family may give at most half its prompts to them. Training
+    records cycle through the remaining prompts (a prompt can recur); a multi-answer family's training
+    response is one valid answer drawn at random each time, so a model fitting the data spreads its
+    next-token distribution over the alternatives. Valid/test responses are the first reference.
+    """
+    names = list(FAMILIES) if families is None else list(families)
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown or not names:
+        raise ValueError(f"unknown or no families {unknown}; choose from {list(FAMILIES)}")
+    for name, value in (("n_train", n_train), ("n_valid", n_valid), ("n_test", n_test)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    rng = np.random.default_rng(seed)
+    splits = {"train": [], "valid": [], "test": []}
+    counts = zip(_split_counts(n_train, len(names)), _split_counts(n_valid, len(names)), _split_counts(n_test, len(names)))
+    for name, (k_train, k_valid, k_test) in zip(names, counts):
+        pool = FAMILIES[name](rng)
+        order = rng.permutation(len(pool))
+        if 2 * (k_valid + k_test) > len(pool):
+            raise ValueError(f"family {name!r} has {len(pool)} prompts: at most {len(pool) // 2} can go to "
+                             f"valid + test, asked for {k_valid + k_test}")
+        held = [pool[i] for i in order[:k_valid + k_test]]
+        train_pool = [pool[i] for i in order[k_valid + k_test:]]
+
+        def record(prompt, response):
+            instruction, context, references = prompt
+            return {"instruction": instruction, "context": context, "response": response,
+                    "references": list(references), "task": name}
+
+        splits["valid"] += [record(p, p[2][0]) for p in held[:k_valid]]
+        splits["test"] += [record(p, p[2][0]) for p in held[k_valid:]]
+        for i in range(k_train):
+            prompt = train_pool[i % len(train_pool)]
+            answer = prompt[2][int(rng.integers(len(prompt[2])))] if name in MULTI_ANSWER else prompt[2][0]
+            splits["train"].append(record(prompt, answer))
+    order = rng.permutation(len(splits["train"]))
+    splits["train"] = [splits["train"][i] for i in order]
+    return splits
+
+
+# --------------------------------------------------------------------------------------------------
+# the real-text corpus
+
+
+def lm_corpus(valid_fraction: float = 0.1) -> dict:
+    """Python's help topics as ``{"train": [str, ...], "valid": [str, ...]}``, split by topic.
+
+    A topic goes to valid when the sha256 of its name, read as a number, falls in the lowest
+    ``valid_fraction`` of the range: deterministic, and independent of which other topics exist.
+    """
+    if not 0.0 < valid_fraction < 1.0:
+        raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
+    split = {"train": [], "valid": []}
+    for name in sorted(topics):
+        h = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2.0**64
+        split["valid" if h < valid_fraction else "train"].append(topics[name])
+    return split
+
+
+# --------------------------------------------------------------------------------------------------
+# the user's own data
+
+
+def validate_record(obj, where: str = "record") -> dict:
+    """A normalized copy of a Dolly-format record; ValueError naming ``where`` when it is malformed.
+
+    ``instruction`` and ``response`` are required strings; ``context`` defaults to "", ``references`` to
+    ``[response]`` (a non-empty list of str otherwise), ``task`` to "user".
+    """
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key in ("instruction", "response"):
+        if key not in obj:
+            raise ValueError(f"{where}: missing field {key!r}")
+    for key in ("instruction", "response", "context", "task"):
+        if key in obj and not isinstance(obj[key], str):
+            raise ValueError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__}")
+    references = obj.get("references", [obj["response"]])
+    if not isinstance(references, list) or not references or not all(isinstance(r, str) for r in references):
+        raise ValueError(f"{where}: field 'references' must be a non-empty list of strings")
+    return {"instruction": obj["instruction"], "context": obj.get("context", ""), "response": obj["response"],
+            "references": list(references), "task": obj.get("task", "user")}
+
+
+def load_jsonl(path) -> list[dict]:
+    """Records from a JSONL file in Dolly format, one object a line (blank lines are skipped).
+
+    Raises ValueError "<path>:<line>: <what is wrong>" for bad JSON, a non-object or a missing or
+    ill-typed field.
+    """
+    path = Path(path)
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            records.append(validate_record(obj, where))
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+def write_jsonl(records, path) -> Path:
+    """Write records one JSON object a line (UTF-8); the inverse of :func:`load_jsonl`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for i, record in enumerate(records):
+            f.write(json.dumps(validate_record(record, f"records[{i}]"), ensure_ascii=False) + "\n")
+    return path
+
+
+def load_texts(paths) -> list[str]:
+    """The contents of plain-text files (UTF-8), one document per file."""
+    texts = []
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        try:
+            texts.append(Path(path).read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    return texts
+
+
+# --------------------------------------------------------------------------------------------------
+# prompts, examples, batches
+
+
+def format_prompt(record) -> str:
+    """The prompt text of a record (see the module docstring); the response follows it directly."""
+    if record.get("context"):
+        return f"### Instruction:\n{record['instruction']}\n\n### Input:\n{record['context']}\n\n### Response:\n"
+    return f"### Instruction:\n{record['instruction']}\n\n### Response:\n"
+
+
+def record_text(record) -> str:
+    """Prompt + response as one string: what a tokenizer for the suite is trained on."""
+    return format_prompt(record) + record["response"]
+
+
+def encode_example(tokenizer: Tokenizer, record, seq_len: int, truncation: str = "left") -> tuple[list, list]:
+    """``(idx, labels)``: two int lists of equal length <= seq_len for one record (masking and truncation
+    as in the module docstring)."""
+    if truncation not in ("left", "error"):
+        raise ValueError(f"truncation must be 'left' or 'error', got {truncation!r}")
+    prompt = tokenizer.encode(format_prompt(record))
+    answer = tokenizer.encode(record["response"]) + [tokenizer.eos_id]
+    if not prompt:
+        raise ValueError("the prompt encodes to no tokens")
+    overflow = len(prompt) + len(answer) - (seq_len + 1)
+    if overflow > 0:
+        if truncation == "error" or overflow >= len(prompt):
+            raise ValueError(f"example needs {len(prompt) + len(answer)} tokens ({len(prompt)} prompt, "
+                             f"{len(answer)} response + eos) but seq_len + 1 = {seq_len + 1}"
+                             + ("" if truncation == "error" else "; the response alone does not fit"))
+        prompt = prompt[overflow:]
+    seq = prompt + answer
+    labels = [IGNORE] * (len(prompt) - 1) + answer
+    return seq[:-1], labels
+
+
+def instruction_examples(records, tokenizer: Tokenizer, seq_len: int, truncation: str = "left") -> list:
+    """:func:`encode_example` over records; an error names the record's index."""
+    examples = []
+    for i, record in enumerate(records):
+        try:
+            examples.append(encode_example(tokenizer, record, seq_len, truncation))
+        except ValueError as e:
+            raise ValueError(f"record {i} ({record.get('task', '?')}): {e}") from None
+    return examples
+
+
+def lm_examples(texts, tokenizer: Tokenizer, seq_len: int) -> list:
+    """Language-modelling examples: the texts' tokens, each text followed by eos, concatenated and cut
+    into chunks of seq_len + 1 tokens overlapping by one, so that every token after the first is a
+    label exactly once; the last incomplete chunk is dropped. Each example is ``(chunk[:-1], chunk[1:])``."""
+    stream = []
+    for text in texts:
+        stream += tokenizer.encode(text) + [tokenizer.eos_id]
+    return [(stream[s:s + seq_len], stream[s + 1:s + seq_len + 1])
+            for s in range(0, len(stream) - seq_len, seq_len)]
+
+
+def collate(examples, pad_id: int, device: str | None = None):
+    """``idx`` (B, T) and ``labels`` (B, T) int64 from a list of (idx, labels) rows, T = the longest row;
+    padding is ``pad_id`` in idx and -100 in labels. NumPy arrays, or moved to ``device`` when given."""
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    T = max(len(x) for x, _ in examples)
+    idx = np.full((len(examples), T), pad_id, dtype=np.int64)
+    labels = np.full((len(examples), T), IGNORE, dtype=np.int64)
+    for b, (x, y) in enumerate(examples):
+        idx[b, :len(x)] = x
+        labels[b, :len(y)] = y
+    if device is not None:
+        idx, labels = to_device(idx, device), to_device(labels, device)
+    return idx, labels
+
+
+class BatchIterator:
+    """Endless batches of ``batch_size`` examples in seeded random order.
+
+    Epoch e visits the examples in the order ``default_rng([seed, e]).permutation(n)``; a batch that
+    reaches the end of an epoch continues into the next, so every batch has ``batch_size`` rows and no
+    example is skipped. ``state()`` is ``{"seed", "epoch", "offset"}`` (ints); ``restore(state)`` returns
+    to that point, and the batches that follow are identical to those of an uninterrupted run.
+    """
+
+    def __init__(self, examples, batch_size: int, pad_id: int, seed: int = 0, device: str | None = None):
+        if not examples:
+            raise ValueError("no examples to batch")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.examples, self.batch_size, self.pad_id, self.device = list(examples), batch_size, pad_id, device
+        self.seed, self.epoch, self.offset = int(seed), 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch):
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+
+    def state(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "offset": self.offset}
+
+    def restore(self, state: dict) -> "BatchIterator":
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"state was saved with seed {state['seed']}, this iterator has seed {self.seed}")
+        if not 0 <= int(state["offset"]) < len(self.examples) or int(state["epoch"]) < 0:
+            raise ValueError(f"state {state} does not fit {len(self.examples)} examples")
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self._order = self._permutation(self.epoch)
+        return self
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        rows = []
+        while len(rows) < self.batch_size:
+            take = self._order[self.offset:self.offset + self.batch_size - len(rows)]
+            rows += [self.examples[i] for i in take]
+            self.offset += len(take)
+            if self.offset == len(self.examples):
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+        return collate(rows, self.pad_id, self.device)
+
+
+def eval_batches(examples, batch_size: int, pad_id: int, device: str | None = None):
+    """Every example once, in order, in batches of ``batch_size`` (the last may be smaller)."""
+    for start in range(0, len(examples), batch_size):
+        yield collate(examples[start:start + batch_size], pad_id, device)

@@ -1,0 +1,265 @@
+"""The synthetic suite, the corpus, file loading, masking, chunking and resumable batching."""
+
+import json
+
+import numpy as np
+import pytest
+
+from minitodi import data
+from minitodi.data import IGNORE
+from minitodi.metrics import exact_match
+from minitodi.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def suite():
+    return data.synthetic_suite(seed=0, n_train=1600, n_valid=80, n_test=160)
+
+
+@pytest.fixture(scope="module")
+def tok(suite):
+    return Tokenizer.train([data.record_text(r) for r in suite["train"]], 400)
+
+
+def _prompt(r):
+    return (r["instruction"], r["context"])
+
+
+# ------------------------------------------------------------------------------- the synthetic suite
+
+
+def test_suite_sizes_fields_and_families(suite):
+    assert [len(suite[s]) for s in ("train", "valid", "test")] == [1600, 80, 160]
+    for split in suite.values():
+        for r in split:
+            assert data.validate_record(r) == r
+    assert {r["task"] for r in suite["test"]} == set(data.FAMILIES)
+    assert set(data.MULTI_ANSWER) < set(data.FAMILIES)
+
+
+def test_splits_share_no_prompt(suite):
+    train, valid, test = ({_prompt(r) for r in suite[s]} for s in ("train", "valid", "test"))
+    assert not train & valid and not train & test and not valid & test
+    assert len(valid) == 80 and len(test) == 160  # one record per held-out prompt
+
+
+def test_every_response_is_one_of_its_references(suite):
+    for split in suite.values():
+        for r in split:
+            assert r["response"] in r["references"]
+            assert exact_match(r["response"], r["references"]) == 100.0
+
+
+def test_multi_answer_families_spread_training_answers(suite):
+    for family in data.MULTI_ANSWER:
+        records = [r for r in suite["train"] if r["task"] == family]
+        assert all(len(r["references"]) >= 2 for r in records)
+        assert len({r["response"] for r in records}) >= 5
+    answers = {}
+    for r in suite["train"]:
+        answers.setdefault(_prompt(r), set()).add(r["response"])
+    varied = [a for a in answers.values() if len(a) > 1]
+    assert varied, "some multi-answer prompt should be trained with different answers"
+
+
+@pytest.mark.parametrize("family", sorted(data.FAMILIES))
+def test_each_family_answers_correctly(family):
+    """Spot-check the references of each family against the task's meaning."""
+    prompts = data.FAMILIES[family](np.random.default_rng(1))
+    assert len({(i, c) for i, c, _ in prompts}) == len(prompts)
+    for instruction, context, refs in prompts:
+        words = instruction.rstrip(".?").split()
+        if family == "reverse":
+            assert refs == (context[::-1],)
+        elif family == "add":
+            a, b = [int(w) for w in words if w.isdigit()]
+            assert refs == (str(a + b),)
+        elif family == "count":
+            assert refs == (str(len(context.split(", "))),)
+        elif family == "starts_with":
+            letter = context or words[-1]
+            assert all(x[0] == letter for x in refs) and len(refs) >= 2
+        elif family == "number_between":
+            lo, hi = [int(w) for w in words if w.isdigit()]
+            parity = 0 if "even" in words else 1
+            assert refs == tuple(str(k) for k in range(lo + 1, hi) if k % 2 == parity)
+        elif family == "other_color":
+            excluded = {w for w in words if w in data.COLORS}
+            assert set(refs) == set(data.COLORS) - excluded
+        elif family == "rhyme":
+            target = words[-1]
+            assert target not in refs and all(x[-2:] == target[-2:] for x in refs)
+        elif family == "next":
+            x = words[-1]
+            if x in data.DAYS:
+                assert refs == (data.DAYS[(data.DAYS.index(x) + 1) % 7],)
+            elif x in data.MONTHS:
+                assert refs == (data.MONTHS[(data.MONTHS.index(x) + 1) % 12],)
+            elif x.isdigit():
+                assert refs == (str(int(x) + 1),)
+            else:
+                assert refs == (chr(ord(x) + 1),)
+
+
+def test_suite_is_seeded(suite):
+    again = data.synthetic_suite(seed=0, n_train=1600, n_valid=80, n_test=160)
+    other = data.synthetic_suite(seed=1, n_train=1600, n_valid=80, n_test=160)
+    assert again == suite
+    assert other["test"] != suite["test"]
+
+
+def test_suite_rejects_impossible_requests():
+    with pytest.raises(ValueError, match="at most"):
+        data.synthetic_suite(n_valid=800, n_test=800)
+    with pytest.raises(ValueError, match="unknown"):
+        data.synthetic_suite(families=["poetry"])
+
+
+# ------------------------------------------------------------------------------------ the corpus
+
+
+def test_lm_corpus_split_is_deterministic_and_disjoint():
+    a, b = data.lm_corpus(), data.lm_corpus()
+    assert a == b
+    assert a["train"] and a["valid"] and not set(a["train"]) & set(a["valid"])
+    assert len(a["valid"]) < len(a["train"])
+
+
+# ------------------------------------------------------------------------------- the user's files
+
+
+def test_load_jsonl_defaults_and_round_trip(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"instruction": "Say hi.", "response": "hi"}\n\n'
+                    '{"instruction": "Sum", "context": "1 2", "response": "3", "references": ["3", "three"]}\n')
+    records = data.load_jsonl(path)
+    assert records[0] == {"instruction": "Say hi.", "context": "", "response": "hi", "references": ["hi"], "task": "user"}
+    assert records[1]["references"] == ["3", "three"]
+    data.write_jsonl(records, tmp_path / "back.jsonl")
+    assert data.load_jsonl(tmp_path / "back.jsonl") == records
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    ('{"instruction": "x", "response": ', "invalid JSON"),
+    ('["instruction", "response"]', "expected a JSON object"),
+    ('{"instruction": "x"}', "missing field 'response'"),
+    ('{"instruction": "x", "response": 3}', "'response' must be a string"),
+    ('{"instruction": "x", "response": "y", "context": null}', "'context' must be a string"),
+    ('{"instruction": "x", "response": "y", "references": []}', "'references' must be a non-empty list"),
+    ('{"instruction": "x", "response": "y", "references": "y"}', "'references' must be a non-empty list"),
+])
+def test_malformed_jsonl_names_file_and_line(tmp_path, bad_line, message):
+    path = tmp_path / "bad.jsonl"
+    good = json.dumps({"instruction": "a", "response": "b"})
+    path.write_text(f"{good}\n\n{good}\n{bad_line}\n{good}\n")
+    with pytest.raises(ValueError, match=rf"bad\.jsonl:4: .*{message}"):
+        data.load_jsonl(path)
+
+
+def test_load_texts(tmp_path):
+    (tmp_path / "a.txt").write_text("héllo\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_bytes(b"ok \xff")
+    assert data.load_texts(tmp_path / "a.txt") == ["héllo\n"]
+    with pytest.raises(ValueError, match=r"b\.txt: not UTF-8"):
+        data.load_texts([tmp_path / "a.txt", tmp_path / "b.txt"])
+
+
+# ------------------------------------------------------------------------------- prompts and masking
+
+
+def test_prompt_format_omits_empty_input():
+    with_context = data.format_prompt({"instruction": "Reverse the word.", "context": "cat"})
+    assert with_context == "### Instruction:\nReverse the word.\n\n### Input:\ncat\n\n### Response:\n"
+    assert data.format_prompt({"instruction": "Add 1 and 2.", "context": ""}) == "### Instruction:\nAdd 1 and 2.\n\n### Response:\n"
+
+
+def test_masking_counts_exactly_the_response_and_eos(suite, tok):
+    records = suite["test"][::20]
+    examples = data.instruction_examples(records, tok, seq_len=64)
+    idx, labels = data.collate(examples, tok.eos_id)
+    assert idx.dtype == labels.dtype == np.int64 and idx.shape == labels.shape
+    for b, r in enumerate(records):
+        prompt, answer = tok.encode(data.format_prompt(r)), tok.encode(r["response"]) + [tok.eos_id]
+        n = len(prompt) + len(answer) - 1  # inputs in this row
+        np.testing.assert_array_equal(idx[b, :n], (prompt + answer)[:-1])
+        seq = prompt + answer
+        for t in range(idx.shape[1]):
+            if len(prompt) <= t + 1 < len(seq):  # the target seq[t + 1] is a response token or the eos
+                assert labels[b, t] == seq[t + 1]
+            else:  # a prompt target, or padding
+                assert labels[b, t] == IGNORE
+        assert (idx[b, n:] == tok.eos_id).all()
+        assert tok.decode(labels[b][labels[b] != IGNORE]) == r["response"] + "<|endoftext|>"
+
+
+def test_truncation_cuts_the_prompt_from_the_left_or_raises(tok):
+    record = {"instruction": "word " * 40, "context": "", "response": "banana split"}
+    prompt, answer = tok.encode(data.format_prompt(record)), tok.encode("banana split") + [tok.eos_id]
+    x, y = data.encode_example(tok, record, seq_len=16)
+    assert len(x) == len(y) == 16
+    assert x == (prompt + answer)[-17:-1]
+    assert [v for v in y if v != IGNORE] == answer
+    with pytest.raises(ValueError, match="seq_len"):
+        data.encode_example(tok, record, seq_len=16, truncation="error")
+    with pytest.raises(ValueError, match="response alone does not fit"):
+        data.encode_example(tok, dict(record, response="word " * 30), seq_len=16)
+    with pytest.raises(ValueError, match="record 1"):
+        data.instruction_examples([record, dict(record, response="word " * 30)], tok, seq_len=16)
+
+
+# --------------------------------------------------------------------------------- LM chunking
+
+
+def test_lm_chunks_cover_the_stream_with_every_label_counted(tok):
+    texts = ["first text. " * 5, "second one!", "third " * 9]
+    stream = []
+    for t in texts:
+        stream += tok.encode(t) + [tok.eos_id]
+    T = 7
+    examples = data.lm_examples(texts, tok, seq_len=T)
+    assert len(examples) == (len(stream) - 1) // T
+    for k, (x, y) in enumerate(examples):
+        assert x == stream[k * T:(k + 1) * T] and y == stream[k * T + 1:(k + 1) * T + 1]
+    labels = [v for _, y in examples for v in y]
+    assert labels == stream[1:1 + len(labels)] and IGNORE not in labels
+
+
+# --------------------------------------------------------------------------------- batching
+
+
+def _rows(n):
+    return [([i] * (1 + i % 3), [i] * (1 + i % 3)) for i in range(n)]
+
+
+def test_iterator_visits_every_example_once_per_epoch():
+    it = data.BatchIterator(_rows(10), batch_size=4, pad_id=99, seed=3)
+    seen = [int(v) for _ in range(5) for v in next(it)[0][:, 0]]  # 20 rows = two epochs
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    assert seen[:10] != seen[10:]  # a new permutation each epoch
+    assert it.state() == {"seed": 3, "epoch": 2, "offset": 0}
+
+
+def test_iterator_resume_reproduces_the_batches():
+    rows = _rows(13)
+    straight = data.BatchIterator(rows, batch_size=5, pad_id=99, seed=7)
+    for _ in range(4):
+        next(straight)
+    saved = json.loads(json.dumps(straight.state()))  # a state survives JSON
+    expected = [next(straight) for _ in range(6)]
+    resumed = data.BatchIterator(rows, batch_size=5, pad_id=99, seed=7).restore(saved)
+    for want, got in zip(expected, (next(resumed) for _ in range(6))):
+        np.testing.assert_array_equal(want[0], got[0])
+        np.testing.assert_array_equal(want[1], got[1])
+    with pytest.raises(ValueError, match="seed"):
+        data.BatchIterator(rows, batch_size=5, pad_id=99, seed=8).restore(saved)
+
+
+def test_collate_pads_and_eval_batches_keep_order():
+    idx, labels = data.collate([([1, 2, 3], [2, 3, 4]), ([5], [IGNORE])], pad_id=0)
+    np.testing.assert_array_equal(idx, [[1, 2, 3], [5, 0, 0]])
+    np.testing.assert_array_equal(labels, [[2, 3, 4], [IGNORE, IGNORE, IGNORE]])
+    batches = list(data.eval_batches(_rows(7), batch_size=3, pad_id=0))
+    assert [b[0].shape[0] for b in batches] == [3, 3, 1]
+    assert [int(v) for b in batches for v in b[0][:, 0]] == list(range(7))
+    with pytest.raises(ValueError, match="empty"):
+        data.collate([], pad_id=0)
