@@ -1,0 +1,227 @@
+r"""The layers of a GPT, each as a pure forward/backward pair.
+
+    y, cache = x_forward(inputs...)        grads = x_backward(dy, cache)
+
+A ``d`` prefix marks a gradient of the final scalar loss: ``dy`` = dL/dy. Shapes use B (batch),
+T (time), C (channels), V (vocabulary), H (heads), hs (head size, C / H). Every backward restates the
+forward line it differentiates. No layer keeps state: parameters are passed in, and the cache holds
+exactly what the backward needs. Everything runs on NumPy or CuPy arrays alike (``xp`` comes from the
+arrays) and in the dtype of the inputs.
+"""
+
+import math
+
+from .backend import array_module
+
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------------------------------
+# token + position embedding
+
+
+def embedding_forward(wte, wpe, idx, pos0=0):
+    """x[b, t] = wte[idx[b, t]] + wpe[pos0 + t].
+
+    wte (V, C), wpe (n_positions, C), idx (B, T) integer ids, already validated -> x (B, T, C).
+    """
+    T = idx.shape[1]
+    x = wte[idx] + wpe[pos0:pos0 + T]  # (B, T, C)
+    return x, (idx, wte.shape, wpe.shape, pos0)
+
+
+def embedding_backward(dx, cache):
+    """forward was: x[b, t] = wte[idx[b, t]] + wpe[pos0 + t], so
+
+    dwte[v] = sum of dx[b, t] over every (b, t) with idx[b, t] = v (a token seen twice adds twice:
+    a scatter-add, not an assignment), and dwpe[pos0 + t] = sum_b dx[b, t].
+    """
+    idx, wte_shape, wpe_shape, pos0 = cache
+    xp = array_module(dx)
+    C = dx.shape[-1]
+    dwte = xp.zeros(wte_shape, dtype=dx.dtype)
+    xp.add.at(dwte, idx.reshape(-1), dx.reshape(-1, C))
+    dwpe = xp.zeros(wpe_shape, dtype=dx.dtype)
+    dwpe[pos0:pos0 + dx.shape[1]] = dx.sum(axis=0)
+    return dwte, dwpe
+
+
+# --------------------------------------------------------------------------------------------------
+# layer norm
+
+
+def layernorm_forward(x, w, b, eps=1e-5):
+    """y = (x - mean) * rstd * w + b over the last axis, rstd = 1 / sqrt(var + eps) (biased variance).
+
+    x (..., C), w (C,), b (C,) -> y (..., C).
+    """
+    xp = array_module(x)
+    xc = x - x.mean(axis=-1, keepdims=True)
+    rstd = 1.0 / xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
+    xhat = xc * rstd
+    return xhat * w + b, (xhat, rstd, w)
+
+
+def layernorm_backward(dy, cache):
+    """forward was: y = xhat * w + b, xhat = (x - mean(x)) * rstd, so
+
+    dw = sum over positions of dy * xhat,  db = sum of dy,  dxhat = dy * w, and through the
+    normalisation (mean and rstd depend on every x_j of the row; d xhat_i / d x_j =
+    rstd * (delta_ij - 1/C - xhat_i xhat_j / C)):
+
+        dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
+    """
+    xhat, rstd, w = cache
+    C = dy.shape[-1]
+    dy2 = dy.reshape(-1, C)
+    dw = (dy2 * xhat.reshape(-1, C)).sum(axis=0)
+    db = dy2.sum(axis=0)
+    dxhat = dy * w
+    dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
+                 - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+    return dx, dw, db
+
+
+# --------------------------------------------------------------------------------------------------
+# linear (GPT-2's Conv1D: the weight is stored (in, out))
+
+
+def linear_forward(x, w, b):
+    """y = x @ w + b.   x (..., in), w (in, out), b (out,) -> y (..., out)."""
+    return x @ w + b, (x, w)
+
+
+def linear_backward(dy, cache):
+    """forward was: y = x @ w + b, so dx = dy @ w^T, dw = x^T @ dy (summed over positions), db = sum dy."""
+    x, w = cache
+    dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
+    dw = x.reshape(-1, x.shape[-1]).T @ dy2  # (in, N) @ (N, out)
+    return dy @ w.T, dw, dy2.sum(axis=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# GELU, GPT-2's tanh form ("gelu_new")
+
+_GELU_K = math.sqrt(2.0 / math.pi)
+_GELU_A = 0.044715
+
+
+def gelu_forward(x):
+    """y = 0.5 x (1 + tanh(u)),  u = k (x + a x^3),  k = sqrt(2 / pi), a = 0.044715."""
+    xp = array_module(x)
+    th = xp.tanh(_GELU_K * (x + _GELU_A * x * x * x))
+    return 0.5 * x * (1.0 + th), (x, th)
+
+
+def gelu_backward(dy, cache):
+    """forward was: y = 0.5 x (1 + tanh(u)), u = k (x + a x^3), so with d tanh(u) = 1 - tanh(u)^2,
+
+        dy/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh(u)^2) k (1 + 3 a x^2).
+    """
+    x, th = cache
+    local = 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * _GELU_K * (1.0 + 3.0 * _GELU_A * x * x)
+    return dy * local
+
+
+# --------------------------------------------------------------------------------------------------
+# causal multi-head self-attention
+
+
+def _split_heads(x, H):
+    B, T, C = x.shape
+    return x.reshape(B, T, H, C // H).transpose(0, 2, 1, 3)  # (B, T, C) -> (B, H, T, hs)
+
+
+def _merge_heads(x):
+    B, H, T, hs = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B, T, H * hs)  # (B, H, T, hs) -> (B, T, C)
+
+
+def attention_forward(qkv, n_head, past=None):
+    """Causal self-attention from the fused projection qkv = [q | k | v] (GPT-2's c_attn output).
+
+        att = softmax(q k^T / sqrt(hs) + causal mask),   y = att v,   per head, heads then merged.
+
+    qkv (B, T, 3C) -> y (B, T, C). ``past``, for decoding with a KV cache, is ``(k, v)`` of the earlier
+    positions, each (B, H, P, hs): the T new queries sit at positions P..P+T-1 and attend to all P + T
+    keys up to their own. The cache's ``"present"`` is the ``(k, v)`` to pass next time.
+    """
+    xp = array_module(qkv)
+    C = qkv.shape[-1] // 3
+    q, k, v = (_split_heads(part, n_head) for part in xp.split(qkv, 3, axis=-1))  # (B, H, T, hs) each
+    if past is not None:
+        k = xp.concatenate([past[0], k], axis=2)  # (B, H, P + T, hs)
+        v = xp.concatenate([past[1], v], axis=2)
+    T, S = q.shape[2], k.shape[2]
+    scale = 1.0 / math.sqrt(C // n_head)
+    pre = (q @ k.transpose(0, 1, 3, 2)) * scale  # (B, H, T, S)
+    future = xp.arange(S)[None, :] > xp.arange(S - T, S)[:, None]  # (T, S): key after the query
+    pre = xp.where(future, -xp.inf, pre)
+    pre = pre - pre.max(axis=-1, keepdims=True)
+    att = xp.exp(pre)
+    att /= att.sum(axis=-1, keepdims=True)
+    y = _merge_heads(att @ v)  # (B, H, T, hs) -> (B, T, C)
+    return y, {"q": q, "k": k, "v": v, "att": att, "scale": scale, "n_head": n_head, "present": (k, v)}
+
+
+def attention_backward(dy, cache):
+    """forward was: pre = q k^T * scale (masked), att = softmax(pre), y = merge(att v), so per head
+
+        dv = att^T dy,   datt = dy v^T,
+        dpre = att * (datt - sum_j datt_j att_j)        (softmax Jacobian, row by row; masked entries
+                                                         have att = 0 and get no gradient),
+        dq = dpre k * scale,   dk = dpre^T q * scale,
+
+    and dqkv = [dq | dk | dv] with heads merged. Only for a full sequence (no ``past``).
+    """
+    q, k, v, att, scale = cache["q"], cache["k"], cache["v"], cache["att"], cache["scale"]
+    xp = array_module(dy)
+    dyh = _split_heads(dy, cache["n_head"])  # (B, T, C) -> (B, H, T, hs)
+    dv = att.transpose(0, 1, 3, 2) @ dyh
+    datt = dyh @ v.transpose(0, 1, 3, 2)  # (B, H, T, T)
+    dpre = att * (datt - (datt * att).sum(axis=-1, keepdims=True))
+    dpre *= scale
+    dq = dpre @ k
+    dk = dpre.transpose(0, 1, 3, 2) @ q
+    return xp.concatenate([_merge_heads(dq), _merge_heads(dk), _merge_heads(dv)], axis=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# softmax cross-entropy with an ignore index
+
+
+def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX):
+    """loss = mean over positions with targets != ignore_index of -log softmax(logits)[target].
+
+    logits (..., V), targets (...) integer -> (loss as a 0-d array, cache). At least one position must
+    count.
+    """
+    xp = array_module(logits)
+    V = logits.shape[-1]
+    counted = targets != ignore_index
+    n = int(counted.sum())
+    if n == 0:
+        raise ValueError("cross-entropy: every target is the ignore index, nothing to average")
+    safe = xp.where(counted, targets, 0)
+    if int(safe.min()) < 0 or int(safe.max()) >= V:
+        raise ValueError(f"cross-entropy: targets must be in [0, {V}) or {ignore_index}")
+    z = logits - logits.max(axis=-1, keepdims=True)
+    logz = xp.log(xp.exp(z).sum(axis=-1, keepdims=True))
+    logq = z - logz  # log softmax
+    picked = xp.take_along_axis(logq, safe[..., None], axis=-1)[..., 0]
+    loss = -(picked * counted).sum() / n
+    return loss, (logq, safe, counted, n)
+
+
+def cross_entropy_backward(dloss, cache):
+    """forward was: loss = -(1/N) sum_counted log q[target], q = softmax(logits), so
+
+        dlogits = dloss * (q - onehot(target)) / N  at counted positions, 0 elsewhere.
+    """
+    logq, safe, counted, n = cache
+    xp = array_module(logq)
+    dlogits = xp.exp(logq)
+    rows = dlogits.reshape(-1, dlogits.shape[-1])  # a view: (N, V)
+    rows[xp.arange(rows.shape[0]), safe.reshape(-1)] -= 1.0
+    dlogits *= (counted * (dloss / n))[..., None].astype(dlogits.dtype)
+    return dlogits
