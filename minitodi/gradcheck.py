@@ -132,19 +132,19 @@ def check_array(f, x, analytic, *, eps=DEFAULT_EPS, order=2, max_entries=None, r
     return CheckResult(float(err[k]), len(indices), indices[k], float(a[k]), float(n[k]))
 
 
-def check_arrays(f, arrays: dict, grads: dict, *, eps=DEFAULT_EPS, max_entries=None, rows=None,
+def check_arrays(f, arrays: dict, grads: dict, *, eps=DEFAULT_EPS, order=2, max_entries=None, rows=None,
                  rng=None) -> dict:
     """:func:`check_array` for every array of a dict (e.g. model parameters); no tensor is skipped.
 
-    ``rows`` maps names to the rows to check (e.g. ``{"transformer.wte.weight": used_ids}``).
-    Returns ``{name: CheckResult}``.
+    ``rows`` maps names to the rows to check (e.g. ``{"transformer.wte.weight": used_ids}``; for a
+    vector, its entries). ``order``: the stencil, as in :func:`check_array`. Returns ``{name: CheckResult}``.
     """
     missing = set(arrays) ^ set(grads)
     if missing:
         raise KeyError(f"arrays and gradients have different keys: {sorted(missing)}")
     rng = np.random.default_rng(0) if rng is None else rng
     rows = rows or {}
-    return {name: check_array(f, arrays[name], grads[name], eps=eps, max_entries=max_entries,
+    return {name: check_array(f, arrays[name], grads[name], eps=eps, order=order, max_entries=max_entries,
                               rows=rows.get(name), rng=rng)
             for name in arrays}
 
