@@ -1,0 +1,269 @@
+"""The whole GPT: every parameter's gradient against finite differences (cross-entropy and ToDi),
+the API's errors, dtypes, initialisation, and NumPy/CuPy parity."""
+
+import numpy as np
+import pytest
+
+from minitodi import backend, layers, model
+from minitodi.gradcheck import check_array, check_arrays, directional_check
+from minitodi.losses import LOSSES
+
+TOL = 1e-6
+# Whole-model checks use the fourth-order stencil at eps = 1e-3. Measured over EVERY entry of this model
+# (7040 checked, seed below): order 2, eps 1e-5 leaves 0.06 % (CE) and 0.2 % (ToDi) of entries above
+# 1e-6 -- entries whose gradient is ~1e-8 by cancellation, next to a loss ~1, where rounding
+# (|L| 1e-16 / eps) and truncation (eps^2 f''') both matter; order 4, eps 1e-3: worst 1.5e-7 (CE),
+# 7.2e-7 (ToDi).
+EPS, ORDER = 1e-3, 4
+MAX_ENTRIES = 8
+
+
+def small_config(**overrides):
+    return model.GPTConfig(**{"vocab_size": 37, "n_positions": 16, "n_embd": 16, "n_layer": 2, "n_head": 2,
+                              **overrides})
+
+
+def perturbed_params(config, seed=0, dtype=np.float64):
+    """init_params, then every tensor moved off its init so layer norms are not 1 and biases not 0."""
+    params = model.init_params(config, seed, dtype=dtype)
+    rng = np.random.default_rng(seed + 1)
+    for x in params.values():
+        x += (0.1 * rng.standard_normal(x.shape)).astype(dtype)
+    return params
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = small_config()
+    params = perturbed_params(config)
+    rng = np.random.default_rng(1)
+    idx = rng.integers(0, config.vocab_size, size=(2, 8))
+    targets = rng.integers(0, config.vocab_size, size=(2, 8))
+    targets[0, :2] = targets[1, 5] = layers.IGNORE_INDEX
+    teacher = 2.0 * rng.standard_normal((2, 8, config.vocab_size))
+    return config, params, idx, targets, teacher
+
+
+def _rows(config, idx):
+    """Embedding rows the batch uses, and c_attn.bias without its key third.
+
+    The key bias has a gradient of exactly 0: it adds q_t . b_k to every score of query t, a constant
+    along the softmax's axis. Finite differences of an exact 0 are pure rounding noise (relative error
+    ~1), so those entries are checked separately, in absolute terms.
+    """
+    C = config.n_embd
+    q_and_v = np.r_[0:C, 2 * C:3 * C]
+    rows = {"transformer.wte.weight": np.unique(idx)}
+    rows.update({f"transformer.h.{l}.attn.c_attn.bias": q_and_v for l in range(config.n_layer)})
+    return rows
+
+
+def _assert_key_bias_gradient_is_zero(config, grads):
+    C = config.n_embd
+    scale = max(np.abs(g).max() for g in grads.values())
+    for l in range(config.n_layer):
+        assert np.abs(grads[f"transformer.h.{l}.attn.c_attn.bias"][C:2 * C]).max() <= 1e-14 * scale
+
+
+def _check_all(f, params, grads, config, idx):
+    results = check_arrays(f, params, grads, eps=EPS, order=ORDER, max_entries=MAX_ENTRIES,
+                           rows=_rows(config, idx))
+    assert set(results) == set(params)
+    worst = max(results.items(), key=lambda kv: kv[1].max_rel_error)
+    assert worst[1].max_rel_error < TOL, worst
+    # rows no token uses get gradient only through the tied output head: check some of those too
+    unused = np.setdiff1d(np.arange(config.vocab_size), np.unique(idx))
+    wte = "transformer.wte.weight"
+    res = check_array(f, params[wte], grads[wte], eps=EPS, order=ORDER, max_entries=MAX_ENTRIES, rows=unused)
+    assert res.max_rel_error < TOL
+    a, n, err = directional_check(f, params, grads)
+    assert err < TOL and abs(a) > 1e-6
+
+
+def test_cross_entropy_gradient_of_every_parameter(setup):
+    config, params, idx, targets, _ = setup
+    logits, cache = model.forward(params, idx, config)
+    _, ce_cache = layers.cross_entropy_forward(logits, targets)
+    grads = model.backward(layers.cross_entropy_backward(1.0, ce_cache), cache)
+    assert list(grads) == list(params)
+    assert all(grads[k].shape == params[k].shape and grads[k].dtype == np.float64 for k in params)
+    _assert_key_bias_gradient_is_zero(config, grads)
+
+    def f():
+        return float(layers.cross_entropy_forward(model.forward(params, idx, config)[0], targets)[0])
+    _check_all(f, params, grads, config, idx)
+
+
+def test_todi_gradient_of_every_parameter(setup):
+    config, params, idx, targets, teacher = setup
+    mask = targets != layers.IGNORE_INDEX
+    logits, cache = model.forward(params, idx, config)
+    _, dlogits = LOSSES["todi"](logits, teacher, mask, temperature=2.0)
+    grads = model.backward(dlogits, cache)
+    assert list(grads) == list(params)
+    _assert_key_bias_gradient_is_zero(config, grads)
+    base = logits.copy()  # ToDi's weight is a stop-gradient: held at the base student logits
+
+    def f():
+        student = model.forward(params, idx, config)[0]
+        return LOSSES["todi"](student, teacher, mask, temperature=2.0, stopgrad_at=base)[0]
+    _check_all(f, params, grads, config, idx)
+
+
+def test_wrong_gradient_is_caught(setup):
+    """The check above can fail: a gradient off by 1 % in one tensor does."""
+    config, params, idx, targets, _ = setup
+    logits, cache = model.forward(params, idx, config)
+    _, ce_cache = layers.cross_entropy_forward(logits, targets)
+    grads = model.backward(layers.cross_entropy_backward(1.0, ce_cache), cache)
+    grads["transformer.h.1.ln_2.bias"] *= 1.01
+
+    def f():
+        return float(layers.cross_entropy_forward(model.forward(params, idx, config)[0], targets)[0])
+    results = check_arrays(f, params, grads, eps=EPS, order=ORDER, max_entries=MAX_ENTRIES,
+                           rows=_rows(config, idx))
+    assert results["transformer.h.1.ln_2.bias"].max_rel_error > 1e-3
+    assert results["transformer.h.1.ln_1.bias"].max_rel_error < TOL
+
+
+# ------------------------------------------------------------------------------------------ API errors
+
+
+def test_token_id_errors():
+    config = small_config()
+    params = model.init_params(config)
+    for bad in (np.array([[0, -1, 2]]), np.array([[0, config.vocab_size, 2]])):
+        with pytest.raises(ValueError, match=r"token ids must be in \[0, 37\)"):
+            model.forward(params, bad, config)
+    with pytest.raises(TypeError, match="integers"):
+        model.forward(params, np.array([[0.0, 1.0]]), config)
+    with pytest.raises(ValueError, match=r"\(B, T\)"):
+        model.forward(params, np.array([0, 1]), config)
+    with pytest.raises(ValueError, match="exceeds n_positions = 16"):
+        model.forward(params, np.zeros((1, 17), dtype=np.int64), config)
+    # with a KV cache the new tokens start after the cached ones
+    _, cache = model.forward(params, np.zeros((1, 10), dtype=np.int64), config)
+    with pytest.raises(ValueError, match="sequence of 17 positions exceeds"):
+        model.forward(params, np.zeros((1, 7), dtype=np.int64), config, past=cache["present"])
+    logits, _ = model.forward(params, np.zeros((1, 6), dtype=np.int32), config, past=cache["present"])
+    assert logits.shape == (1, 6, 37)
+
+
+def test_check_params_errors():
+    config = small_config()
+    params = model.init_params(config)
+    model.check_params(params, config)  # fine as made
+    missing = dict(params)
+    del missing["transformer.h.1.mlp.c_fc.bias"]
+    with pytest.raises(KeyError, match="transformer.h.1.mlp.c_fc.bias"):
+        model.check_params(missing, config)
+    with pytest.raises(KeyError, match="lm_head.weight"):
+        model.check_params({**params, "lm_head.weight": params["transformer.wte.weight"]}, config)
+    wrong = {**params, "transformer.h.0.attn.c_attn.weight": np.zeros((16, 32), np.float32)}
+    with pytest.raises(ValueError, match=r"transformer.h.0.attn.c_attn.weight has shape \(16, 32\)"):
+        model.check_params(wrong, config)
+    mixed = {**params, "transformer.ln_f.bias": params["transformer.ln_f.bias"].astype(np.float64)}
+    with pytest.raises(TypeError, match="one float dtype"):
+        model.check_params(mixed, config)
+
+
+def test_backward_after_forward_with_past_raises():
+    config = small_config()
+    params = model.init_params(config, dtype=np.float64)
+    idx = np.arange(8).reshape(1, 8)
+    _, cache = model.forward(params, idx[:, :5], config)
+    logits, cache2 = model.forward(params, idx[:, 5:], config, past=cache["present"])
+    with pytest.raises(ValueError, match="KV cache"):
+        model.backward(np.ones_like(logits), cache2)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="divisible"):
+        small_config(n_head=3)
+    with pytest.raises(ValueError, match="n_layer"):
+        small_config(n_layer=0)
+
+
+# ------------------------------------------------------------------------------------------ dtype, init
+
+
+def test_computes_in_the_params_dtype():
+    config = small_config()
+    idx = np.random.default_rng(2).integers(0, config.vocab_size, size=(2, 5))
+    out = {}
+    for dtype in (np.float32, np.float64):
+        params = perturbed_params(config, dtype=dtype)
+        assert all(x.dtype == dtype for x in params.values())
+        logits, cache = model.forward(params, idx, config)
+        assert logits.dtype == dtype
+        loss, ce_cache = layers.cross_entropy_forward(logits, np.zeros_like(idx))
+        dlogits = layers.cross_entropy_backward(1.0, ce_cache)
+        assert loss.dtype == dtype and dlogits.dtype == dtype
+        grads = model.backward(dlogits, cache)
+        assert {g.dtype for g in grads.values()} == {np.dtype(dtype)}
+        out[dtype] = logits
+    # the same weights in two precisions agree to float32 rounding
+    np.testing.assert_allclose(out[np.float32], out[np.float64], rtol=0, atol=1e-5)
+
+
+def test_init_is_seeded():
+    config = small_config()
+    a, b, c = model.init_params(config, 3), model.init_params(config, 3), model.init_params(config, 4)
+    assert list(a) == list(model.param_shapes(config))
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    assert not np.array_equal(a["transformer.wte.weight"], c["transformer.wte.weight"])
+    assert not np.array_equal(a["transformer.h.1.mlp.c_proj.weight"], c["transformer.h.1.mlp.c_proj.weight"])
+    assert np.all(a["transformer.h.0.ln_1.weight"] == 1) and np.all(a["transformer.h.0.attn.c_attn.bias"] == 0)
+
+
+def test_init_scales():
+    """N(0, 0.02) everywhere, N(0, 0.02 / sqrt(2 n_layer)) for the projections into the residual."""
+    config = model.GPTConfig(vocab_size=256, n_positions=64, n_embd=64, n_layer=4, n_head=4)
+    params = model.init_params(config, 0, dtype=np.float64)
+    resid = np.concatenate([params[f"transformer.h.{l}.{m}.c_proj.weight"].ravel()
+                            for l in range(4) for m in ("attn", "mlp")])
+    other = np.concatenate([params[k].ravel() for k in params if k.endswith(("wte.weight", "c_fc.weight",
+                                                                             "c_attn.weight"))])
+    assert resid.std() == pytest.approx(0.02 / np.sqrt(8), rel=0.03)  # 163840 draws: std error 0.2 %
+    assert other.std() == pytest.approx(0.02, rel=0.03)
+    assert abs(resid.mean()) < 1e-4 and abs(other.mean()) < 1e-4
+
+
+def test_n_params():
+    config = small_config()
+    assert model.n_params(config) == sum(x.size for x in model.init_params(config).values())
+
+
+# ------------------------------------------------------------------------------------------ CuPy
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not backend.gpu_available(), reason="no usable GPU")
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-11), (np.float32, 1e-4)])
+def test_cupy_matches_numpy(dtype, tol):
+    config = small_config()
+    params = perturbed_params(config, dtype=dtype)
+    rng = np.random.default_rng(5)
+    idx = rng.integers(0, config.vocab_size, size=(3, 12))
+    targets = rng.integers(0, config.vocab_size, size=(3, 12))
+    targets[0, :4] = layers.IGNORE_INDEX
+
+    def run(p, ids, tg):
+        logits, cache = model.forward(p, ids, config)
+        loss, ce_cache = layers.cross_entropy_forward(logits, tg)
+        return logits, loss, model.backward(layers.cross_entropy_backward(1.0, ce_cache), cache)
+
+    logits, loss, grads = run(params, idx, targets)
+    gpu = {k: backend.to_device(x, "gpu") for k, x in params.items()}
+    logits_g, loss_g, grads_g = run(gpu, backend.to_device(idx, "gpu"), backend.to_device(targets, "gpu"))
+    assert backend.device_of(logits_g) == "gpu" and logits_g.dtype == dtype
+    assert backend.to_float(loss_g) == pytest.approx(float(loss), rel=tol)
+    np.testing.assert_allclose(backend.to_numpy(logits_g), logits, rtol=0, atol=tol * np.abs(logits).max())
+    assert list(grads_g) == list(grads)
+    for k, g in grads.items():
+        assert backend.device_of(grads_g[k]) == "gpu" and grads_g[k].dtype == dtype
+        np.testing.assert_allclose(backend.to_numpy(grads_g[k]), g, rtol=0, atol=tol * np.abs(g).max(), err_msg=k)
+    # CuPy would wrap an out-of-range id silently: the model must refuse it on the GPU too
+    with pytest.raises(ValueError, match="token ids must be in"):
+        model.forward(gpu, backend.to_device(np.array([[0, config.vocab_size]]), "gpu"), config)
