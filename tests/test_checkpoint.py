@@ -1,0 +1,364 @@
+"""Checkpoints: exact round trips, atomic saves, clear errors, original GPT-2 files, transformers."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from minitodi import checkpoint, layers, model, optim
+from minitodi.checkpoint import CONFIG_FILE, MODEL_FILE, STATE_FILE, STATE_JSON
+
+
+def small_config():
+    return model.GPTConfig(vocab_size=37, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+
+
+def make_params(config, seed=0, dtype=np.float32):
+    params = model.init_params(config, seed, dtype=dtype)
+    rng = np.random.default_rng(seed + 1)
+    for x in params.values():
+        x += (0.1 * rng.standard_normal(x.shape)).astype(dtype)
+    return params
+
+
+def make_training_state(params, seed=0):
+    """An optimizer after two real steps, an advanced RNG and a data position."""
+    state = optim.adamw_init(params)
+    rng = np.random.default_rng(seed)
+    for _ in range(2):
+        grads = {k: rng.standard_normal(x.shape).astype(x.dtype) for k, x in params.items()}
+        optim.adamw_step(params, grads, state, lr=1e-3)
+    data_rng = np.random.default_rng(0)
+    data_rng.random(5)  # advance it, so the state is not the seed's
+    return {"optimizer": state, "rng": data_rng.bit_generator.state, "data_position": {"epoch": 1, "batch": 17},
+            "step": 2}
+
+
+def _assert_params_equal(a, b):
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def _leftovers(directory):
+    return sorted(p.name for p in directory.iterdir() if ".tmp" in p.name)
+
+
+# ------------------------------------------------------------------------------------------ round trips
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_round_trip_is_exact(tmp_path, dtype):
+    config = small_config()
+    params = make_params(config, dtype=dtype)
+    assert checkpoint.save(tmp_path / "ck", params, config) == tmp_path / "ck"
+    loaded, loaded_config = checkpoint.load(tmp_path / "ck")
+    assert loaded_config == config
+    _assert_params_equal(loaded, params)
+    assert not checkpoint.has_training_state(tmp_path / "ck")
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [CONFIG_FILE, MODEL_FILE]
+    assert json.loads((tmp_path / "ck" / CONFIG_FILE).read_text())["dtype"] == np.dtype(dtype).name
+    # loading into another dtype converts
+    as64, _ = checkpoint.load(tmp_path / "ck", dtype=np.float64)
+    assert all(x.dtype == np.float64 for x in as64.values())
+    np.testing.assert_array_equal(as64["transformer.wte.weight"], params["transformer.wte.weight"].astype(np.float64))
+
+
+def test_training_state_round_trip(tmp_path):
+    config = small_config()
+    params = make_params(config)
+    state = make_training_state(params)
+    checkpoint.save(tmp_path, params, config, training_state=state, config_extra={"eos_token_id": 0})
+    assert checkpoint.has_training_state(tmp_path)
+    assert json.loads((tmp_path / CONFIG_FILE).read_text())["eos_token_id"] == 0
+    loaded = checkpoint.load_training_state(tmp_path)
+    assert set(loaded) == {"optimizer", "rng", "data_position", "step"}
+    assert loaded["step"] == 2 and loaded["data_position"] == {"epoch": 1, "batch": 17}
+    assert loaded["rng"] == state["rng"]  # a 128-bit integer state survives JSON exactly
+    assert loaded["optimizer"]["step"] == state["optimizer"]["step"] == 2
+    for moment in ("m", "v"):
+        _assert_params_equal(dict(sorted(loaded["optimizer"][moment].items())),
+                             dict(sorted(state["optimizer"][moment].items())))
+    # the restored RNG continues the same stream
+    original = np.random.default_rng()
+    original.bit_generator.state = state["rng"]
+    restored = np.random.default_rng()
+    restored.bit_generator.state = loaded["rng"]
+    np.testing.assert_array_equal(restored.random(8), original.random(8))
+    # and a resumed optimizer step is bit for bit the uninterrupted one
+    grads = {k: np.full_like(x, 0.3) for k, x in params.items()}
+    resumed, _ = checkpoint.load(tmp_path)
+    optim.adamw_step(resumed, grads, loaded["optimizer"], lr=1e-3)
+    optim.adamw_step(params, grads, state["optimizer"], lr=1e-3)
+    _assert_params_equal(resumed, params)
+
+
+def test_save_overwrites_previous_checkpoint(tmp_path):
+    config = small_config()
+    checkpoint.save(tmp_path, make_params(config, seed=0), config,
+                    training_state=make_training_state(make_params(config)))
+    newer = make_params(config, seed=5)
+    checkpoint.save(tmp_path, newer, config, training_state=make_training_state(make_params(config), seed=3))
+    _assert_params_equal(checkpoint.load(tmp_path)[0], newer)
+    checkpoint.load_training_state(tmp_path)  # ids agree
+    assert _leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------ atomicity
+
+
+def _fail_on(monkeypatch, filename, partial):
+    """Make checkpoint's save_file raise when it writes ``filename``, optionally after writing garbage."""
+    real = checkpoint.save_file
+
+    def failing(tensors, path, metadata=None):
+        if f".{filename}.tmp" in str(path):
+            if partial:
+                with open(path, "wb") as f:
+                    f.write(b"\x00" * 100)  # a torn file under the temporary name
+            raise OSError("disk full (simulated)")
+        return real(tensors, path, metadata)
+    monkeypatch.setattr(checkpoint, "save_file", failing)
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_interrupted_model_write_keeps_previous_model(tmp_path, monkeypatch, partial):
+    config = small_config()
+    old = make_params(config, seed=0)
+    checkpoint.save(tmp_path, old, config, training_state=make_training_state(make_params(config)))
+    _fail_on(monkeypatch, MODEL_FILE, partial)
+    with pytest.raises(OSError, match="simulated"):
+        checkpoint.save(tmp_path, make_params(config, seed=9), config,
+                        training_state=make_training_state(make_params(config), seed=4))
+    assert _leftovers(tmp_path) == []
+    _assert_params_equal(checkpoint.load(tmp_path)[0], old)  # the previous model, intact
+    # the training state was already replaced by the new save's: its id no longer matches the model's
+    with pytest.raises(ValueError, match="different saves"):
+        checkpoint.load_training_state(tmp_path)
+
+
+def test_interrupted_state_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    config = small_config()
+    old = make_params(config, seed=0)
+    old_state = make_training_state(make_params(config))
+    checkpoint.save(tmp_path, old, config, training_state=old_state)
+    _fail_on(monkeypatch, STATE_FILE, partial=True)
+    with pytest.raises(OSError, match="simulated"):
+        checkpoint.save(tmp_path, make_params(config, seed=9), config,
+                        training_state=make_training_state(make_params(config), seed=4))
+    assert _leftovers(tmp_path) == []
+    _assert_params_equal(checkpoint.load(tmp_path)[0], old)
+    state = checkpoint.load_training_state(tmp_path)  # the old state, consistent with the old model
+    assert state["rng"] == old_state["rng"]
+    np.testing.assert_array_equal(state["optimizer"]["v"]["transformer.wpe.weight"],
+                                  old_state["optimizer"]["v"]["transformer.wpe.weight"])
+
+
+def test_mismatched_save_ids(tmp_path):
+    config = small_config()
+    for name in ("a", "b"):
+        checkpoint.save(tmp_path / name, make_params(config), config,
+                        training_state=make_training_state(make_params(config)))
+    (tmp_path / "a" / MODEL_FILE).write_bytes((tmp_path / "b" / MODEL_FILE).read_bytes())
+    with pytest.raises(ValueError, match="different saves"):
+        checkpoint.load_training_state(tmp_path / "a")
+    # the state's two files disagreeing is caught too
+    checkpoint.save(tmp_path / "c", make_params(config), config,
+                    training_state=make_training_state(make_params(config)))
+    (tmp_path / "c" / STATE_JSON).write_text((tmp_path / "b" / STATE_JSON).read_text())
+    with pytest.raises(ValueError, match="different saves"):
+        checkpoint.load_training_state(tmp_path / "c")
+
+
+# ------------------------------------------------------------------------------------------ damaged files
+
+
+@pytest.fixture
+def saved(tmp_path):
+    config = small_config()
+    params = make_params(config)
+    checkpoint.save(tmp_path, params, config, training_state=make_training_state(make_params(config)))
+    return tmp_path, params, config
+
+
+@pytest.mark.parametrize("name", [CONFIG_FILE, MODEL_FILE])
+def test_missing_file(saved, name):
+    directory = saved[0]
+    (directory / name).unlink()
+    with pytest.raises(FileNotFoundError, match=name):
+        checkpoint.load(directory)
+
+
+@pytest.mark.parametrize("name", [STATE_FILE, STATE_JSON])
+def test_missing_training_state_file(saved, name):
+    directory = saved[0]
+    (directory / name).unlink()
+    assert not checkpoint.has_training_state(directory)
+    with pytest.raises(FileNotFoundError, match=name):
+        checkpoint.load_training_state(directory)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        checkpoint.load(tmp_path / "nowhere")
+
+
+def test_pytorch_bin_only_is_explained(saved):
+    directory = saved[0]
+    (directory / MODEL_FILE).rename(directory / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        checkpoint.load(directory)
+
+
+@pytest.mark.parametrize("name", [MODEL_FILE, STATE_FILE])
+def test_truncated_file(saved, name):
+    directory = saved[0]
+    data = (directory / name).read_bytes()
+    (directory / name).write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=name):
+        checkpoint.load_training_state(directory) if name == STATE_FILE else checkpoint.load(directory)
+
+
+def test_corrupt_config_json(saved):
+    directory = saved[0]
+    (directory / CONFIG_FILE).write_text('{"n_embd": 16,')
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        checkpoint.load(directory)
+
+
+MISMATCH = f"{MODEL_FILE} does not match .*{CONFIG_FILE}: "
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("n_embd", 32, MISMATCH + r"parameter transformer.wte.weight has shape \(37, 16\), the config says \(37, 32\)"),
+    ("vocab_size", 40, MISMATCH + r"parameter transformer.wte.weight has shape \(37, 16\), the config says \(40, 16\)"),
+    # (str of a KeyError quotes its message)
+    ("n_layer", 3, MISMATCH + '"?' + r"parameters do not match the config: missing \['transformer.h.2."),
+    ("n_layer", 1, f"{MODEL_FILE}: unexpected tensor 'transformer.h.1."),  # a tensor no layer of the config has
+])
+def test_config_disagreeing_with_tensors(saved, field, value, message):
+    directory = saved[0]
+    hf = json.loads((directory / CONFIG_FILE).read_text())
+    hf[field] = value
+    (directory / CONFIG_FILE).write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=message):
+        checkpoint.load(directory)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("activation_function", "relu", "activation_function"),
+    ("n_inner", 100, "n_inner"),
+    ("tie_word_embeddings", False, "untied"),
+    ("model_type", "llama", "model_type"),
+])
+def test_unsupported_config(saved, field, value, message):
+    directory = saved[0]
+    hf = json.loads((directory / CONFIG_FILE).read_text())
+    hf[field] = value
+    (directory / CONFIG_FILE).write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=message):
+        checkpoint.load(directory)
+
+
+def test_save_refuses_bad_params(tmp_path):
+    config = small_config()
+    params = make_params(config)
+    del params["transformer.ln_f.bias"]
+    with pytest.raises(KeyError, match="ln_f.bias"):
+        checkpoint.save(tmp_path, params, config)
+    assert not (tmp_path / MODEL_FILE).exists()
+
+
+# ------------------------------------------------------------------------------------------ GPT-2 layout
+
+
+def _write_gpt2_layout(directory, params, config, lm_head=None):
+    """A checkpoint as the original GPT-2 files have it: no ``transformer.`` prefix, mask buffers,
+    an explicit lm_head."""
+    P = config.n_positions
+    tensors = {k.removeprefix("transformer."): v for k, v in params.items()}
+    for l in range(config.n_layer):
+        tensors[f"h.{l}.attn.bias"] = np.tril(np.ones((P, P), np.float32))[None, None]
+        tensors[f"h.{l}.attn.masked_bias"] = np.array(-1e4, np.float32)
+    tensors["lm_head.weight"] = params["transformer.wte.weight"].copy() if lm_head is None else lm_head
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / MODEL_FILE))
+    (directory / CONFIG_FILE).write_text(json.dumps(checkpoint.hf_config(config, np.float32)))
+
+
+def test_original_gpt2_layout_loads(tmp_path):
+    config = small_config()
+    params = make_params(config)
+    _write_gpt2_layout(tmp_path, params, config)
+    assert "h.0.attn.bias" in load_file(str(tmp_path / MODEL_FILE))
+    loaded, loaded_config = checkpoint.load(tmp_path)
+    assert loaded_config == config
+    _assert_params_equal(loaded, params)
+
+
+def test_untied_lm_head_is_refused(tmp_path):
+    config = small_config()
+    params = make_params(config)
+    head = params["transformer.wte.weight"].copy()
+    head[3, 4] += 1e-3
+    _write_gpt2_layout(tmp_path, params, config, lm_head=head)
+    with pytest.raises(ValueError, match="lm_head.weight differs"):
+        checkpoint.load(tmp_path)
+
+
+def test_unexpected_tensor_is_refused(tmp_path):
+    config = small_config()
+    params = make_params(config)
+    save_file({**params, "transformer.h.0.attn.rotary": np.zeros(3, np.float32)}, str(tmp_path / MODEL_FILE))
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(checkpoint.hf_config(config, np.float32)))
+    with pytest.raises(ValueError, match="unexpected tensor 'transformer.h.0.attn.rotary'"):
+        checkpoint.load(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ transformers
+
+
+def test_transformers_round_trip(tmp_path):
+    """A random transformers GPT-2 loads here with the same logits and CE gradients; saved back, it loads
+    in transformers with the same logits. Runs only where torch and transformers are installed."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.GPT2Config(vocab_size=37, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                        bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(hf_config).double().eval()
+    with torch.no_grad():  # move layer norms and biases off 1 and 0
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path / "hf")
+    params, config = checkpoint.load(tmp_path / "hf")
+    assert config == small_config()
+    assert all(x.dtype == np.float64 for x in params.values())
+
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, 37, size=(2, 9))
+    targets = rng.integers(0, 37, size=(2, 9))
+    targets[0, :3] = layers.IGNORE_INDEX
+    logits, cache = model.forward(params, idx, config)
+    loss, ce_cache = layers.cross_entropy_forward(logits, targets)
+    grads = model.backward(layers.cross_entropy_backward(1.0, ce_cache), cache)
+
+    hf.zero_grad()
+    hf_logits = hf(torch.tensor(idx)).logits
+    hf_loss = torch.nn.functional.cross_entropy(hf_logits.reshape(-1, 37), torch.tensor(targets).reshape(-1),
+                                                ignore_index=layers.IGNORE_INDEX)
+    hf_loss.backward()
+    np.testing.assert_allclose(logits, hf_logits.detach().numpy(), rtol=0, atol=1e-8)
+    assert float(loss) == pytest.approx(hf_loss.item(), abs=1e-8)
+    hf_grads = {name: p.grad.numpy() for name, p in hf.named_parameters()}  # lm_head is tied: not listed
+    assert set(hf_grads) == set(grads)
+    for name, g in grads.items():
+        np.testing.assert_allclose(g, hf_grads[name], rtol=0, atol=1e-8, err_msg=name)
+
+    checkpoint.save(tmp_path / "mine", params, config)
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "mine", dtype=torch.float64).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(back(torch.tensor(idx)).logits.numpy(), logits, rtol=0, atol=1e-8)
