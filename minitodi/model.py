@@ -161,7 +161,8 @@ def forward(params, idx, config, *, past=None):
         blocks.append((c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mproj))
         present.append(c_att["present"])
     xf, c_lnf = layers.layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"], eps)
-    logits = xf @ p["transformer.wte.weight"].T  # tied head: (B, T, C) @ (C, V) -> (B, T, V)
+    wte = p["transformer.wte.weight"]
+    logits = (xf.reshape(-1, xf.shape[-1]) @ wte.T).reshape(*idx.shape, -1)  # tied head: (N, C) @ (C, V)
     cache = {"config": config, "params": params, "emb": c_emb, "blocks": blocks, "lnf": c_lnf, "xf": xf,
              "present": present, "has_past": past is not None}
     return logits, cache
@@ -179,8 +180,9 @@ def backward(dlogits, cache):
     # forward was: logits = xf @ wte^T, so dxf = dlogits @ wte and dwte (head part) = dlogits^T @ xf
     wte = p["transformer.wte.weight"]
     C = wte.shape[1]
-    dxf = dlogits @ wte
-    dwte_head = dlogits.reshape(-1, dlogits.shape[-1]).T @ cache["xf"].reshape(-1, C)  # (V, N) @ (N, C)
+    dlogits2 = dlogits.reshape(-1, dlogits.shape[-1])  # (N, V)
+    dxf = (dlogits2 @ wte).reshape(cache["xf"].shape)  # (N, V) @ (V, C)
+    dwte_head = dlogits2.T @ cache["xf"].reshape(-1, C)  # (V, N) @ (N, C)
     dx, grads["transformer.ln_f.weight"], grads["transformer.ln_f.bias"] = layers.layernorm_backward(
         dxf, cache["lnf"])
     for l in reversed(range(config.n_layer)):
