@@ -1,0 +1,173 @@
+"""One training step of a GPT-2-shaped model: minitodi against an equivalent PyTorch GPT-2, side by side.
+
+    python benchmarks/bench_train_step.py                  # 4 layers, width 128, V 2048, 16 x 64, float32
+    python benchmarks/bench_train_step.py --device gpu
+
+A step is forward, cross-entropy, backward, gradient clipping and AdamW. Both sides start from the same
+weights (minitodi's initialisation, copied into the PyTorch model) and see the same batch; each is
+warmed up, then the two are timed in alternation ``--repeat`` times (so both see the same machine
+load), and the median step time is reported with tokens per second.
+
+The PyTorch model is written here in the usual way (nn.Linear layers, fused qkv, scaled_dot_product_attention
+with a causal mask, tanh GELU, tied head, torch.optim.AdamW with its default implementation); it runs
+only when torch is installed and uses torch's default thread count, as minitodi's BLAS does.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from minitodi import layers, model, optim  # noqa: E402
+from minitodi.backend import get_xp, to_device  # noqa: E402
+
+
+def minitodi_step(args, cfg, params, idx, targets):
+    opt = optim.adamw_init(params)
+
+    def step():
+        logits, cache = model.forward(params, idx, cfg)
+        _, ce_cache = layers.cross_entropy_forward(logits, targets)
+        grads = model.backward(layers.cross_entropy_backward(1.0, ce_cache), cache)
+        optim.clip_grad_norm(grads, 1.0)
+        optim.adamw_step(params, grads, opt, lr=1e-3, weight_decay=0.1)
+    return step
+
+
+def torch_step(args, cfg, params, idx, targets):
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    C, H = cfg.n_embd, cfg.n_head
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(C), nn.LayerNorm(C)
+            self.c_attn, self.c_proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+            self.c_fc, self.mlp_proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+
+        def forward(self, x):
+            B, T, _ = x.shape
+            q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=-1)
+            q, k, v = (z.view(B, T, H, C // H).transpose(1, 2) for z in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+            x = x + self.c_proj(y)
+            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(cfg.vocab_size, C), nn.Embedding(cfg.n_positions, C)
+            self.h = nn.ModuleList(Block() for _ in range(cfg.n_layer))
+            self.ln_f = nn.LayerNorm(C)
+
+        def forward(self, idx):
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+            for block in self.h:
+                x = block(x)
+            return self.ln_f(x) @ self.wte.weight.T
+
+    device = "cuda" if args.device == "gpu" else "cpu"
+    net = GPT().to(device)
+    host = {k: torch.from_numpy(np.asarray(model_to_host(v))) for k, v in params.items()}
+    with torch.no_grad():  # minitodi's weights, (in, out) -> nn.Linear's (out, in)
+        net.wte.weight.copy_(host["transformer.wte.weight"])
+        net.wpe.weight.copy_(host["transformer.wpe.weight"])
+        for l, block in enumerate(net.h):
+            h = f"transformer.h.{l}."
+            for mine, theirs in (("ln_1", block.ln_1), ("ln_2", block.ln_2)):
+                theirs.weight.copy_(host[h + mine + ".weight"])
+                theirs.bias.copy_(host[h + mine + ".bias"])
+            for mine, theirs in (("attn.c_attn", block.c_attn), ("attn.c_proj", block.c_proj),
+                                 ("mlp.c_fc", block.c_fc), ("mlp.c_proj", block.mlp_proj)):
+                theirs.weight.copy_(host[h + mine + ".weight"].T)
+                theirs.bias.copy_(host[h + mine + ".bias"])
+        net.ln_f.weight.copy_(host["transformer.ln_f.weight"])
+        net.ln_f.bias.copy_(host["transformer.ln_f.bias"])
+    decay = [p for p in net.parameters() if p.ndim >= 2]
+    no_decay = [p for p in net.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-3, betas=(0.9, 0.95))
+    x = torch.from_numpy(model_to_host(idx)).to(device)
+    y = torch.from_numpy(model_to_host(targets)).to(device)
+
+    def step():
+        logits = net(x)
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return step
+
+
+def model_to_host(x):
+    return x.get() if hasattr(x, "get") else np.asarray(x)
+
+
+def timed(steps, warmup, repeat, sync=None):
+    """Median seconds per step of each callable, timed in alternation so that both see the same load."""
+    for step in steps:
+        for _ in range(warmup):
+            step()
+    times = [[] for _ in steps]
+    for _ in range(repeat):
+        for step, record in zip(steps, times):
+            start = time.perf_counter()
+            step()
+            if sync:
+                sync()
+            record.append(time.perf_counter() - start)
+    return [statistics.median(record) for record in times]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    args = parser.parse_args()
+
+    cfg = model.GPTConfig(vocab_size=args.vocab, n_positions=args.seq, n_embd=args.width, n_layer=args.layers,
+                          n_head=args.heads)
+    rng = np.random.default_rng(0)
+    idx = to_device(rng.integers(0, args.vocab, (args.batch, args.seq)), args.device)
+    targets = to_device(rng.integers(0, args.vocab, (args.batch, args.seq)), args.device)
+    tokens = args.batch * args.seq
+    sync = get_xp(args.device).cuda.Device().synchronize if args.device == "gpu" else None
+    print(f"GPT-2 step: {args.layers} layers, width {args.width}, V {args.vocab}, batch {args.batch} x "
+          f"{args.seq}, float32, {args.device}; median of {args.repeat}")
+    steps = [minitodi_step(args, cfg, model.init_params(cfg, 0, device=args.device), idx, targets)]
+    try:
+        import torch
+
+        steps.append(torch_step(args, cfg, model.init_params(cfg, 0, device=args.device), idx, targets))
+    except ImportError:
+        torch = None
+    times = timed(steps, args.warmup, args.repeat, sync)
+    print(f"minitodi  {times[0] * 1e3:8.2f} ms/step  {tokens / times[0]:10.0f} tok/s")
+    if torch is None:
+        print("torch not installed: no comparison")
+        return
+    print(f"torch     {times[1] * 1e3:8.2f} ms/step  {tokens / times[1]:10.0f} tok/s   "
+          f"(torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    print(f"ratio minitodi / torch: {times[0] / times[1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
