@@ -49,7 +49,8 @@ def _atomic_write(path, write):
             tmp.unlink()
 
 
-def _write_json(path, obj):
+def write_json(path, obj):
+    """Write ``obj`` as indented JSON to ``path``, atomically."""
     _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
@@ -93,9 +94,9 @@ def save(directory, params, config, *, training_state=None, config_extra=None):
         arrays = {f"{moment}.{name}": np.ascontiguousarray(to_numpy(x))
                   for moment in ("m", "v") for name, x in optimizer[moment].items()}
         _atomic_write(directory / STATE_FILE, lambda tmp: save_file(arrays, str(tmp), {"save_id": save_id}))
-        _write_json(directory / STATE_JSON, {"save_id": save_id, "optimizer_step": optimizer["step"], **state})
+        write_json(directory / STATE_JSON, {"save_id": save_id, "optimizer_step": optimizer["step"], **state})
     dtype = next(iter(params.values())).dtype
-    _write_json(directory / CONFIG_FILE, hf_config(config, dtype, config_extra))
+    write_json(directory / CONFIG_FILE, hf_config(config, dtype, config_extra))
     tensors = {name: np.ascontiguousarray(to_numpy(x)) for name, x in params.items()}
     _atomic_write(directory / MODEL_FILE,
                   lambda tmp: save_file(tensors, str(tmp), {"format": "pt", "save_id": save_id}))

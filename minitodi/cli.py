@@ -60,6 +60,179 @@ def cmd_gradcheck(args):
     return 1 if failed else 0
 
 
+MODEL_PRESETS = {
+    "teacher": {"n_embd": 128, "n_layer": 4, "n_head": 4},
+    "student": {"n_embd": 64, "n_layer": 2, "n_head": 4},
+    "tiny": {"n_embd": 32, "n_layer": 1, "n_head": 2},
+}
+
+
+def _parse_options(pairs):
+    """``["beta=2", "detach=false"]`` -> ``{"beta": 2.0, "detach": False}``."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--option expects NAME=VALUE, got {pair!r}")
+        lowered = value.strip().lower()
+        options[key.strip()] = {"true": True, "false": False}.get(lowered, None)
+        if options[key.strip()] is None:
+            try:
+                options[key.strip()] = float(value)
+            except ValueError:
+                raise SystemExit(f"--option {key}: {value!r} is not a number or true/false") from None
+    return options
+
+
+def _train_config(args, loss):
+    from .train import TrainConfig
+
+    fields = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+              "eval_every": args.eval_every}
+    if loss != "sft":
+        fields.update(loss=loss, kd_rate=args.kd_rate, temperature=args.temperature,
+                      loss_options=_parse_options(args.option))
+    return TrainConfig(**{k: v for k, v in fields.items() if v is not None})
+
+
+def _tokenizer_for(args, dataset, teacher=None):
+    from .data import training_texts
+    from .tokenizer import Tokenizer
+
+    if args.tokenizer:
+        return Tokenizer.load(args.tokenizer)
+    if teacher is not None:
+        return teacher.tokenizer
+    return Tokenizer.train(training_texts(dataset), args.vocab_size)
+
+
+def _fit(args, loss, teacher=None):
+    from .backend import resolve_device
+    from .data import examples_for, load_dataset
+    from .model import GPTConfig
+    from .train import fit
+
+    device = resolve_device(args.device)
+    dataset = load_dataset(args.data)
+    tokenizer = _tokenizer_for(args, dataset, teacher)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, n_positions=args.seq_len + args.max_new_tokens,
+                       **MODEL_PRESETS[args.preset])
+    train_ex, valid_ex = (examples_for(dataset, split, tokenizer, args.seq_len) for split in ("train", "valid"))
+    summary = fit(args.out, config, tokenizer, train_ex, valid_ex, _train_config(args, loss), teacher=teacher,
+                  device=device, progress=not args.quiet)
+    print(f"{loss}: {summary['steps']} steps, best validation CE {summary['best_valid_ce']:.4f} at step "
+          f"{summary['best_step']}; model in {args.out}, log in {args.out}/metrics.jsonl")
+    return 0
+
+
+def cmd_train(args):
+    return _fit(args, "sft")
+
+
+def cmd_distill(args):
+    from .backend import resolve_device
+    from .train import Teacher
+
+    teacher = Teacher.load(args.teacher, device=resolve_device(args.device))
+    return _fit(args, args.loss, teacher)
+
+
+def cmd_evaluate(args):
+    import json
+
+    from . import checkpoint
+    from .backend import resolve_device
+    from .data import examples_for, load_dataset
+    from .tokenizer import Tokenizer
+    from .train import Teacher, evaluate, validation_loss
+
+    device = resolve_device(args.device)
+    params, config = checkpoint.load(args.model, device=device)
+    tokenizer = Tokenizer.load(args.model)
+    teacher = Teacher.load(args.teacher, device=device) if args.teacher else None
+    if teacher is not None:
+        from .train import require_same_tokenizer
+
+        require_same_tokenizer(teacher, tokenizer)
+    dataset = load_dataset(args.data)
+    seq_len = config.n_positions - args.max_new_tokens
+    examples = examples_for(dataset, args.split, tokenizer, seq_len)
+    if dataset["kind"] == "instructions":
+        result = evaluate(params, config, tokenizer, dataset[args.split], examples, teacher=teacher,
+                          max_new_tokens=args.max_new_tokens, device=device)
+    else:  # plain text: no prompts to complete, so perplexity only
+        from .metrics import perplexity
+
+        result = {"perplexity": perplexity(validation_loss(params, config, examples, 64, device))}
+    record = {"model": str(args.model), "data": args.data, "split": args.split, **result}
+    with open(args.log or f"{args.model}/eval.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
+    return 0
+
+
+def cmd_generate(args):
+    from . import checkpoint
+    from .backend import resolve_device
+    from .data import format_prompt
+    from .generate import generate
+    from .tokenizer import Tokenizer
+
+    params, config = checkpoint.load(args.model, device=resolve_device(args.device))
+    tokenizer = Tokenizer.load(args.model)
+    if args.instruction is not None:
+        text = format_prompt({"instruction": args.instruction, "context": args.input or ""})
+    elif args.prompt is not None:
+        text = args.prompt
+    else:
+        raise SystemExit("generate needs --instruction (and optionally --input) or --prompt")
+    ids = tokenizer.encode(text)[-(config.n_positions - 1):]
+    for n in range(args.samples):
+        out = generate(params, config, [ids], max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed + n)[0]
+        print(tokenizer.decode(out))
+    return 0
+
+
+def cmd_demo(args):
+    from . import demo
+    from .backend import resolve_device
+    from .losses import LOSSES
+
+    names = sorted(LOSSES) if args.losses == ["all"] else args.losses
+    results = demo.run(args.out, preset="quick" if args.quick else "full", loss_names=names, seeds=args.seeds,
+                       device=resolve_device(args.device), progress=not args.quiet)
+    print()
+    print(demo.table(results))
+    print(f"\nresults: {args.out}/results.json", end="")
+    if demo.figure(results, f"{args.out}/demo.png"):
+        print(f", figure: {args.out}/demo.png", end="")
+    else:
+        print(" (install matplotlib, e.g. pip install 'minitodi[plot]', for the figure)", end="")
+    print(f"; {results['config']['seconds']:.0f} s")
+    return 0
+
+
+def _common(p, *, training=False, seed=True):
+    p.add_argument("--device", choices=["cpu", "gpu", "auto"], default=None,
+                   help="where to compute (default: $MINITODI_DEVICE, else auto)")
+    if seed:
+        p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    if training:
+        p.add_argument("--out", required=True, help="run directory (resumed when it exists)")
+        p.add_argument("--data", default="synthetic", help="synthetic | pydoc | FILE.jsonl | FILE.txt | DIR")
+        p.add_argument("--preset", choices=sorted(MODEL_PRESETS), default="teacher", help="model size")
+        p.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one on the data)")
+        p.add_argument("--vocab-size", type=int, default=1024)
+        p.add_argument("--seq-len", type=int, default=64)
+        p.add_argument("--max-new-tokens", type=int, default=32, help="room kept in the context for generation")
+        p.add_argument("--steps", type=int)
+        p.add_argument("--batch-size", type=int)
+        p.add_argument("--lr", type=float)
+        p.add_argument("--eval-every", type=int)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="minitodi", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,12 +243,63 @@ def build_parser():
     p.add_argument("--tol", type=float, default=1e-6, help="largest relative error that passes")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_gradcheck)
+
+    p = sub.add_parser("train", help="train a model (a teacher) with cross-entropy")
+    _common(p, training=True)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("distill", help="distil a student from a teacher with a divergence")
+    _common(p, training=True)
+    p.add_argument("--teacher", required=True, help="the teacher's run directory")
+    p.add_argument("--loss", default="todi", choices=sorted(losses.LOSSES))
+    p.add_argument("--kd-rate", type=float, default=0.5, help="weight of the divergence against CE")
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--option", action="append", metavar="NAME=VALUE", help="a loss option, e.g. beta=2")
+    p.set_defaults(func=cmd_distill, preset="student")
+
+    p = sub.add_parser("evaluate", help="score a model on held-out data")
+    _common(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("--teacher", help="also report KL(teacher || model) per response token")
+    p.add_argument("--data", default="synthetic")
+    p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--log", help="JSONL file the result is appended to (default MODEL/eval.jsonl)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("generate", help="complete a prompt")
+    _common(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("--instruction", help="an instruction, formatted with the training prompt template")
+    p.add_argument("--input", help="the instruction's context")
+    p.add_argument("--prompt", help="raw text to continue instead of an instruction")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--samples", type=int, default=1)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="teacher, then students with each loss, compared on the built-in suite")
+    _common(p, seed=False)
+    p.add_argument("--quick", action="store_true", help="a smaller budget (minutes on a laptop)")
+    p.add_argument("--losses", nargs="+", default=["fkl", "rkl", "todi"],
+                   help="divergences to distil with besides sft, or 'all'")
+    p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: 0 1 2, quick: 0)")
+    p.add_argument("--out", default="minitodi-demo", help="where results.json and demo.png go")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as err:  # the clear errors minitodi raises
+        print(f"minitodi {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

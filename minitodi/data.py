@@ -444,3 +444,54 @@ def eval_batches(examples, batch_size: int, pad_id: int, device: str | None = No
     """Every example once, in order, in batches of ``batch_size`` (the last may be smaller)."""
     for start in range(0, len(examples), batch_size):
         yield collate(examples[start:start + batch_size], pad_id, device)
+
+
+# --------------------------------------------------------------------------------------------------
+# choosing a dataset by name
+
+
+def _held_out(i: int, fraction: float = 0.1) -> bool:
+    h = int.from_bytes(hashlib.sha256(str(i).encode()).digest()[:8], "big") / 2.0**64
+    return h < fraction
+
+
+def load_dataset(spec: str) -> dict:
+    """A dataset by name or path, as ``{"kind", "train", "valid", "test"}``.
+
+    - ``"synthetic"``: the built-in instruction suite (``kind = "instructions"``, records);
+    - ``"pydoc"``: Python's help topics (``kind = "text"``, strings; test = valid);
+    - a ``.jsonl`` file: Dolly-format records; a ``.txt`` file or a directory of them: plain text.
+      About 10% of the records or files (chosen by a hash of their index) are held out as valid = test.
+    """
+    if spec == "synthetic":
+        return {"kind": "instructions", **synthetic_suite()}
+    if spec == "pydoc":
+        corpus = lm_corpus()
+        return {"kind": "text", "train": corpus["train"], "valid": corpus["valid"], "test": corpus["valid"]}
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"no dataset {spec!r}: use 'synthetic', 'pydoc', a .jsonl file or text files")
+    if path.suffix == ".jsonl":
+        items, kind = load_jsonl(path), "instructions"
+    else:
+        items, kind = load_texts(sorted(path.glob("*.txt")) if path.is_dir() else [path]), "text"
+    if len(items) < 2:
+        raise ValueError(f"{path}: at least two records or files are needed (one to train, one to validate)")
+    held = {i for i in range(len(items)) if _held_out(i)} or {len(items) - 1}
+    train = [x for i, x in enumerate(items) if i not in held]
+    valid = [x for i, x in enumerate(items) if i in held]
+    return {"kind": kind, "train": train, "valid": valid, "test": valid}
+
+
+def examples_for(dataset: dict, split: str, tokenizer: Tokenizer, seq_len: int) -> list:
+    """Encoded examples of one split (instruction masking or language modelling, by the dataset's kind)."""
+    if dataset["kind"] == "instructions":
+        return instruction_examples(dataset[split], tokenizer, seq_len)
+    return lm_examples(dataset[split], tokenizer, seq_len)
+
+
+def training_texts(dataset: dict) -> list[str]:
+    """The texts a tokenizer for this dataset is trained on (its training split)."""
+    if dataset["kind"] == "instructions":
+        return [record_text(r) for r in dataset["train"]]
+    return list(dataset["train"])
