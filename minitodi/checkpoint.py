@@ -10,7 +10,9 @@ A checkpoint directory holds::
 Every file is written to a temporary name in the same directory and renamed into place, so an
 interrupted save leaves either the old file or the new one, never a torn one. The model file and the
 training state carry the same random ``save_id``: :func:`load_training_state` refuses a state whose id
-differs from the model's (a save interrupted between files).
+differs from the model's (a save interrupted between files). :func:`save_replacing` goes further for
+a directory that must never be half old, half new (a run's resumable state): it writes a complete new
+directory beside the old one and swaps them with renames; :func:`recover` finishes an interrupted swap.
 
 :func:`load` also reads original GPT-2 checkpoints, whose keys lack the ``transformer.`` prefix and carry
 attention-mask buffers (``h.0.attn.bias``), and drops an ``lm_head.weight`` equal to the embedding.
@@ -18,6 +20,7 @@ attention-mask buffers (``h.0.attn.bias``), and drops an ``lm_head.weight`` equa
 
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -100,6 +103,44 @@ def save(directory, params, config, *, training_state=None, config_extra=None):
     tensors = {name: np.ascontiguousarray(to_numpy(x)) for name, x in params.items()}
     _atomic_write(directory / MODEL_FILE,
                   lambda tmp: save_file(tensors, str(tmp), {"format": "pt", "save_id": save_id}))
+    return directory
+
+
+def _aside(directory, tag):
+    return directory.with_name(f"{directory.name}.{tag}")
+
+
+def save_replacing(directory, params, config, **kwargs):
+    """:func:`save` into ``directory`` as a whole: either the old checkpoint or the new one is there, whole.
+
+    The new checkpoint is written to ``<directory>.new``; then ``directory`` is renamed to
+    ``<directory>.old``, ``.new`` to ``directory``, and ``.old`` is removed.
+    """
+    directory = Path(directory)
+    new, old = _aside(directory, "new"), _aside(directory, "old")
+    recover(directory)
+    shutil.rmtree(new, ignore_errors=True)
+    save(new, params, config, **kwargs)
+    had_old = directory.exists()
+    if had_old:
+        os.replace(directory, old)
+    os.replace(new, directory)
+    if had_old:
+        shutil.rmtree(old)
+    return directory
+
+
+def recover(directory):
+    """Finish a :func:`save_replacing` that was interrupted: afterwards ``directory`` is the newest whole
+    checkpoint there is (or absent if there never was one)."""
+    directory = Path(directory)
+    new, old = _aside(directory, "new"), _aside(directory, "old")
+    if old.exists():
+        if directory.exists():  # interrupted after the swap: only the clean-up was left
+            shutil.rmtree(old)
+        else:  # interrupted between the two renames: the old one is the last whole checkpoint
+            os.replace(old, directory)
+    shutil.rmtree(new, ignore_errors=True)  # interrupted while writing: a partial new one
     return directory
 
 
@@ -192,7 +233,7 @@ def load(directory, *, dtype=None, device="cpu"):
     try:
         check_params(params, config)
     except (KeyError, ValueError, TypeError) as err:
-        raise ValueError(f"{path} does not match {directory / CONFIG_FILE}: {err}") from err
+        raise ValueError(f"{path} does not match {directory / CONFIG_FILE}: {err.args[0]}") from err
     return params, config
 
 

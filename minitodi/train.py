@@ -15,6 +15,7 @@ then the gradient is clipped by its global norm and AdamW steps with warmup + co
 
     out/model.safetensors, config.json, tokenizer.json    the best model so far (lowest validation CE)
     out/last/                                              the latest state, with the optimizer: resume
+                                                           (replaced as a whole: never half old, half new)
     out/run.json                                           the settings; a resume must match them
     out/metrics.jsonl                                      one JSON object per logged step and evaluation
 
@@ -193,7 +194,7 @@ def fit(out, model_config, tokenizer, train_examples, valid_examples, tcfg, *, t
     tokenizer.save(out)
 
     batches = BatchIterator(train_examples, tcfg.batch_size, pad_id=tokenizer.eos_id, seed=tcfg.seed, device=device)
-    if checkpoint.has_training_state(last):
+    if checkpoint.has_training_state(checkpoint.recover(last)):
         params, _ = checkpoint.load(last, dtype=tcfg.dtype, device=device)
         state = checkpoint.load_training_state(last, device=device)
         opt, step, best = state["optimizer"], state["step"], state["best"]
@@ -205,7 +206,7 @@ def fit(out, model_config, tokenizer, train_examples, valid_examples, tcfg, *, t
         log_file.unlink(missing_ok=True)
 
     def save_last():
-        checkpoint.save(last, params, model_config, training_state={
+        checkpoint.save_replacing(last, params, model_config, training_state={
             "optimizer": opt, "step": step, "best": best, "data": batches.state()})
 
     def evaluate_now():

@@ -1,0 +1,89 @@
+"""Every subcommand, end to end, in a tiny configuration (seconds, not minutes)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from minitodi import demo
+from minitodi.cli import main
+from minitodi.model import GPTConfig
+from minitodi.train import TrainConfig
+
+TINY = ["--preset", "tiny", "--steps", "6", "--batch-size", "8", "--eval-every", "3", "--vocab-size", "300",
+        "--seq-len", "48", "--max-new-tokens", "8", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    assert main(["train", "--out", str(root / "teacher"), *TINY]) == 0
+    assert main(["distill", "--teacher", str(root / "teacher"), "--loss", "todi", "--option", "beta=2",
+                 "--out", str(root / "student"), *TINY]) == 0
+    return root
+
+
+def test_train_and_distill_write_runs(runs):
+    for name in ("teacher", "student"):
+        assert (runs / name / "model.safetensors").is_file()
+        assert (runs / name / "tokenizer.json").is_file()
+        assert (runs / name / "metrics.jsonl").read_text().count("\n") >= 2
+    settings = json.loads((runs / "student" / "run.json").read_text())["train"]
+    assert settings["loss"] == "todi" and settings["loss_options"] == {"beta": 2.0}
+    assert settings["kd_rate"] == 0.5 and settings["temperature"] == 2.0
+
+
+def test_evaluate_prints_and_logs_every_metric(runs, capsys):
+    assert main(["evaluate", "--model", str(runs / "student"), "--teacher", str(runs / "teacher"),
+                 "--max-new-tokens", "8"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert {"rouge_l", "exact_match", "perplexity", "divergence"} <= set(printed)
+    assert printed["divergence"] > 0
+    logged = json.loads((runs / "student" / "eval.jsonl").read_text().splitlines()[-1])
+    assert logged["rouge_l"] == printed["rouge_l"]
+
+
+def test_generate_is_reproducible(runs, capsys):
+    args = ["generate", "--model", str(runs / "teacher"), "--instruction", "Name a fruit.",
+            "--temperature", "1.0", "--seed", "3", "--max-new-tokens", "6"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first
+
+
+def test_distill_from_a_missing_teacher_is_a_clear_error(tmp_path, capsys):
+    assert main(["distill", "--teacher", str(tmp_path / "nope"), "--out", str(tmp_path / "s"), *TINY]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_gradcheck_table_passes():
+    done = subprocess.run([sys.executable, "-m", "minitodi", "gradcheck", "--losses", "todi", "fkl"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "8/8 below 1e-06" in done.stdout  # fkl and three todi rows, T = 1 and 2
+
+
+def test_demo_writes_results_for_every_loss(tmp_path, monkeypatch, capsys):
+    tiny_model = GPTConfig(vocab_size=300, n_positions=56, n_embd=16, n_layer=1, n_head=2)
+    monkeypatch.setitem(demo.PRESETS, "quick", demo.DemoConfig(
+        n_train=240, n_valid=16, n_test=16, vocab_size=300, seq_len=48, teacher=tiny_model, student=tiny_model,
+        teacher_train=TrainConfig(steps=8, batch_size=8, eval_every=4),
+        student_train=TrainConfig(steps=4, batch_size=8, eval_every=2), seeds=(0, 1), max_new_tokens=8))
+    monkeypatch.setenv("MINITODI_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--losses", "all", "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["students"]) == {"sft", "fkl", "rkl", "todi", "jsd", "tvd", "sfkl", "srkl", "akl"}
+    for row in [results["teacher"], *results["students"].values()]:
+        assert {"rouge_l", "exact_match", "perplexity", "divergence"} <= set(row)
+    assert len(results["students"]["todi"]["seeds"]) == 2
+    assert results["students"]["todi"]["rouge_l_std"] is not None
+    assert "teacher" in capsys.readouterr().out
+    pytest.importorskip("matplotlib")
+    assert (out / "demo.png").stat().st_size > 10_000
+    # a second run reuses the cached teacher and the finished students
+    assert main(["demo", "--quick", "--losses", "all", "--out", str(out), "--quiet"]) == 0
+    assert "(cached)" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["students"] == results["students"]

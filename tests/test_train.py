@@ -1,0 +1,192 @@
+"""Training loops: the combined loss and its gradient, learning, exact resume, the teacher's tokenizer."""
+
+import json
+import signal
+
+import numpy as np
+import pytest
+
+from minitodi import checkpoint, data, layers, losses, optim, train
+from minitodi.gradcheck import directional_check
+from minitodi.model import GPTConfig, backward, forward, init_params
+from minitodi.tokenizer import Tokenizer
+from minitodi.train import Teacher, TrainConfig, fit, step_loss
+
+SEQ = 48
+
+
+@pytest.fixture(scope="module")
+def setup():
+    suite = data.synthetic_suite(seed=0, n_train=240, n_valid=16, n_test=16)
+    tok = Tokenizer.train([data.record_text(r) for r in suite["train"]], 300)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_positions=SEQ + 16, n_embd=16, n_layer=1, n_head=2)
+    ex = {k: data.instruction_examples(suite[k], tok, SEQ) for k in ("train", "valid", "test")}
+    return suite, tok, cfg, ex
+
+
+@pytest.fixture(scope="module")
+def teacher(setup, tmp_path_factory):
+    _, tok, cfg, ex = setup
+    out = tmp_path_factory.mktemp("teacher")
+    fit(out, cfg, tok, ex["train"], ex["valid"], TrainConfig(steps=30, batch_size=8, eval_every=15),
+        progress=False)
+    return Teacher.load(out, dtype="float64")
+
+
+def tiny(**overrides):
+    return TrainConfig(**{"steps": 12, "batch_size": 8, "eval_every": 4, "log_every": 2, **overrides})
+
+
+def test_sft_lowers_the_validation_loss_and_keeps_the_best(setup, tmp_path):
+    _, tok, cfg, ex = setup
+    summary = fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=40, eval_every=10), progress=False)
+    curve = [ce for _, ce in summary["valid_curve"]]
+    assert curve[-1] < curve[0] - 0.5
+    assert summary["best_valid_ce"] == min(curve)
+    best, _ = checkpoint.load(tmp_path)
+    assert train.validation_loss(best, cfg, ex["valid"], 64, "cpu") == pytest.approx(min(curve), rel=1e-6)
+    assert Tokenizer.load(tmp_path).fingerprint() == tok.fingerprint()
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == list(range(2, 41, 2))
+
+
+def test_distillation_step_is_the_weighted_sum_and_its_gradient_is_right(setup, teacher):
+    _, tok, cfg, ex = setup
+    params = init_params(cfg, seed=1, dtype=np.float64)
+    idx, labels = data.collate(ex["train"][:4], tok.eos_id)
+    tcfg = tiny(loss="fkl", kd_rate=0.3, temperature=2.0)
+    total, ce, kd, grads = step_loss(params, cfg, idx, labels, tcfg, teacher)
+    assert total == pytest.approx(0.7 * ce + 0.3 * kd, rel=1e-14)
+    mask = labels != data.IGNORE
+    assert kd == pytest.approx(losses.fkl(forward(params, idx, cfg)[0], teacher.logits(idx), mask,
+                                          temperature=2.0)[0], rel=1e-14)
+
+    def total_loss():
+        return step_loss(params, cfg, idx, labels, tcfg, teacher)[0]
+
+    analytic, numeric, err = directional_check(total_loss, params, grads, eps=1e-5)
+    assert err < 1e-6, (analytic, numeric)
+
+
+def test_distillation_gradient_counts_response_tokens_only(setup, teacher):
+    _, tok, cfg, ex = setup
+    params = init_params(cfg, seed=1, dtype=np.float64)
+    idx, labels = data.collate(ex["train"][:4], tok.eos_id)
+    logits, cache = forward(params, idx, cfg)
+    _, dkd = losses.todi(logits, teacher.logits(idx), labels != data.IGNORE, temperature=2.0)
+    assert np.all(dkd[labels == data.IGNORE] == 0)
+    _, ce_cache = layers.cross_entropy_forward(logits, labels)
+    expected = backward(0.5 * layers.cross_entropy_backward(1.0, ce_cache) + 0.5 * dkd, cache)
+    grads = step_loss(params, cfg, idx, labels, tiny(loss="todi"), teacher)[3]
+    for name in params:
+        np.testing.assert_allclose(grads[name], expected[name], rtol=1e-12, atol=1e-15)
+
+
+def _run_until(out, setup, tcfg, teacher, interrupt_at, monkeypatch):
+    """Run ``fit`` and press Ctrl-C (a real SIGINT) during step ``interrupt_at``."""
+    _, tok, cfg, ex = setup
+    calls = {"n": 0}
+    real = optim.clip_grad_norm
+
+    def clip_and_maybe_interrupt(grads, max_norm):
+        calls["n"] += 1
+        if calls["n"] == interrupt_at:
+            signal.raise_signal(signal.SIGINT)
+        return real(grads, max_norm)
+
+    monkeypatch.setattr(optim, "clip_grad_norm", clip_and_maybe_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fit(out, cfg, tok, ex["train"], ex["valid"], tcfg, teacher=teacher, progress=False)
+    monkeypatch.setattr(optim, "clip_grad_norm", real)
+
+
+@pytest.mark.parametrize("loss", ["sft", "todi"])
+def test_resume_after_ctrl_c_reproduces_the_uninterrupted_run(setup, teacher, tmp_path, monkeypatch, loss):
+    _, tok, cfg, ex = setup
+    t = None if loss == "sft" else Teacher(teacher.params, teacher.config, teacher.tokenizer)
+    tcfg = tiny(loss=loss, dtype="float64" if t is not None else "float32")
+    fit(tmp_path / "straight", cfg, tok, ex["train"], ex["valid"], tcfg, teacher=t, progress=False)
+    _run_until(tmp_path / "resumed", setup, tcfg, t, interrupt_at=7, monkeypatch=monkeypatch)
+    state = checkpoint.load_training_state(tmp_path / "resumed" / "last")
+    assert state["step"] == 7  # the step under way was finished, then saved
+    fit(tmp_path / "resumed", cfg, tok, ex["train"], ex["valid"], tcfg, teacher=t, progress=False)
+    for kind in ("", "last"):
+        a, _ = checkpoint.load(tmp_path / "straight" / kind)
+        b, _ = checkpoint.load(tmp_path / "resumed" / kind)
+        for name in a:
+            assert np.array_equal(a[name], b[name]), name
+    assert ((tmp_path / "straight" / "metrics.jsonl").read_text()
+            == (tmp_path / "resumed" / "metrics.jsonl").read_text())
+
+
+def test_resume_after_a_crash_restarts_from_the_last_evaluation(setup, tmp_path, monkeypatch):
+    _, tok, cfg, ex = setup
+    tcfg = tiny()
+    fit(tmp_path / "straight", cfg, tok, ex["train"], ex["valid"], tcfg, progress=False)
+    calls = {"n": 0}
+    real = optim.adamw_step
+
+    def crash(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise RuntimeError("power cut")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optim, "adamw_step", crash)
+    with pytest.raises(RuntimeError, match="power cut"):
+        fit(tmp_path / "crashed", cfg, tok, ex["train"], ex["valid"], tcfg, progress=False)
+    monkeypatch.setattr(optim, "adamw_step", real)
+    assert checkpoint.load_training_state(tmp_path / "crashed" / "last")["step"] == 4
+    fit(tmp_path / "crashed", cfg, tok, ex["train"], ex["valid"], tcfg, progress=False)
+    a, _ = checkpoint.load(tmp_path / "straight")
+    b, _ = checkpoint.load(tmp_path / "crashed")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert ((tmp_path / "straight" / "metrics.jsonl").read_text()
+            == (tmp_path / "crashed" / "metrics.jsonl").read_text())
+
+
+def test_an_interrupted_swap_of_the_last_state_is_recovered(setup, tmp_path):
+    _, tok, cfg, ex = setup
+    fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=4), progress=False)
+    last = tmp_path / "last"
+    last.rename(tmp_path / "last.old")  # as if killed between the two renames
+    (tmp_path / "last.new").mkdir()  # and a partial new one left behind
+    checkpoint.recover(last)
+    assert checkpoint.load_training_state(last)["step"] == 4
+    assert not (tmp_path / "last.old").exists() and not (tmp_path / "last.new").exists()
+
+
+def test_other_settings_in_the_same_directory_are_refused(setup, tmp_path):
+    _, tok, cfg, ex = setup
+    fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=4), progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=4, lr=1e-4), progress=False)
+
+
+def test_teacher_with_another_tokenizer_is_refused(setup, teacher, tmp_path):
+    suite, tok, cfg, ex = setup
+    other = Tokenizer.train([data.record_text(r) for r in suite["train"]], 290)
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        fit(tmp_path, cfg, other, ex["train"], ex["valid"], tiny(loss="fkl"), teacher=teacher, progress=False)
+    with pytest.raises(ValueError, match="teacher="):
+        fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(loss="fkl"), progress=False)
+
+
+def test_bad_settings_are_clear():
+    with pytest.raises(ValueError, match="unknown loss"):
+        TrainConfig(loss="kl")
+    with pytest.raises(ValueError, match="kd_rate"):
+        TrainConfig(kd_rate=1.5)
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
+
+
+def test_evaluate_reports_every_metric(setup, teacher):
+    suite, tok, cfg, ex = setup
+    result = train.evaluate(teacher.params, teacher.config, tok, suite["test"], ex["test"], teacher=teacher,
+                            max_new_tokens=8)
+    assert result["divergence"] == pytest.approx(0.0, abs=1e-12)  # a model against itself
+    assert 0 <= result["rouge_l"] <= 100 and 0 <= result["exact_match"] <= result["rouge_l"]
+    nll = train.validation_loss(teacher.params, teacher.config, ex["test"], 64, "cpu")
+    assert result["perplexity"] == pytest.approx(np.exp(nll), rel=1e-12)
+    assert set(result["per_task"]) == {r["task"] for r in suite["test"]}
