@@ -113,20 +113,41 @@ _GELU_A = 0.044715
 
 
 def gelu_forward(x):
-    """y = 0.5 x (1 + tanh(u)),  u = k (x + a x^3),  k = sqrt(2 / pi), a = 0.044715."""
+    """y = 0.5 x (1 + tanh(u)),  u = k (x + a x^3),  k = sqrt(2 / pi), a = 0.044715.
+
+    Computed in place on two temporaries (u is formed as k x (1 + a x^2)): GELU is the widest
+    elementwise layer of the model, so its passes over memory show in a training step.
+    """
     xp = array_module(x)
-    th = xp.tanh(_GELU_K * (x + _GELU_A * x * x * x))
-    return 0.5 * x * (1.0 + th), (x, th)
+    th = x * x
+    th *= _GELU_A
+    th += 1.0
+    th *= x
+    th *= _GELU_K
+    xp.tanh(th, out=th)  # tanh(u)
+    y = th + 1.0
+    y *= x
+    y *= 0.5
+    return y, (x, th)
 
 
 def gelu_backward(dy, cache):
     """forward was: y = 0.5 x (1 + tanh(u)), u = k (x + a x^3), so with d tanh(u) = 1 - tanh(u)^2,
 
-        dy/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh(u)^2) k (1 + 3 a x^2).
+        dy/dx = 0.5 (1 + tanh u + x (1 - tanh(u)^2) k (1 + 3 a x^2)).
     """
     x, th = cache
-    local = 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * _GELU_K * (1.0 + 3.0 * _GELU_A * x * x)
-    return dy * local
+    du = x * x
+    du *= 3.0 * _GELU_A * _GELU_K
+    du += _GELU_K  # du/dx = k (1 + 3 a x^2)
+    local = th * th
+    local -= 1.0
+    local *= du
+    local *= x  # -x (1 - tanh^2) du/dx
+    local -= th
+    local -= 1.0
+    local *= -0.5 * dy
+    return local
 
 
 # --------------------------------------------------------------------------------------------------
