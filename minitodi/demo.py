@@ -41,7 +41,7 @@ class DemoConfig:
     teacher: GPTConfig = GPTConfig(vocab_size=1024, n_positions=96, n_embd=128, n_layer=4, n_head=4)
     student: GPTConfig = GPTConfig(vocab_size=1024, n_positions=96, n_embd=64, n_layer=2, n_head=4)
     teacher_train: TrainConfig = TrainConfig(steps=1500, eval_every=250)
-    student_train: TrainConfig = TrainConfig(steps=1000, eval_every=250)
+    student_train: TrainConfig = TrainConfig(steps=800, eval_every=200)
     seeds: tuple = (0, 1, 2)
     max_new_tokens: int = 24
 
