@@ -4,9 +4,9 @@
     python benchmarks/bench_train_step.py --device gpu
 
 A step is forward, cross-entropy, backward, gradient clipping and AdamW. Both sides start from the same
-weights (minitodi's initialisation, copied into the PyTorch model) and see the same batch; each is
-warmed up, then the two are timed in alternation ``--repeat`` times (so both see the same machine
-load), and the median step time is reported with tokens per second.
+weights (minitodi's initialisation, copied into the PyTorch model) and see the same batch; the two take
+turns in blocks of warmed-up steps (see ``timed``), and the median step time is reported with tokens
+per second.
 
 The PyTorch model is written here in the usual way (nn.Linear layers, fused qkv, scaled_dot_product_attention
 with a causal mask, tanh GELU, tied head, torch.optim.AdamW with its default implementation); it runs
@@ -114,19 +114,25 @@ def model_to_host(x):
     return x.get() if hasattr(x, "get") else np.asarray(x)
 
 
-def timed(steps, warmup, repeat, sync=None):
-    """Median seconds per step of each callable, timed in alternation so that both see the same load."""
-    for step in steps:
-        for _ in range(warmup):
-            step()
+def timed(steps, warmup, repeat, sync=None, rounds=3):
+    """Median seconds per step of each callable.
+
+    The callables take turns in ``rounds`` blocks of ``repeat // rounds`` timed steps, each block after
+    ``warmup`` untimed ones: both sides see the same machine load over the run, while a block is long
+    enough that one library's idle worker threads (BLAS, OpenMP) have gone quiet before the other's
+    timed steps.
+    """
     times = [[] for _ in steps]
-    for _ in range(repeat):
+    for _ in range(rounds):
         for step, record in zip(steps, times):
-            start = time.perf_counter()
-            step()
-            if sync:
-                sync()
-            record.append(time.perf_counter() - start)
+            for _ in range(warmup):
+                step()
+            for _ in range(max(1, repeat // rounds)):
+                start = time.perf_counter()
+                step()
+                if sync:
+                    sync()
+                record.append(time.perf_counter() - start)
     return [statistics.median(record) for record in times]
 
 
