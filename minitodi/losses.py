@@ -49,6 +49,7 @@ from .backend import array_module, to_numpy
 from .gradcheck import check_array
 
 BLOCK_ELEMENTS = 1 << 20
+USE_FUSED = True  # on CuPy arrays, FKL, RKL and ToDi use the fused kernels of minitodi.fused
 
 
 class InfiniteDivergenceError(ValueError):
@@ -185,12 +186,16 @@ def _through_log_softmax(g, q):
     return g - q * g.sum(axis=-1, keepdims=True)
 
 
-def _reduce(kernel, name, student_logits, teacher_logits, mask, temperature, stopgrad_at=None):
+def _reduce(kernel, name, student_logits, teacher_logits, mask, temperature, stopgrad_at=None, fused=None):
     """Run ``kernel`` over blocks of counted positions and average.
 
     ``kernel(block, weights_block, sel)`` returns (D per row (n,), dD/dz (n, V), infinite rows (n,) bool),
     where ``weights_block`` is a :class:`_Block` built from ``stopgrad_at`` (or the block itself) and
     ``sel`` selects the block's rows of the inputs flattened to (positions, V).
+
+    ``fused``: for FKL, RKL and ToDi, the options of :func:`minitodi.fused.loss_and_grad`, which computes
+    the same numbers in a few fused passes on CuPy arrays (when :data:`USE_FUSED` is true and no logit is
+    -inf); None keeps this array path.
     """
     xp, s, t, mask, w = _check_inputs(student_logits, teacher_logits, mask, temperature, stopgrad_at)
     shape, V = s.shape, s.shape[-1]
@@ -199,6 +204,11 @@ def _reduce(kernel, name, student_logits, teacher_logits, mask, temperature, sto
     rows = None if mask is None or bool(mask.all()) else xp.flatnonzero(mask.reshape(-1))
     n = s2.shape[0] if rows is None else int(rows.size)
     has_neginf = float(s2.min()) == -math.inf or float(t2.min()) == -math.inf
+    if fused is not None and USE_FUSED and xp is not np and w is None and not has_neginf:
+        from .fused import loss_and_grad
+
+        loss, grad = loss_and_grad(name, s2, t2, rows, temperature, **fused)
+        return loss, grad.reshape(shape)
 
     grad = xp.zeros_like(s2)
     scale = 1.0 / (n * temperature)
@@ -244,7 +254,7 @@ def fkl(student_logits, teacher_logits, mask=None, *, temperature=1.0):
     def kernel(b, _, __):
         values = (b.p * (b.lp - b.lq)).sum(axis=-1)
         return values, b.q - b.p, b.fkl_infinite()
-    return _reduce(kernel, "fkl", student_logits, teacher_logits, mask, temperature)
+    return _reduce(kernel, "fkl", student_logits, teacher_logits, mask, temperature, fused={})
 
 
 def rkl(student_logits, teacher_logits, mask=None, *, temperature=1.0):
@@ -258,7 +268,7 @@ def rkl(student_logits, teacher_logits, mask=None, *, temperature=1.0):
         r = b.lq - b.lp
         values = (b.q * r).sum(axis=-1)
         return values, b.q * (r - values[:, None]), b.rkl_infinite()
-    return _reduce(kernel, "rkl", student_logits, teacher_logits, mask, temperature)
+    return _reduce(kernel, "rkl", student_logits, teacher_logits, mask, temperature, fused={})
 
 
 def todi(student_logits, teacher_logits, mask=None, *, temperature=1.0, beta=1.0, detach=True,
@@ -300,7 +310,8 @@ def todi(student_logits, teacher_logits, mask=None, *, temperature=1.0, beta=1.0
         if not detach:
             g -= beta * a * one_minus_a * (b.p + b.q) * d
         return values, _through_log_softmax(g, b.q), b.fkl_infinite() | b.rkl_infinite()
-    return _reduce(kernel, "todi", student_logits, teacher_logits, mask, temperature, stopgrad_at)
+    fused = {"beta": beta} if detach and weight is None else None
+    return _reduce(kernel, "todi", student_logits, teacher_logits, mask, temperature, stopgrad_at, fused)
 
 
 def _fixed_weight(weight, student_logits):

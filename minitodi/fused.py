@@ -1,0 +1,101 @@
+r"""Fused CuPy kernels for FKL, RKL and ToDi: value and gradient in five passes over the logits.
+
+The array path of :mod:`minitodi.losses` builds log p, log q, p, q, the terms and g as arrays, block by
+block; on a GPU each of those is a round trip through memory. Here, for logits flattened to (M, V):
+
+1. per row, max and log-sum-exp of s / T and of t / T            (2 reads of each logit array)
+2. per row, D = sum_v term_v and G = sum_v g_v                     (2 reads; nothing is stored)
+3. per entry, dloss/ds = (g_v - q_v G) * w_row                      (1 read, the one full-size write)
+
+with w_row = 1 / (N T) on counted rows and 0 elsewhere. Every per-entry quantity (log q, log p, q, p,
+ToDi's weight a, the term, g) is recomputed in registers from s and t where it is needed. The formulas
+are those of the docstrings in :mod:`minitodi.losses`; :func:`minitodi.losses._reduce` takes this path
+when the arrays are CuPy, no logit is -inf (0 * log 0 and infinite divergences stay with the array path),
+and ToDi's weight is the plain detached one.
+"""
+
+import functools
+
+# One entry's quantities from its two logits and its row's log-sum-exps (all of type T).
+_PREAMBLE = r"""
+template <typename T> struct Entry {
+    T lq, lp, q, p, a;
+    __device__ Entry(T s, T t, T lse_s, T lse_t, T inv_t, T beta) {
+        lq = s * inv_t - lse_s;
+        lp = t * inv_t - lse_t;
+        q = exp(lq);
+        p = exp(lp);
+        a = T(1) / (T(1) + exp(-beta * (lp - lq)));  // ToDi's weight, sigmoid(beta log(p / q))
+    }
+};
+"""
+
+# name: (per-token divergence, g_v = dD / d log q_v), written with an Entry<T> e
+TERMS = {
+    "fkl": ("e.p * (e.lp - e.lq)", "-e.p"),
+    "rkl": ("e.q * (e.lq - e.lp)", "e.q * (e.lq - e.lp + T(1))"),
+    "todi": ("(e.a * e.p - (T(1) - e.a) * e.q) * (e.lp - e.lq)",
+             "(T(1) - e.a) * e.q * (e.lq - e.lp + T(1)) - e.a * e.p"),
+}
+
+_ARGS = "T s, T t, T lse_s, T lse_t, T inv_t, T beta"
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(name):
+    import cupy
+
+    term, g = TERMS[name]
+    functions = _PREAMBLE + "".join(
+        f"template <typename T> __device__ T {name}_{part}({_ARGS}) {{\n"
+        f"    Entry<T> e(s, t, lse_s, lse_t, inv_t, beta);\n    return {expr};\n}}\n"
+        for part, expr in (("term", term), ("g", g)))
+    call = "(s, t, lse_s, lse_t, inv_t, beta)"
+    row_sum = {part: cupy.ReductionKernel(_ARGS, "T y", f"{name}_{part}{call}", "a + b", "y = a", "0",
+                                          f"minitodi_{name}_{part}_sum", preamble=functions)
+               for part in ("term", "g")}
+    grad = cupy.ElementwiseKernel(
+        _ARGS + ", T G, T w", "T dz",
+        f"Entry<T> e(s, t, lse_s, lse_t, inv_t, beta);\ndz = ({g} - e.q * G) * w;",
+        f"minitodi_{name}_grad", preamble=_PREAMBLE)
+    return row_sum["term"], row_sum["g"], grad
+
+
+@functools.lru_cache(maxsize=None)
+def _sumexp():
+    import cupy
+
+    return cupy.ReductionKernel("T x, T m, T inv_t", "T y", "exp((x - m) * inv_t)", "a + b", "y = a", "0",
+                                "minitodi_sumexp")
+
+
+def _log_sum_exp(x, inv_t):
+    """(M, 1) log-sum-exp of x * inv_t over each row."""
+    import cupy
+
+    m = x.max(axis=1, keepdims=True)
+    return m * inv_t + cupy.log(_sumexp()(x, m, inv_t, axis=1, keepdims=True))
+
+
+def loss_and_grad(name, s2, t2, rows, temperature, beta=1.0):
+    """Mean divergence over counted rows and its gradient, for CuPy logits (M, V) with no -inf.
+
+    ``rows``: indices of the counted rows, or None when all count.
+    """
+    import cupy
+
+    term_sum, g_sum, grad_kernel = _kernels(name)
+    dtype = s2.dtype
+    inv_t = cupy.asarray(1.0 / temperature, dtype=dtype)
+    b = cupy.asarray(beta, dtype=dtype)
+    lse_s, lse_t = _log_sum_exp(s2, inv_t), _log_sum_exp(t2, inv_t)
+    values = term_sum(s2, t2, lse_s, lse_t, inv_t, b, axis=1)  # (M,)
+    G = g_sum(s2, t2, lse_s, lse_t, inv_t, b, axis=1, keepdims=True)  # (M, 1)
+    counted = cupy.ones(s2.shape[0], dtype=dtype)
+    if rows is not None:
+        counted = cupy.zeros(s2.shape[0], dtype=dtype)
+        counted[rows] = 1
+    n = s2.shape[0] if rows is None else int(rows.size)
+    w = (counted * (1.0 / (n * temperature)))[:, None]
+    grad = grad_kernel(s2, t2, lse_s, lse_t, inv_t, b, G, w)
+    return float((values * counted).sum()) / n, grad
