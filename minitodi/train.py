@@ -120,16 +120,25 @@ def step_loss(params, config, idx, labels, tcfg, teacher=None):
     return total, ce, kd, backward(dlogits, cache)
 
 
-def validation_loss(params, config, examples, batch_size, device):
-    """Cross-entropy per counted token over ``examples`` (token-weighted, not batch-weighted)."""
-    total = count = 0.0
+def heldout_losses(params, config, examples, batch_size, device, teacher=None):
+    """Per counted token over ``examples`` (token-weighted, not batch-weighted): the cross-entropy, and
+    KL(teacher || model) at T = 1 when a teacher is given (else None). Padding is causal-safe: it
+    follows every counted token, so the pad id does not matter."""
+    nll = kl = count = 0.0
     for idx, labels in eval_batches(examples, batch_size, pad_id=0, device=device):
         logits, _ = forward(params, idx, config)
         ce, cache = layers.cross_entropy_forward(logits, labels)
         n = cache[3]
-        total += to_float(ce) * n
+        nll += to_float(ce) * n
+        if teacher is not None:
+            kl += losses.fkl(logits, teacher.logits(idx), labels != IGNORE, temperature=1.0)[0] * n
         count += n
-    return total / count
+    return nll / count, (None if teacher is None else kl / count)
+
+
+def validation_loss(params, config, examples, batch_size, device):
+    """Cross-entropy per counted token over ``examples``."""
+    return heldout_losses(params, config, examples, batch_size, device)[0]
 
 
 class _StopFlag:
@@ -238,7 +247,7 @@ def fit(out, model_config, tokenizer, train_examples, valid_examples, tcfg, *, t
                                          "grad_norm": norm})
             if step % tcfg.eval_every == 0 or step == tcfg.steps:
                 valid_ce = evaluate_now()
-            bar.update(tokens=int(idx.size), loss=total, valid=valid_ce)
+            bar.update(tokens=int(idx.size), loss=total, **({} if math.isnan(valid_ce) else {"valid": valid_ce}))
         if stop.set and step < tcfg.steps:
             save_last()
             print(f"\ninterrupted at step {step}/{tcfg.steps}; state saved in {last}. "
@@ -272,7 +281,7 @@ def evaluate(params, config, tokenizer, records, examples, *, teacher=None, max_
     Returns ``{"rouge_l", "exact_match", "perplexity", "divergence", "per_task", "samples"}``: ROUGE-L and
     exact match (x100, max over each record's references) of greedy completions; perplexity of the
     responses (teacher-forced); ``divergence`` = KL(teacher || model) per response token at T = 1 (None
-    without a teacher); ``per_task`` the first two per task family; ``samples`` a few completions.
+    without a teacher); ``per_task`` ROUGE-L and exact match per task family; ``samples`` a few completions.
     """
     room = config.n_positions - max_new_tokens
     prompts = [prompt_ids(tokenizer, r, room) for r in records]
@@ -286,18 +295,9 @@ def evaluate(params, config, tokenizer, records, examples, *, teacher=None, max_
         rows = [i for i, r in enumerate(records) if r["task"] == task]
         per_task[task] = {"rouge_l": float(np.mean([rouge[i] for i in rows])),
                           "exact_match": float(np.mean([exact[i] for i in rows]))}
-    nll = kl = count = 0.0
-    for idx, labels in eval_batches(examples, batch_size, pad_id=tokenizer.eos_id, device=device):
-        logits, _ = forward(params, idx, config)
-        ce, cache = layers.cross_entropy_forward(logits, labels)
-        n = cache[3]
-        nll += to_float(ce) * n
-        if teacher is not None:
-            kl += losses.fkl(logits, teacher.logits(idx), labels != IGNORE, temperature=1.0)[0] * n
-        count += n
+    nll, kl = heldout_losses(params, config, examples, batch_size, device, teacher)
     return {"rouge_l": float(np.mean(rouge)), "exact_match": float(np.mean(exact)),
-            "perplexity": metrics.perplexity(nll / count),
-            "divergence": None if teacher is None else kl / count,
+            "perplexity": metrics.perplexity(nll), "divergence": kl,
             "per_task": per_task,
             "samples": [{"prompt": format_prompt(r), "output": t, "references": r["references"]}
                         for r, t in list(zip(records, texts))[:5]]}
