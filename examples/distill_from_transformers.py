@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from minitodi import checkpoint, data  # noqa: E402
+from minitodi import checkpoint, data, demo  # noqa: E402
 from minitodi.losses import LOSSES  # noqa: E402
 from minitodi.model import GPTConfig, n_params  # noqa: E402
 from minitodi.tokenizer import Tokenizer  # noqa: E402
@@ -114,11 +114,7 @@ def distil(parser, args, teacher_dir, fast):
         test = dict(records=records["test"], examples=split["test"], max_new_tokens=12)
         rows = {"teacher": evaluate(teacher.params, teacher.config, tokenizer, **test),
                 args.loss: evaluate(params, config, tokenizer, teacher=teacher, **test)}
-        rows["teacher"]["divergence"] = 0.0
-        print(f"\n{'model':<8} {'ROUGE-L':>8} {'exact match':>12} {'perplexity':>11} {'KL(teacher||model)':>19}")
-        for name, r in rows.items():
-            print(f"{name:<8} {r['rouge_l']:>8.1f} {r['exact_match']:>12.1f} {r['perplexity']:>11.3f} "
-                  f"{r['divergence']:>19.4f}")
+        print("\n" + demo.table({"teacher": rows["teacher"], "students": {args.loss: rows[args.loss]}}))
         if args.out:
             print(f"student in {out} (the same transformers layout as the teacher)")
     return 0

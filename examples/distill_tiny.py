@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from minitodi import checkpoint, data  # noqa: E402
+from minitodi import checkpoint, data, demo  # noqa: E402
 from minitodi.losses import LOSSES  # noqa: E402
 from minitodi.model import GPTConfig  # noqa: E402
 from minitodi.tokenizer import Tokenizer  # noqa: E402
@@ -68,11 +68,7 @@ def main(argv=None):
 
         rows = {"teacher": evaluate(teacher.params, teacher.config, tokenizer, **test),
                 args.loss: evaluate(params, config, tokenizer, teacher=teacher, **test)}
-        rows["teacher"]["divergence"] = 0.0
-        print(f"\n{'model':<8} {'ROUGE-L':>8} {'exact match':>12} {'perplexity':>11} {'KL(teacher||model)':>19}")
-        for name, r in rows.items():
-            print(f"{name:<8} {r['rouge_l']:>8.1f} {r['exact_match']:>12.1f} {r['perplexity']:>11.3f} "
-                  f"{r['divergence']:>19.4f}")
+        print("\n" + demo.table({"teacher": rows["teacher"], "students": {args.loss: rows[args.loss]}}))
         sample = rows[args.loss]["samples"][0]
         question = " / ".join(line for line in sample["prompt"].splitlines() if line and not line.startswith("###"))
         print(f"\nexample: {question!r} -> {sample['output']!r} "

@@ -141,10 +141,12 @@ def run(out, *, preset="full", loss_names=DEFAULT_LOSSES, seeds=None, device="cp
 
 
 def table(results):
-    """The results as a text table: one row per model, mean +- spread over seeds."""
+    """The results as a text table: one row per model, mean +- spread over seeds (when there is one)."""
     lines = [f"{'model':<9} {'ROUGE-L':>15} {'exact match':>15} {'perplexity':>15} {'KL(teacher||model)':>19}"]
 
     def cell(row, metric, digits):
+        if row.get(metric) is None:
+            return "-"
         std = row.get(metric + "_std")
         text = f"{row[metric]:.{digits}f}"
         return text + (f" ± {std:.{digits}f}" if std is not None else "")
