@@ -8,6 +8,10 @@ its inputs, notes its peak resident memory (CPU) or allocator peak (GPU), runs t
 once to warm up and ``--repeat`` times more, and reports the best wall time and the peak extra
 memory over the inputs. Throughput counts the two logit arrays read: 2 * positions * V * itemsize.
 
+On a GPU (``--device gpu``) the script also times the fused CuPy kernels of ``minitodi.fused`` (FKL,
+RKL, ToDi) against the plain CuPy array path and reports their achieved memory bandwidth against the
+GPU's peak.
+
 The PyTorch side (run only when torch is installed) writes each loss the way the official ToDi code
 does: full (positions, V) tensors for the softmaxes, log-softmaxes, weights and terms, kept for
 autograd, then ``loss.backward()``.
@@ -77,10 +81,11 @@ def child(args):
     s = rng.standard_normal((args.positions, args.vocab), dtype=np.float32)
     t = rng.standard_normal((args.positions, args.vocab), dtype=np.float32)
     gpu = args.device == "gpu"
-    if args.impl == "minitodi":
-        from minitodi import backend
+    if args.impl in ("minitodi", "minitodi-plain"):
+        from minitodi import backend, losses
         from minitodi.losses import LOSSES
 
+        losses.USE_FUSED = args.impl == "minitodi"  # plain: the blocked array path, also on CuPy
         xp = backend.get_xp(args.device)
         s, t = xp.asarray(s), xp.asarray(t)
 
@@ -98,7 +103,7 @@ def child(args):
             return x.grad
 
     sync = lambda: None  # noqa: E731
-    if gpu and args.impl == "minitodi":
+    if gpu and args.impl != "torch":
         import cupy
 
         sync = cupy.cuda.Device().synchronize
@@ -171,6 +176,39 @@ def main():
             line += (f" {ref['seconds']:>8.3f} {ref['peak_mb']:>8.0f} "
                      f"{ours['seconds'] / ref['seconds']:>7.2f} {ours['peak_mb'] / ref['peak_mb']:>6.2f}")
         print(line, flush=True)
+    if args.device == "gpu":
+        fused_report(args)
+
+
+def gpu_peak_gbps():
+    """Theoretical memory bandwidth of GPU 0 from its memory clock and bus width (None if not reported)."""
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(0)
+    clock_khz, bus_bits = props.get("memoryClockRate"), props.get("memoryBusWidth")
+    if not clock_khz or not bus_bits:
+        return None
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9  # double data rate
+
+
+def fused_report(args):
+    """The fused CuPy kernels against the plain CuPy path, and their achieved bandwidth.
+
+    The fused path reads each logit array 5 times (max, sum-exp, divergence, sum of g, gradient) and
+    writes the gradient once: 11 arrays of positions x V float32 cross the memory bus.
+    """
+    peak = gpu_peak_gbps()
+    print(f"\nfused CuPy kernels vs the plain CuPy path; GPU peak memory bandwidth "
+          f"{'unknown' if peak is None else f'{peak:.0f} GB/s'}")
+    print(f"{'loss':<6} {'fused s':>9} {'plain s':>9} {'speed-up':>9} {'achieved GB/s':>14} {'of peak':>8}")
+    traffic = 11 * args.positions * args.vocab * 4
+    for loss in [name for name in ("fkl", "rkl", "todi") if name in args.losses]:
+        fused = measure(args, "minitodi", loss)
+        plain = measure(args, "minitodi-plain", loss)
+        achieved = traffic / fused["seconds"] / 1e9
+        share = "" if peak is None else f"{achieved / peak:>8.0%}"
+        print(f"{loss:<6} {fused['seconds']:>9.4f} {plain['seconds']:>9.4f} "
+              f"{plain['seconds'] / fused['seconds']:>8.1f}x {achieved:>14.0f} {share}", flush=True)
 
 
 if __name__ == "__main__":
