@@ -50,7 +50,7 @@ def test_training_is_deterministic_across_processes_and_thread_counts(tmp_path, 
     tok.save(tmp_path / "here")
     script = (
         "import sys; from minitodi.tokenizer import Tokenizer; "
-        f"from tests.test_tokenizer import TEXTS; Tokenizer.train(TEXTS, 300).save(sys.argv[1])"
+        "from tests.test_tokenizer import TEXTS; Tokenizer.train(TEXTS, 300).save(sys.argv[1])"
     )
     env = dict(os.environ, RAYON_NUM_THREADS="1", PYTHONHASHSEED="123")
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "there")], check=True, env=env,
