@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint, layers, losses, metrics, optim
-from .backend import to_float
-from .data import IGNORE, BatchIterator, eval_batches, format_prompt
+from .backend import array_module, to_float, to_numpy
+from .data import IGNORE, BatchIterator, collate, eval_batches, format_prompt
 from .generate import generate
 from .model import backward, forward, init_params
 from .progress import Progress
@@ -79,10 +79,24 @@ class TrainConfig:
 
 
 class Teacher:
-    """A frozen model whose logits distillation matches; its tokenizer must be the student's."""
+    """A frozen model whose logits distillation matches; its tokenizer must be the student's.
+
+    **Cached logits.** The teacher never changes, so its logits for a training example are the same at
+    every epoch and for every student. :meth:`precompute` runs it once over the distinct training
+    examples (in a fixed order and batch size, so every process gets the same numbers, which keeps
+    resume exact) and keeps the logits at their counted positions only: for instruction data that
+    is a few response tokens per example. :meth:`batch_logits` then assembles a batch's teacher logits
+    from that cache instead of a forward pass (zeros at uncounted positions, which no loss reads).
+    Causal attention makes an example's logits independent of the padding that follows it in a batch,
+    so the cache holds what a forward pass would give, up to float rounding.
+    """
+
+    CACHE_BYTES = 1 << 30  # keep no cache larger than this (language-modelling data counts every token)
+    CACHE_BATCH = 64
 
     def __init__(self, params, config, tokenizer):
         self.params, self.config, self.tokenizer = params, config, tokenizer
+        self._cache = {}  # example ids (int64 bytes) -> logits at its counted positions (n, V)
 
     @classmethod
     def load(cls, directory, *, dtype="float32", device="cpu"):
@@ -91,6 +105,48 @@ class Teacher:
 
     def logits(self, idx):
         return forward(self.params, idx, self.config)[0]
+
+    def precompute(self, examples, device="cpu"):
+        """Cache the logits at counted positions of every distinct example; False if it would not fit."""
+        unique = {}
+        for x, y in examples:
+            unique.setdefault(np.asarray(x, dtype=np.int64).tobytes(), (x, y))
+        if unique.keys() <= self._cache.keys():
+            return True
+        counted = sum(sum(label != IGNORE for label in y) for x, y in unique.values())
+        itemsize = next(iter(self.params.values())).dtype.itemsize
+        if counted * self.config.vocab_size * itemsize > self.CACHE_BYTES:
+            return False
+        self._cache = {}
+        items = list(unique.items())
+        for start in range(0, len(items), self.CACHE_BATCH):
+            chunk = items[start:start + self.CACHE_BATCH]
+            idx, labels = collate([example for _, example in chunk], pad_id=0, device=device)
+            logits = self.logits(idx)
+            for b, (key, _) in enumerate(chunk):
+                self._cache[key] = logits[b][labels[b] != IGNORE]  # (n_b, V), a copy
+        return True
+
+    def batch_logits(self, idx, labels):
+        """The teacher's logits for a training batch: from the cache when every row is in it (values at
+        counted positions, zeros elsewhere), else a forward pass."""
+        if not self._cache:
+            return self.logits(idx)
+        host_idx, host_counted = to_numpy(idx), to_numpy(labels) != IGNORE
+        rows = []
+        for b in range(host_idx.shape[0]):
+            positions = np.flatnonzero(host_counted[b])
+            if positions.size == 0:
+                return self.logits(idx)
+            length = int(positions[-1]) + 1  # an example ends with a counted token (its eos)
+            cached = self._cache.get(host_idx[b, :length].tobytes())
+            if cached is None:
+                return self.logits(idx)
+            rows.append(cached)
+        xp = array_module(idx)
+        out = xp.zeros((*host_idx.shape, self.config.vocab_size), dtype=rows[0].dtype)
+        out[labels != IGNORE] = xp.concatenate(rows)  # row-major order: row by row, position by position
+        return out
 
 
 def require_same_tokenizer(teacher, tokenizer):
@@ -112,8 +168,8 @@ def step_loss(params, config, idx, labels, tcfg, teacher=None):
     if teacher is None or tcfg.loss == SFT:
         return ce, ce, None, backward(layers.cross_entropy_backward(1.0, ce_cache), cache)
     mask = labels != IGNORE
-    kd, dkd = losses.LOSSES[tcfg.loss](logits, teacher.logits(idx), mask, temperature=tcfg.temperature,
-                                       **tcfg.loss_options)
+    kd, dkd = losses.LOSSES[tcfg.loss](logits, teacher.batch_logits(idx, labels), mask,
+                                       temperature=tcfg.temperature, **tcfg.loss_options)
     dlogits = layers.cross_entropy_backward(1.0 - tcfg.kd_rate, ce_cache)
     dlogits += tcfg.kd_rate * dkd
     total = (1.0 - tcfg.kd_rate) * ce + tcfg.kd_rate * kd
@@ -190,6 +246,7 @@ def fit(out, model_config, tokenizer, train_examples, valid_examples, tcfg, *, t
         require_same_tokenizer(teacher, tokenizer)
         if teacher.config.vocab_size != model_config.vocab_size:
             raise ValueError(f"teacher vocabulary {teacher.config.vocab_size} != student {model_config.vocab_size}")
+        teacher.precompute(train_examples, device)
     if model_config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"model vocabulary {model_config.vocab_size} < tokenizer's {tokenizer.vocab_size}")
     run = {"train": asdict(tcfg), "model": model_config.to_dict(), "tokenizer": tokenizer.fingerprint(),

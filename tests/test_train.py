@@ -190,3 +190,19 @@ def test_evaluate_reports_every_metric(setup, teacher):
     nll = train.validation_loss(teacher.params, teacher.config, ex["test"], 64, "cpu")
     assert result["perplexity"] == pytest.approx(np.exp(nll), rel=1e-12)
     assert set(result["per_task"]) == {r["task"] for r in suite["test"]}
+
+
+def test_cached_teacher_logits_equal_a_forward_pass_where_they_count(setup, teacher, monkeypatch):
+    _, tok, cfg, ex = setup
+    cached = Teacher(teacher.params, teacher.config, teacher.tokenizer)
+    assert cached.precompute(ex["train"])
+    idx, labels = data.collate(ex["train"][5:13], tok.eos_id)
+    counted = labels != data.IGNORE
+    fresh = teacher.logits(idx)
+    got = cached.batch_logits(idx, labels)
+    np.testing.assert_allclose(got[counted], fresh[counted], rtol=1e-12, atol=1e-12)
+    assert np.all(got[~counted] == 0)
+    unseen, unseen_labels = data.collate(ex["valid"][:3], tok.eos_id)  # not cached: a forward pass
+    assert np.array_equal(cached.batch_logits(unseen, unseen_labels), teacher.logits(unseen))
+    monkeypatch.setattr(Teacher, "CACHE_BYTES", 1)  # too big to cache: precompute declines
+    assert not Teacher(teacher.params, teacher.config, teacher.tokenizer).precompute(ex["train"])
