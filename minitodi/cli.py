@@ -71,16 +71,16 @@ def _parse_options(pairs):
     """``["beta=2", "detach=false"]`` -> ``{"beta": 2.0, "detach": False}``."""
     options = {}
     for pair in pairs or []:
-        key, sep, value = pair.partition("=")
+        key, sep, value = (part.strip() for part in pair.partition("="))
         if not sep:
             raise SystemExit(f"--option expects NAME=VALUE, got {pair!r}")
-        lowered = value.strip().lower()
-        options[key.strip()] = {"true": True, "false": False}.get(lowered, None)
-        if options[key.strip()] is None:
-            try:
-                options[key.strip()] = float(value)
-            except ValueError:
-                raise SystemExit(f"--option {key}: {value!r} is not a number or true/false") from None
+        if value.lower() in ("true", "false"):
+            options[key] = value.lower() == "true"
+            continue
+        try:
+            options[key] = float(value)
+        except ValueError:
+            raise SystemExit(f"--option {key}: {value!r} is not a number or true/false") from None
     return options
 
 

@@ -231,6 +231,12 @@ def test_corrupt_config_json(saved):
 MISMATCH = f"{MODEL_FILE} does not match .*{CONFIG_FILE}: "
 
 
+def _edit_config(directory, field, value):
+    hf = json.loads((directory / CONFIG_FILE).read_text())
+    hf[field] = value
+    (directory / CONFIG_FILE).write_text(json.dumps(hf))
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("n_embd", 32, MISMATCH + r"parameter transformer.wte.weight has shape \(37, 16\), the config says \(37, 32\)"),
     ("vocab_size", 40, MISMATCH + r"parameter transformer.wte.weight has shape \(37, 16\), the config says \(40, 16\)"),
@@ -239,12 +245,9 @@ MISMATCH = f"{MODEL_FILE} does not match .*{CONFIG_FILE}: "
     ("n_layer", 1, f"{MODEL_FILE}: unexpected tensor 'transformer.h.1."),  # a tensor no layer of the config has
 ])
 def test_config_disagreeing_with_tensors(saved, field, value, message):
-    directory = saved[0]
-    hf = json.loads((directory / CONFIG_FILE).read_text())
-    hf[field] = value
-    (directory / CONFIG_FILE).write_text(json.dumps(hf))
+    _edit_config(saved[0], field, value)
     with pytest.raises(ValueError, match=message):
-        checkpoint.load(directory)
+        checkpoint.load(saved[0])
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -254,12 +257,9 @@ def test_config_disagreeing_with_tensors(saved, field, value, message):
     ("model_type", "llama", "model_type"),
 ])
 def test_unsupported_config(saved, field, value, message):
-    directory = saved[0]
-    hf = json.loads((directory / CONFIG_FILE).read_text())
-    hf[field] = value
-    (directory / CONFIG_FILE).write_text(json.dumps(hf))
+    _edit_config(saved[0], field, value)
     with pytest.raises(ValueError, match=message):
-        checkpoint.load(directory)
+        checkpoint.load(saved[0])
 
 
 def test_save_refuses_bad_params(tmp_path):
