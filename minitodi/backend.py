@@ -105,3 +105,14 @@ def to_float(x) -> float:
 def host_rng(seed: int) -> np.random.Generator:
     """NumPy's generator: weights are drawn on the host, then moved, so both backends agree."""
     return np.random.default_rng(seed)
+
+
+def log_softmax(x, axis=-1):
+    """log softmax(x) along ``axis``, shifted by the row maximum so that exp never overflows.
+
+    Entries at -inf give -inf (probability 0); a row with no finite entry gives NaN: callers that
+    accept -inf check for such rows themselves. The one log-softmax of the package.
+    """
+    xp = array_module(x)
+    shifted = x - x.max(axis=axis, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
