@@ -1,37 +1,56 @@
-"""Evaluation numbers: ROUGE-L, exact match (validity), perplexity, mean and spread over seeds.
+"""Evaluation numbers as the ToDi paper computes them: ROUGE-L, exact match, perplexity; statistics over seeds.
 
 Pure Python and NumPy: generated text is scored on the host.
 
-**Normalization** (the default tokenizer of Google's ``rouge_score``, without a stemmer): lowercase,
-turn every run of characters outside ``[a-z0-9]`` into a space, split on whitespace. Only ASCII letters
-and digits survive, as in ``rouge_score``; so "Banana!" and "banana" are the same token list.
+**ROUGE-L** is the official evaluation's (``rouge_metric.py`` of the ToDi and MiniLLM repositories):
+Google's ``rouge_score`` with ``RougeScorer(['rougeL'], use_stemmer=True)``, F-measure, max over the
+references, x100. Its tokens: lowercase, every run of characters outside ``[a-z0-9]`` -> a space, split,
+then NLTK's Porter stemmer on tokens longer than 3 characters ("cats" -> "cat", "running" -> "run").
+The tokens come from ``rouge_score`` itself (a dependency): NLTK's stemmer is the original algorithm plus
+NLTK's own extensions and exceptions, and only that code reproduces the paper's numbers to the last digit.
+The rest is written here: with L the length of the longest common subsequence of an m-token prediction
+and an n-token reference, P = L/m, R = L/n, F = 2PR/(P+R) (0 when L = 0 or either side has no token).
 
-**ROUGE-L** between a prediction with m tokens and a reference with n tokens, with L the length of their
-longest common subsequence (tokens in the same order, not necessarily adjacent):
-P = L/m, R = L/n, F = 2PR/(P+R) (0 when L = 0). With several references the score is the maximum of F
-over them (the protocol of the ToDi and MiniLLM evaluations), reported x100.
+**Exact match** is the official ``normalize_answer``: lowercase, delete every character of
+``string.punctuation``, collapse whitespace; 100 when the prediction equals some reference, else 0.
+So "e-mail" equals "email", and "It's" equals "its".
 
-**Exact match** is 100 when the normalized prediction equals a normalized reference, else 0, on the
-same 0-100 scale as ROUGE-L so the mean over examples is a percentage. On the synthetic suite, whose
-references list every acceptable answer, this is the validity rate.
+**Over seeds**: the mean, its standard error s/sqrt(n), and Student-t 95% intervals for paired differences
+(students of one training seed share init and data order, so todi - fkl is taken seed by seed).
 """
 
+import functools
 import math
-import re
+import string
 
 import numpy as np
 
-_NON_ALNUM = re.compile(r"[^a-z0-9]+")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
-def normalize_tokens(text: str) -> list[str]:
-    """The tokens ROUGE-L compares: lowercase, non-[a-z0-9] runs -> space, split."""
+@functools.lru_cache(maxsize=1)
+def _rouge_tokenizer():
+    from rouge_score.tokenizers import DefaultTokenizer  # imports NLTK (~1 s): only when text is scored
+
+    return DefaultTokenizer(use_stemmer=True)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def rouge_tokens(text: str) -> tuple:
+    """The tokens ROUGE-L compares: rouge_score's default tokenizer with the Porter stemmer."""
     if not isinstance(text, str):
         raise TypeError(f"expected str, got {type(text).__name__}")
-    return _NON_ALNUM.sub(" ", text.lower()).split()
+    return tuple(_rouge_tokenizer().tokenize(text))
 
 
-def lcs_length(a: list, b: list) -> int:
+def normalize_answer(text: str) -> str:
+    """The official exact-match normalization: lowercase, drop string.punctuation, collapse whitespace."""
+    if not isinstance(text, str):
+        raise TypeError(f"expected str, got {type(text).__name__}")
+    return " ".join(text.lower().translate(_PUNCTUATION).split())
+
+
+def lcs_length(a, b) -> int:
     """Length of the longest common subsequence of two sequences (O(len(a) * len(b)) time, O(len(b)) memory).
 
     Row i of the dynamic program holds L(a[:i], b[:j]) for every j:
@@ -46,10 +65,8 @@ def lcs_length(a: list, b: list) -> int:
     return prev[-1]
 
 
-def _references(references) -> list[str]:
-    if isinstance(references, str):
-        return [references]
-    references = list(references)
+def _references(references) -> list:
+    references = [references] if isinstance(references, str) else list(references)
     if not references:
         raise ValueError("at least one reference is needed")
     return references
@@ -57,10 +74,10 @@ def _references(references) -> list[str]:
 
 def rouge_l(prediction: str, references) -> float:
     """ROUGE-L F-measure x100 of ``prediction`` against ``references`` (a str or a list of str), max over them."""
-    pred = normalize_tokens(prediction)
+    pred = rouge_tokens(prediction)
     best = 0.0
     for ref in _references(references):
-        ref = normalize_tokens(ref)
+        ref = rouge_tokens(ref)
         common = lcs_length(pred, ref)
         if common:
             precision, recall = common / len(pred), common / len(ref)
@@ -70,8 +87,8 @@ def rouge_l(prediction: str, references) -> float:
 
 def exact_match(prediction: str, references) -> float:
     """100.0 if the normalized prediction equals some normalized reference, else 0.0."""
-    pred = normalize_tokens(prediction)
-    return 100.0 if any(pred == normalize_tokens(ref) for ref in _references(references)) else 0.0
+    pred = normalize_answer(prediction)
+    return 100.0 if any(pred == normalize_answer(ref) for ref in _references(references)) else 0.0
 
 
 def perplexity(mean_nll: float) -> float:
@@ -82,13 +99,62 @@ def perplexity(mean_nll: float) -> float:
     return math.exp(mean_nll) if mean_nll < 709.0 else math.inf
 
 
-def mean_and_spread(values) -> tuple[float, float, int]:
-    """(mean, sample standard deviation with n-1 in the denominator, n) of per-seed results.
-
-    The standard deviation is NaN for a single value (a spread needs two seeds).
-    """
+def _flat(values, what):
     values = np.asarray(list(values), dtype=np.float64)
     if values.ndim != 1 or values.size == 0:
-        raise ValueError("mean_and_spread needs a non-empty flat list of numbers")
-    std = float(values.std(ddof=1)) if values.size > 1 else math.nan
-    return float(values.mean()), std, int(values.size)
+        raise ValueError(f"{what} needs a non-empty flat list of numbers")
+    return values
+
+
+def mean_se(values) -> tuple[float, float, int]:
+    """(mean, standard error s / sqrt(n) with s the n-1 sample deviation, n); the error is NaN for n = 1."""
+    values = _flat(values, "mean_se")
+    se = float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else math.nan
+    return float(values.mean()), se, int(values.size)
+
+
+def t_quantile(df: int, p: float = 0.975) -> float:
+    """The p-quantile (p in (0.5, 1)) of Student's t with ``df`` degrees of freedom, by bisection on its CDF.
+
+    With theta = atan(t / sqrt(df)), P(|T| < t) has a finite closed form (Abramowitz & Stegun 26.7.3-4):
+    df odd:  (2/pi) (theta + sin(theta) sum_{k=0}^{(df-3)/2} c_k cos(theta)^(2k+1)),
+             c_0 = 1, c_k = c_{k-1} (2k) / (2k+1);
+    df even: sin(theta) sum_{k=0}^{(df-2)/2} c_k cos(theta)^(2k), c_0 = 1, c_k = c_{k-1} (2k-1) / (2k).
+    """
+    if int(df) != df or df < 1 or not 0.5 < p < 1:
+        raise ValueError(f"t_quantile needs an integer df >= 1 and p in (0.5, 1), got df={df}, p={p}")
+
+    def two_sided(t):  # P(|T| < t)
+        theta = math.atan(t / math.sqrt(df))
+        c, odd = math.cos(theta), df % 2 == 1
+        term = c if odd else 1.0
+        total = term if df > 1 else 0.0
+        for k in range(1, (df - 1) // 2 if odd else df // 2):
+            term *= c * c * ((2 * k) / (2 * k + 1) if odd else (2 * k - 1) / (2 * k))
+            total += term
+        return 2 / math.pi * (theta + math.sin(theta) * total) if odd else math.sin(theta) * total
+
+    lo, hi = 0.0, 1.0
+    while two_sided(hi) < 2 * p - 1:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if two_sided(mid) < 2 * p - 1 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_difference(a, b) -> dict:
+    """Mean of a_i - b_i over paired seeds with its Student-t 95% interval (None for a single pair)."""
+    a, b = _flat(a, "paired_difference"), _flat(b, "paired_difference")
+    if a.shape != b.shape:
+        raise ValueError(f"paired_difference needs as many values on each side, got {a.size} and {b.size}")
+    mean, se, n = mean_se(a - b)
+    half = t_quantile(n - 1) * se if n > 1 else None
+    return {"mean": mean, "ci95": None if half is None else [mean - half, mean + half], "n": n,
+            "per_seed": (a - b).tolist()}
+
+
+def mean_and_spread(values) -> tuple[float, float, int]:
+    """(mean, sample standard deviation with n-1 in the denominator, n); the deviation is NaN for n = 1."""
+    mean, se, n = mean_se(values)
+    return mean, se * math.sqrt(n), n
