@@ -175,9 +175,11 @@ def cmd_generate(args):
     from . import checkpoint
     from .backend import resolve_device
     from .data import format_prompt
-    from .generate import generate
+    from .generate import check_settings, generate
     from .tokenizer import Tokenizer
 
+    check_settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, samples=args.samples)
     params, config = checkpoint.load(args.model, device=resolve_device(args.device))
     tokenizer = Tokenizer.load(args.model)
     if args.instruction is not None:
@@ -186,7 +188,7 @@ def cmd_generate(args):
         text = args.prompt
     else:
         raise SystemExit("generate needs --instruction (and optionally --input) or --prompt")
-    ids = tokenizer.encode(text)[-(config.n_positions - 1):]
+    ids = tokenizer.encode(text)  # generate cuts a long prompt from the left and says so
     for n in range(args.samples):
         out = generate(params, config, [ids], max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed + n)[0]

@@ -1,15 +1,25 @@
-"""Text generation with a KV cache: greedy decoding and sampling (temperature, top-k, top-p).
+"""Text generation with a KV cache: greedy decoding and sampling (temperature, top-k, top-p, no-repeat n-grams).
 
 Decoding runs the prompt through the model once, keeps every layer's keys and values (the cache's
 ``present``), then feeds one new token at a time, so step n costs O(n) attention instead of re-running
 the whole prefix. Prompts of equal length are decoded together as one batch (no padding, so a batched
 result is exactly the single-prompt result); a row stops at the end-of-text token, which is not returned.
 
+The next token follows transformers' ``generate``: first ``no_repeat_ngram_size`` = n bans (logit -inf)
+every token that would complete an n-gram already present in prompt + text so far (the tokens that
+followed an earlier occurrence of the last n-1 tokens); then greedy decoding takes the argmax, or sampling
+draws from softmax(logits / temperature) restricted to the ``top_k`` most likely tokens (0 or None: all)
+and then to the smallest set whose mass reaches ``top_p`` (1 or None: all). The paper's evaluation samples
+at temperature 1, top_k 0, top_p 1, no_repeat_ngram_size 6. A row with every token banned (possible only
+when its text is longer than the vocabulary) gets token 0, as transformers' argmax does.
+
 Sampling draws on the host with NumPy's generator (``seed``): the same seed gives the same text on
-NumPy and CuPy. The next-token distribution is softmax(logits / temperature), restricted to the
-``top_k`` most likely tokens and then to the smallest set whose mass reaches ``top_p``.
+NumPy and CuPy.
 """
 
+import math
+import numbers
+import sys
 from collections import defaultdict
 
 import numpy as np
@@ -18,19 +28,33 @@ from .backend import array_module, to_numpy
 from .model import forward
 
 
-def next_token(logits, rng=None, *, temperature=0.0, top_k=None, top_p=None):
-    """Token ids (B,) chosen from host logits (B, V): argmax when ``temperature`` is 0, else a sample."""
-    logits = np.asarray(logits, dtype=np.float64)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+def check_settings(*, max_new_tokens=1, temperature=0.0, top_k=None, top_p=None, no_repeat_ngram_size=0,
+                   samples=1, batch_size=1):
+    """Raise ValueError, naming the setting, unless every decoding number is usable."""
+    for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("samples", samples, 1),
+                             ("batch_size", batch_size, 1), ("no_repeat_ngram_size", no_repeat_ngram_size, 0),
+                             ("top_k", 0 if top_k is None else top_k, 0)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if top_p is not None and not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def next_token(logits, rng=None, *, temperature=0.0, top_k=None, top_p=None, banned=None):
+    """Token ids (B,) chosen from host logits (B, V): argmax when ``temperature`` is 0, else a sample.
+
+    ``banned``: per row, token ids whose logit becomes -inf first (the no-repeat n-gram rule).
+    """
+    check_settings(temperature=temperature, top_k=top_k, top_p=top_p)
+    z = np.array(logits, dtype=np.float64)
+    for b, tokens in enumerate(banned or ()):
+        z[b, list(tokens)] = -np.inf
     if temperature == 0.0:
-        return logits.argmax(axis=-1)
-    z = logits / temperature
-    if top_k is not None and top_k < z.shape[-1]:
+        return z.argmax(axis=-1)
+    z /= temperature
+    if top_k and top_k < z.shape[-1]:
         kth = np.partition(z, -top_k, axis=-1)[:, -top_k][:, None]
         z = np.where(z < kth, -np.inf, z)
     probs = np.exp(z - z.max(axis=-1, keepdims=True))
@@ -47,17 +71,40 @@ def next_token(logits, rng=None, *, temperature=0.0, top_k=None, top_p=None):
     return np.minimum((np.cumsum(probs, axis=-1) < u).sum(axis=-1), probs.shape[-1] - 1)
 
 
-def _decode_batch(params, config, prompts, max_new_tokens, eos_id, rng, sampling):
+class _NGrams:
+    """Every n-gram of one row's text, as (its first n-1 tokens) -> {tokens that followed them}."""
+
+    def __init__(self, tokens, n):
+        self.n, self.text, self.followers = n, [], defaultdict(set)
+        for token in tokens:
+            self.append(token)
+
+    def append(self, token):
+        self.text.append(token)
+        if len(self.text) >= self.n:
+            self.followers[tuple(self.text[len(self.text) - self.n:-1])].add(token)
+
+    def banned(self):
+        """The tokens that would complete an n-gram already present: the followers of the last n-1 tokens."""
+        return self.followers.get(tuple(self.text[len(self.text) - self.n + 1:]), ())
+
+
+def _decode_batch(params, config, prompts, max_new_tokens, eos_id, rng, sampling, ngram_size):
+    """New tokens per row and whether each row ran out of context before eos or max_new_tokens."""
     xp = array_module(*params.values())
     idx = xp.asarray(np.array(prompts, dtype=np.int64))  # (B, P)
     out = [[] for _ in prompts]
+    ngrams = [_NGrams(p, ngram_size) for p in prompts] if ngram_size else None
     done = np.zeros(len(prompts), dtype=bool)
     past = None
     steps = min(max_new_tokens, config.n_positions - idx.shape[1] + 1)  # the last token needs no position
     for _ in range(steps):
         logits, cache = forward(params, idx, config, past=past)
-        tokens = next_token(to_numpy(logits[:, -1]), rng, **sampling)
+        banned = [g.banned() for g in ngrams] if ngrams else None
+        tokens = next_token(to_numpy(logits[:, -1]), rng, banned=banned, **sampling)
         for b, token in enumerate(tokens):
+            if ngrams:
+                ngrams[b].append(int(token))
             if not done[b]:
                 if token == eos_id:
                     done[b] = True
@@ -67,33 +114,48 @@ def _decode_batch(params, config, prompts, max_new_tokens, eos_id, rng, sampling
             break
         past = cache["present"]
         idx = xp.asarray(tokens[:, None].astype(np.int64))  # (B, 1): only the new token goes in
-    return out
+    return out, steps < max_new_tokens and not done.all()
 
 
 def generate(params, config, prompts, *, max_new_tokens=32, eos_id=None, temperature=0.0, top_k=None,
-             top_p=None, seed=0, batch_size=64):
+             top_p=None, no_repeat_ngram_size=0, seed=0, batch_size=64):
     """Continue each prompt (a list of token ids); returns the new ids per prompt, without the eos.
 
-    A prompt plus its continuation must fit in ``config.n_positions``: decoding stops at the context's
-    end. ``temperature=0`` is greedy decoding.
+    ``temperature=0`` is greedy decoding. The continuation is promised R = max(1, min(max_new_tokens,
+    n_positions // 2)) positions: a prompt longer than n_positions - R + 1 tokens (the last new token needs
+    no position) is cut from the left, and a continuation longer than the context allows stops at its end;
+    either is said on stderr.
     """
+    check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   no_repeat_ngram_size=no_repeat_ngram_size, batch_size=batch_size)
+    reserve = max(1, min(max_new_tokens, config.n_positions // 2))
+    room = config.n_positions - reserve + 1
     prompts = [list(map(int, p)) for p in prompts]
     for i, p in enumerate(prompts):
         if not p:
             raise ValueError(f"prompt {i} is empty: generation needs at least one token")
-        if len(p) > config.n_positions:
-            raise ValueError(f"prompt {i} has {len(p)} tokens, the model's context is {config.n_positions}")
+    cut = [len(p) - room for p in prompts if len(p) > room]
+    if cut:
+        print(f"minitodi generate: warning: {len(cut)} prompt(s) cut from the left by up to {max(cut)} tokens "
+              f"to leave room for {reserve} new tokens in the context of {config.n_positions}",
+              file=sys.stderr)
+    prompts = [p[-room:] for p in prompts]
     rng = np.random.default_rng(seed)
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
     by_length = defaultdict(list)
     for i, p in enumerate(prompts):
         by_length[len(p)].append(i)
-    results = [None] * len(prompts)
+    results, truncated = [None] * len(prompts), False
     for length in sorted(by_length):
         rows = by_length[length]
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
-            for i, ids in zip(chunk, _decode_batch(params, config, [prompts[i] for i in chunk],
-                                                   max_new_tokens, eos_id, rng, sampling)):
+            outs, ran_out = _decode_batch(params, config, [prompts[i] for i in chunk], max_new_tokens, eos_id,
+                                          rng, sampling, no_repeat_ngram_size)
+            truncated |= ran_out
+            for i, ids in zip(chunk, outs):
                 results[i] = ids
+    if truncated:
+        print(f"minitodi generate: warning: generation stopped at the end of the context ({config.n_positions} "
+              f"positions) before {max_new_tokens} new tokens or an end-of-text token", file=sys.stderr)
     return results

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from minitodi.generate import generate, next_token
+from minitodi import checkpoint
+from minitodi.generate import check_settings, generate, next_token
 from minitodi.model import GPTConfig, forward, init_params
 
 CFG = GPTConfig(vocab_size=23, n_positions=24, n_embd=16, n_layer=2, n_head=2)
@@ -53,11 +54,17 @@ def test_stops_at_eos_and_leaves_it_out(params):
     assert eos not in out
 
 
-def test_stops_at_the_end_of_the_context(params):
-    prompt = list(range(1, 21))  # 20 of 24 positions
+def test_long_prompts_are_cut_and_the_context_end_is_said(params, capsys):
+    # 50 new tokens asked of a 24-position context: the continuation is promised R = 24 // 2 = 12 positions,
+    # so the 20-token prompt keeps its last 24 - 12 + 1 = 13 tokens and 12 tokens come out
+    prompt = list(range(1, 21))
     out = generate(params, CFG, [prompt], max_new_tokens=50)[0]
-    assert len(out) == CFG.n_positions - len(prompt) + 1  # the last token needs no position of its own
-    assert out == greedy_without_cache(params, prompt, len(out))
+    assert out == greedy_without_cache(params, prompt[-13:], 12)
+    err = capsys.readouterr().err
+    assert "1 prompt(s) cut from the left by up to 7 tokens" in err
+    assert "stopped at the end of the context (24 positions)" in err
+    assert generate(params, CFG, [prompt[:4]], max_new_tokens=12)[0] == greedy_without_cache(params, prompt[:4], 12)
+    assert capsys.readouterr().err == ""  # 4 + 12 - 1 <= 24: nothing to say
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy(params):
@@ -94,12 +101,79 @@ def test_top_k_and_top_p_cut_the_support():
     np.testing.assert_allclose(freq[:2], [0.5 / 0.8, 0.3 / 0.8], atol=0.03)
 
 
+@pytest.mark.parametrize("setting, message", [
+    ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
+    ({"temperature": -1.0}, "temperature must be a finite number >= 0"),
+    ({"temperature": float("inf")}, "temperature must be a finite number >= 0"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1, got 0"),
+    ({"max_new_tokens": -5}, "max_new_tokens must be an integer >= 1, got -5"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer"),
+    ({"top_k": -1}, "top_k must be an integer >= 0"),
+    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ({"top_p": float("nan")}, r"top_p must be in \(0, 1\]"),
+    ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+    ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size must be an integer >= 0"),
+    ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+])
+def test_bad_settings_are_clear_errors(params, setting, message):
+    with pytest.raises(ValueError, match=message):
+        generate(params, CFG, [[1, 2]], **setting)
+
+
 def test_bad_arguments_are_clear(params):
-    with pytest.raises(ValueError, match="empty"):
-        generate(params, CFG, [[]])
-    with pytest.raises(ValueError, match="context"):
-        generate(params, CFG, [list(range(1, 23)) * 2])
+    with pytest.raises(ValueError, match="samples must be an integer >= 1, got 0"):
+        check_settings(samples=0)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(params, CFG, [[1], []])
     with pytest.raises(ValueError, match="token ids must be in"):
         generate(params, CFG, [[1, 99]])
     with pytest.raises(ValueError, match="top_p"):
         next_token(np.zeros((1, 3)), np.random.default_rng(0), temperature=1.0, top_p=0.0)
+
+
+def test_top_k_0_and_top_p_1_are_off():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
+    many = np.repeat(logits, 4000, axis=0)
+    plain = next_token(many, np.random.default_rng(3), temperature=1.0)
+    assert set(plain) == {0, 1, 2, 3}
+    np.testing.assert_array_equal(next_token(many, np.random.default_rng(3), temperature=1.0, top_k=0, top_p=1.0),
+                                  plain)
+
+
+def ngram_rule_by_definition(text, n):
+    """Tokens completing an n-gram already in ``text``: every window whose first n-1 tokens are text's last."""
+    last = tuple(text[len(text) - n + 1:])
+    return {text[i + n - 1] for i in range(len(text) - n + 1) if tuple(text[i:i + n - 1]) == last}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_no_repeat_ngram_greedy_never_repeats_and_bans_only_repeats(params, n):
+    prompt = [3, 1, 3, 1, 2]
+    out = generate(params, CFG, [prompt], max_new_tokens=14, no_repeat_ngram_size=n)[0]
+    text = prompt + out
+    ngrams = [tuple(text[i:i + n]) for i in range(len(text) - n + 1)]
+    generated = ngrams[max(0, len(prompt) - n + 1):]  # the n-grams that end in a new token
+    assert all(ngrams.index(g) == len(ngrams) - len(generated) + k for k, g in enumerate(generated))
+    # each new token is the argmax over the tokens the rule leaves
+    for t in range(len(prompt), len(text)):
+        logits, _ = forward(params, np.array([text[:t]]), CFG)
+        allowed = [v for v in range(CFG.vocab_size) if v not in ngram_rule_by_definition(text[:t], n)]
+        assert text[t] == max(allowed, key=lambda v: logits[0, -1, v])
+
+
+def test_no_repeat_ngram_matches_transformers_greedy(params, tmp_path):
+    """Greedy decoding with no_repeat_ngram_size gives transformers' tokens for the same float64 GPT-2."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    checkpoint.save(tmp_path, params, CFG)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 3, 6):
+        for length in (1, 3, 8):
+            prompt = rng.integers(0, CFG.vocab_size, size=length).tolist()
+            mine = generate(params, CFG, [prompt], max_new_tokens=16, no_repeat_ngram_size=n)[0]
+            with torch.no_grad():
+                theirs = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, length, dtype=torch.long),
+                                     do_sample=False, num_beams=1, max_new_tokens=16, min_new_tokens=16,
+                                     no_repeat_ngram_size=n, eos_token_id=None, pad_token_id=0)
+            assert mine == theirs[0, length:].tolist(), (n, prompt)
