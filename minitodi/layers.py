@@ -11,15 +11,12 @@ arrays) and in the dtype of the inputs.
 
 import math
 
-from .backend import array_module
+from .backend import array_module, log_softmax
 
 IGNORE_INDEX = -100
 
 
-# --------------------------------------------------------------------------------------------------
-# token + position embedding
-
-
+# ---- token + position embedding ------------------------------------------------------------------
 def embedding_forward(wte, wpe, idx, pos0=0):
     """x[b, t] = wte[idx[b, t]] + wpe[pos0 + t].
 
@@ -46,10 +43,7 @@ def embedding_backward(dx, cache):
     return dwte, dwpe
 
 
-# --------------------------------------------------------------------------------------------------
-# layer norm
-
-
+# ---- layer norm ----------------------------------------------------------------------------------
 def layernorm_forward(x, w, b, eps=1e-5):
     """y = (x - mean) * rstd * w + b over the last axis, rstd = 1 / sqrt(var + eps) (biased variance).
 
@@ -82,10 +76,7 @@ def layernorm_backward(dy, cache):
     return dx, dw, db
 
 
-# --------------------------------------------------------------------------------------------------
-# linear (GPT-2's Conv1D: the weight is stored (in, out))
-
-
+# ---- linear (GPT-2's Conv1D: the weight is stored (in, out)) -------------------------------------
 def linear_forward(x, w, b):
     """y = x @ w + b.   x (..., in), w (in, out), b (out,) -> y (..., out).
 
@@ -105,9 +96,7 @@ def linear_backward(dy, cache):
     return dx, dw, dy2.sum(axis=0)
 
 
-# --------------------------------------------------------------------------------------------------
-# GELU, GPT-2's tanh form ("gelu_new")
-
+# ---- GELU, GPT-2's tanh form ("gelu_new") --------------------------------------------------------
 _GELU_K = math.sqrt(2.0 / math.pi)
 _GELU_A = 0.044715
 
@@ -134,26 +123,26 @@ def gelu_forward(x):
 def gelu_backward(dy, cache):
     """forward was: y = 0.5 x (1 + tanh(u)), u = k (x + a x^3), so with d tanh(u) = 1 - tanh(u)^2,
 
-        dy/dx = 0.5 (1 + tanh u + x (1 - tanh(u)^2) k (1 + 3 a x^2)).
+        dy/dx = 0.5 (1 + tanh u + x (1 - tanh(u)^2) k (1 + 3 a x^2)),
+
+    built below in that order, in place (as fast as the forward's form; see benchmarks/README.md).
     """
-    x, th = cache
-    du = x * x
-    du *= 3.0 * _GELU_A * _GELU_K
-    du += _GELU_K  # du/dx = k (1 + 3 a x^2)
-    local = th * th
-    local -= 1.0
-    local *= du
-    local *= x  # -x (1 - tanh^2) du/dx
-    local -= th
-    local -= 1.0
-    local *= -0.5 * dy
-    return local
+    x, th = cache  # th = tanh(u)
+    dudx = x * x
+    dudx *= 3.0 * _GELU_A * _GELU_K
+    dudx += _GELU_K  # du/dx = k (1 + 3 a x^2)
+    dx = th * th
+    array_module(x).subtract(1.0, dx, out=dx)  # 1 - tanh(u)^2
+    dx *= x
+    dx *= dudx  # x (1 - tanh(u)^2) du/dx
+    dx += th
+    dx += 1.0
+    dx *= 0.5  # dy/dx
+    dx *= dy
+    return dx
 
 
-# --------------------------------------------------------------------------------------------------
-# causal multi-head self-attention
-
-
+# ---- causal multi-head self-attention ------------------------------------------------------------
 def _split_heads(x, H):
     B, T, C = x.shape
     return x.reshape(B, T, H, C // H).transpose(0, 2, 1, 3)  # (B, T, C) -> (B, H, T, hs)
@@ -213,10 +202,7 @@ def attention_backward(dy, cache):
     return xp.concatenate([_merge_heads(dq), _merge_heads(dk), _merge_heads(dv)], axis=-1)
 
 
-# --------------------------------------------------------------------------------------------------
-# softmax cross-entropy with an ignore index
-
-
+# ---- softmax cross-entropy with an ignore index --------------------------------------------------
 def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX):
     """loss = mean over positions with targets != ignore_index of -log softmax(logits)[target].
 
@@ -232,9 +218,7 @@ def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX):
     safe = xp.where(counted, targets, 0)
     if int(safe.min()) < 0 or int(safe.max()) >= V:
         raise ValueError(f"cross-entropy: targets must be in [0, {V}) or {ignore_index}")
-    z = logits - logits.max(axis=-1, keepdims=True)
-    logz = xp.log(xp.exp(z).sum(axis=-1, keepdims=True))
-    logq = z - logz  # log softmax
+    logq = log_softmax(logits)
     picked = xp.take_along_axis(logq, safe[..., None], axis=-1)[..., 0]
     loss = -(picked * counted).sum() / n
     return loss, (logq, safe, counted, n)

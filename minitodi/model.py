@@ -15,13 +15,16 @@ tensors, so a checkpoint needs no renaming (see :mod:`minitodi.checkpoint`)::
 The output head is tied to the token embedding: logits = ln_f(x) @ wte^T. The model computes in the
 dtype of its parameters (float64 for gradient checks, float32 for training).
 
-One block (pre-norm, as GPT-2)::
+One block (pre-norm, as GPT-2), :func:`block_forward` and :func:`block_backward`::
 
     x = x + c_proj(attention(c_attn(ln_1(x))))
     x = x + mlp.c_proj(gelu(mlp.c_fc(ln_2(x))))
+
+:func:`forward` and :func:`backward` serve every model type: ``ARCHITECTURES[config.model_type]``.
 """
 
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -31,6 +34,7 @@ from .backend import array_module, host_rng, to_device
 
 @dataclass(frozen=True)
 class GPTConfig:
+    model_type = "gpt2"  # a class attribute, not a field: it picks the Architecture
     vocab_size: int = 2048
     n_positions: int = 128
     n_embd: int = 128
@@ -48,50 +52,42 @@ class GPTConfig:
         if not self.layer_norm_epsilon > 0:
             raise ValueError(f"GPTConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
 
-    @classmethod
-    def tiny(cls, vocab_size=512, **overrides):
-        """A model that trains in seconds on a laptop CPU (2 layers, width 64)."""
-        return cls(**{"vocab_size": vocab_size, "n_positions": 64, "n_embd": 64, "n_layer": 2, "n_head": 4,
-                      **overrides})
-
     def to_dict(self):
         return asdict(self)
 
 
-def param_shapes(config):
+def gpt2_param_shapes(config):
     """Every parameter's name and shape, in the order transformers lists them."""
     V, P, C = config.vocab_size, config.n_positions, config.n_embd
+    block = {"ln_1.weight": (C,), "ln_1.bias": (C,),
+             "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
+             "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
+             "ln_2.weight": (C,), "ln_2.bias": (C,),
+             "mlp.c_fc.weight": (C, 4 * C), "mlp.c_fc.bias": (4 * C,),
+             "mlp.c_proj.weight": (4 * C, C), "mlp.c_proj.bias": (C,)}
     shapes = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (P, C)}
     for l in range(config.n_layer):
-        h = f"transformer.h.{l}."
-        shapes.update({
-            h + "ln_1.weight": (C,), h + "ln_1.bias": (C,),
-            h + "attn.c_attn.weight": (C, 3 * C), h + "attn.c_attn.bias": (3 * C,),
-            h + "attn.c_proj.weight": (C, C), h + "attn.c_proj.bias": (C,),
-            h + "ln_2.weight": (C,), h + "ln_2.bias": (C,),
-            h + "mlp.c_fc.weight": (C, 4 * C), h + "mlp.c_fc.bias": (4 * C,),
-            h + "mlp.c_proj.weight": (4 * C, C), h + "mlp.c_proj.bias": (C,),
-        })
-    shapes.update({"transformer.ln_f.weight": (C,), "transformer.ln_f.bias": (C,)})
-    return shapes
+        shapes.update({f"transformer.h.{l}.{name}": shape for name, shape in block.items()})
+    return {**shapes, "transformer.ln_f.weight": (C,), "transformer.ln_f.bias": (C,)}
 
 
 def init_params(config, seed=0, *, dtype=np.float32, device="cpu"):
     """GPT-2's initialisation, drawn with NumPy on the host (so NumPy and CuPy start identical).
 
     Weights and embeddings ~ N(0, 0.02); the projections that write into the residual stream
-    (``attn.c_proj``, ``mlp.c_proj``) ~ N(0, 0.02 / sqrt(2 n_layer)), so the residual's variance does
-    not grow with depth; biases 0; layer-norm weights 1.
+    (the architecture's ``residual_out``: GPT-2's ``attn.c_proj``, ``mlp.c_proj``) ~ N(0, 0.02 /
+    sqrt(2 n_layer)), so the residual's variance does not grow with depth; biases 0; norm weights 1.
     """
     rng = host_rng(seed)
     params = {}
     for name, shape in param_shapes(config).items():
-        if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+        if len(shape) == 1 and name.endswith(".weight"):  # a norm's gain
             value = np.ones(shape)
         elif name.endswith(".bias"):
             value = np.zeros(shape)
         else:
-            std = 0.02 / np.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02
+            residual = name.endswith(ARCHITECTURES[config.model_type].residual_out)
+            std = 0.02 / np.sqrt(2 * config.n_layer) if residual else 0.02
             value = rng.normal(0.0, std, size=shape)
         params[name] = to_device(value.astype(dtype), device)
     return params
@@ -127,44 +123,113 @@ def check_ids(idx, config, pos0=0):
         raise ValueError(f"sequence of {pos0 + idx.shape[1]} positions exceeds n_positions = {config.n_positions}")
 
 
-def forward(params, idx, config, *, past=None):
-    """Logits for token ids.
+def block_forward(x, p, config, past=None):
+    """One GPT-2 block, x (B, T, C) -> (B, T, C). ``p``: the block's tensors by their names within the
+    block (``"ln_1.weight"``, ...); ``past``: its ``(k, v)`` for decoding, the cache's ``"present"``."""
+    eps, c = config.layer_norm_epsilon, {}
+    a, c["ln_1"] = layers.layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"], eps)
+    a, c["c_attn"] = layers.linear_forward(a, p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # (B, T, 3C)
+    a, c["attn"] = layers.attention_forward(a, config.n_head, past)
+    a, c["c_proj"] = layers.linear_forward(a, p["attn.c_proj.weight"], p["attn.c_proj.bias"])
+    x = x + a
+    m, c["ln_2"] = layers.layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"], eps)
+    m, c["c_fc"] = layers.linear_forward(m, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])  # (B, T, 4C)
+    m, c["gelu"] = layers.gelu_forward(m)
+    m, c["mlp_proj"] = layers.linear_forward(m, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])  # (B, T, C)
+    c["present"] = c["attn"]["present"]
+    return x + m, c
 
-    Args:
-        params: the parameter dict (see the module docstring).
-        idx: (B, T) integer token ids, on the parameters' device.
-        past: for decoding with a KV cache, ``cache["present"]`` of the previous call: a list of per-layer
-            ``(k, v)``; ``idx`` then holds only the new tokens.
-    Returns:
-        ``logits`` (B, T, V) and the ``cache`` that :func:`backward` needs (and ``cache["present"]``).
-    """
+
+def block_backward(dx, c):
+    """The block's backward: (dL/d its input, {name within the block: gradient}) from dL/d its output."""
+    d = {}
+    # forward was: x = x + mlp(ln_2(x)): the residual passes dx through and adds the branch's gradient
+    dm, d["mlp.c_proj.weight"], d["mlp.c_proj.bias"] = layers.linear_backward(dx, c["mlp_proj"])
+    dm = layers.gelu_backward(dm, c["gelu"])
+    dm, d["mlp.c_fc.weight"], d["mlp.c_fc.bias"] = layers.linear_backward(dm, c["c_fc"])
+    dm, d["ln_2.weight"], d["ln_2.bias"] = layers.layernorm_backward(dm, c["ln_2"])
+    dx = dx + dm
+    # forward was: x = x + c_proj(attention(c_attn(ln_1(x))))
+    da, d["attn.c_proj.weight"], d["attn.c_proj.bias"] = layers.linear_backward(dx, c["c_proj"])
+    da = layers.attention_backward(da, c["attn"])
+    da, d["attn.c_attn.weight"], d["attn.c_attn.bias"] = layers.linear_backward(da, c["c_attn"])
+    da, d["ln_1.weight"], d["ln_1.bias"] = layers.layernorm_backward(da, c["ln_1"])
+    return dx + da, d
+
+
+def gpt2_embed_forward(params, idx, config, pos0):
+    """x = wte[idx] + wpe[pos0 + t]: (B, T) ids -> (B, T, C)."""
+    return layers.embedding_forward(params["transformer.wte.weight"], params["transformer.wpe.weight"], idx, pos0)
+
+
+def gpt2_embed_backward(dx, cache):
+    return dict(zip(("transformer.wte.weight", "transformer.wpe.weight"), layers.embedding_backward(dx, cache)))
+
+
+def gpt2_head_forward(x, params, config):
+    """logits = ln_f(x) @ wte^T, the head tied to the token embedding: (B, T, C) -> (B, T, V)."""
+    wte = params["transformer.wte.weight"]
+    xf, c_lnf = layers.layernorm_forward(x, params["transformer.ln_f.weight"], params["transformer.ln_f.bias"],
+                                         config.layer_norm_epsilon)
+    logits = (xf.reshape(-1, xf.shape[-1]) @ wte.T).reshape(*x.shape[:-1], -1)  # (N, C) @ (C, V)
+    return logits, (xf, wte, c_lnf)
+
+
+def gpt2_head_backward(dlogits, cache):
+    """forward was: logits = xf @ wte^T, xf = ln_f(x), so dxf = dlogits @ wte, dwte = dlogits^T @ xf."""
+    xf, wte, c_lnf = cache
+    dlogits2 = dlogits.reshape(-1, dlogits.shape[-1])  # (N, V)
+    dxf = (dlogits2 @ wte).reshape(xf.shape)  # (N, V) @ (V, C)
+    grads = {"transformer.wte.weight": dlogits2.T @ xf.reshape(-1, xf.shape[-1])}  # (V, N) @ (N, C)
+    dx, grads["transformer.ln_f.weight"], grads["transformer.ln_f.bias"] = layers.layernorm_backward(dxf, c_lnf)
+    return dx, grads
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What one model type defines; :func:`forward` and :func:`backward` chain it. Signatures as GPT-2's:
+    the embedding's and head's backward return {name: grad}, the block's {name within the block: grad}."""
+    param_shapes: Callable
+    block_prefix: str  # block l's tensors are named block_prefix.format(l) + name within the block
+    residual_out: tuple  # suffixes of the projections into the residual stream (scaled at init)
+    embed_forward: Callable
+    embed_backward: Callable
+    block_forward: Callable
+    block_backward: Callable
+    head_forward: Callable
+    head_backward: Callable
+
+
+ARCHITECTURES = {
+    "gpt2": Architecture(gpt2_param_shapes, "transformer.h.{}.", ("c_proj.weight",), gpt2_embed_forward,
+                         gpt2_embed_backward, block_forward, block_backward, gpt2_head_forward, gpt2_head_backward),
+}
+
+
+def param_shapes(config):
+    """Every parameter's name and shape for ``config``'s model type."""
+    return ARCHITECTURES[config.model_type].param_shapes(config)
+
+
+def forward(params, idx, config, *, past=None):
+    """Logits (B, T, V) for token ids ``idx`` (B, T) on the parameters' device, and the cache that
+    :func:`backward` needs. For decoding with a KV cache, ``past`` is ``cache["present"]`` of the previous
+    call (per layer ``(k, v)``) and ``idx`` holds only the new tokens."""
+    arch = ARCHITECTURES[config.model_type]
     xp = array_module(*params.values())
     idx = xp.asarray(idx)
     pos0 = 0 if past is None else past[0][0].shape[2]
     check_ids(idx, config, pos0)
-    eps, H = config.layer_norm_epsilon, config.n_head
-    p = params
-    x, c_emb = layers.embedding_forward(p["transformer.wte.weight"], p["transformer.wpe.weight"], idx, pos0)
-    blocks, present = [], []
+    x, c_embed = arch.embed_forward(params, idx, config, pos0)
+    blocks = []
     for l in range(config.n_layer):
-        h = f"transformer.h.{l}."
-        a, c_ln1 = layers.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], eps)
-        a, c_qkv = layers.linear_forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])  # (B,T,3C)
-        a, c_att = layers.attention_forward(a, H, None if past is None else past[l])
-        a, c_proj = layers.linear_forward(a, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
-        x = x + a
-        m, c_ln2 = layers.layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"], eps)
-        m, c_fc = layers.linear_forward(m, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])  # (B,T,4C)
-        m, c_gelu = layers.gelu_forward(m)
-        m, c_mproj = layers.linear_forward(m, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])
-        x = x + m
-        blocks.append((c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mproj))
-        present.append(c_att["present"])
-    xf, c_lnf = layers.layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"], eps)
-    wte = p["transformer.wte.weight"]
-    logits = (xf.reshape(-1, xf.shape[-1]) @ wte.T).reshape(*idx.shape, -1)  # tied head: (N, C) @ (C, V)
-    cache = {"config": config, "params": params, "emb": c_emb, "blocks": blocks, "lnf": c_lnf, "xf": xf,
-             "present": present, "has_past": past is not None}
+        prefix = arch.block_prefix.format(l)
+        p = {name[len(prefix):]: w for name, w in params.items() if name.startswith(prefix)}
+        x, c = arch.block_forward(x, p, config, None if past is None else past[l])
+        blocks.append(c)
+    logits, c_head = arch.head_forward(x, params, config)
+    cache = {"config": config, "names": list(params), "embed": c_embed, "blocks": blocks, "head": c_head,
+             "present": [c["present"] for c in blocks], "has_past": past is not None}
     return logits, cache
 
 
@@ -175,34 +240,14 @@ def backward(dlogits, cache):
     """
     if cache["has_past"]:
         raise ValueError("backward needs a forward over the whole sequence (it ran with a KV cache)")
-    config, p = cache["config"], cache["params"]
-    grads = {}
-    # forward was: logits = xf @ wte^T, so dxf = dlogits @ wte and dwte (head part) = dlogits^T @ xf
-    wte = p["transformer.wte.weight"]
-    C = wte.shape[1]
-    dlogits2 = dlogits.reshape(-1, dlogits.shape[-1])  # (N, V)
-    dxf = (dlogits2 @ wte).reshape(cache["xf"].shape)  # (N, V) @ (V, C)
-    dwte_head = dlogits2.T @ cache["xf"].reshape(-1, C)  # (V, N) @ (N, C)
-    dx, grads["transformer.ln_f.weight"], grads["transformer.ln_f.bias"] = layers.layernorm_backward(
-        dxf, cache["lnf"])
-    for l in reversed(range(config.n_layer)):
-        h = f"transformer.h.{l}."
-        c_ln1, c_qkv, c_att, c_proj, c_ln2, c_fc, c_gelu, c_mproj = cache["blocks"][l]
-        # forward was: x = x + mlp(ln_2(x)): the residual passes dx through and adds the branch's gradient
-        dm, grads[h + "mlp.c_proj.weight"], grads[h + "mlp.c_proj.bias"] = layers.linear_backward(dx, c_mproj)
-        dm = layers.gelu_backward(dm, c_gelu)
-        dm, grads[h + "mlp.c_fc.weight"], grads[h + "mlp.c_fc.bias"] = layers.linear_backward(dm, c_fc)
-        dm, grads[h + "ln_2.weight"], grads[h + "ln_2.bias"] = layers.layernorm_backward(dm, c_ln2)
-        dx = dx + dm
-        # forward was: x = x + attn(ln_1(x))
-        da, grads[h + "attn.c_proj.weight"], grads[h + "attn.c_proj.bias"] = layers.linear_backward(dx, c_proj)
-        da = layers.attention_backward(da, c_att)
-        da, grads[h + "attn.c_attn.weight"], grads[h + "attn.c_attn.bias"] = layers.linear_backward(da, c_qkv)
-        da, grads[h + "ln_1.weight"], grads[h + "ln_1.bias"] = layers.layernorm_backward(da, c_ln1)
-        dx = dx + da
-    dwte, grads["transformer.wpe.weight"] = layers.embedding_backward(dx, cache["emb"])
-    grads["transformer.wte.weight"] = dwte + dwte_head
-    return {name: grads[name] for name in p}
+    arch = ARCHITECTURES[cache["config"].model_type]
+    dx, grads = arch.head_backward(dlogits, cache["head"])
+    for l in reversed(range(len(cache["blocks"]))):
+        dx, block_grads = arch.block_backward(dx, cache["blocks"][l])
+        grads.update({arch.block_prefix.format(l) + name: g for name, g in block_grads.items()})
+    for name, g in arch.embed_backward(dx, cache["embed"]).items():
+        grads[name] = grads[name] + g if name in grads else g  # a tied tensor: gradient from both ends
+    return {name: grads[name] for name in cache["names"]}
 
 
 def n_params(config):

@@ -32,10 +32,17 @@ def test_array_module_and_conversions():
     np.testing.assert_array_equal(backend.to_device(x, "cpu"), x)
 
 
-def test_host_rng_is_seeded():
-    a = backend.host_rng(3).standard_normal(4)
-    b = backend.host_rng(3).standard_normal(4)
-    np.testing.assert_array_equal(a, b)
+def test_log_softmax_against_float64_definition():
+    """log softmax = x - log sum exp x, here from an independent float64 computation; no overflow at 1e4,
+    -inf stays -inf (probability 0), in the input's dtype, along the requested axis."""
+    x = np.random.default_rng(0).standard_normal((3, 5, 7)) * 4.0
+    for axis in (-1, 1, 0):
+        expected = x - np.log(np.exp(x).sum(axis=axis, keepdims=True))
+        np.testing.assert_allclose(backend.log_softmax(x, axis=axis), expected, rtol=1e-13, atol=1e-13)
+    big = np.array([[1e4, 1e4 - 1.0, -np.inf]], dtype=np.float32)
+    out = backend.log_softmax(big)
+    assert out.dtype == np.float32 and out[0, 2] == -np.inf
+    np.testing.assert_allclose(out[0, :2], [-np.log1p(np.exp(-1.0)), -1.0 - np.log1p(np.exp(-1.0))], rtol=1e-6)
 
 
 @pytest.mark.gpu

@@ -7,6 +7,7 @@ the layer's backward called with dy must return dL/d(every input), which finite 
 import numpy as np
 import pytest
 
+from conftest import fake_loss, perturbed_params, small_config
 from minitodi import layers, model
 from minitodi.gradcheck import check_array
 
@@ -15,11 +16,6 @@ TOL = 1e-6
 
 def _rng(seed):
     return np.random.default_rng(seed)
-
-
-def _fake_loss(forward, dy):
-    """L = sum(forward() * dy): the scalar whose gradient w.r.t. the output is dy."""
-    return lambda: float(np.sum(forward()[0] * dy))
 
 
 # ------------------------------------------------------------------------------------------ embedding
@@ -34,7 +30,7 @@ def test_embedding_backward_with_repeated_ids():
     y, cache = layers.embedding_forward(wte, wpe, idx, pos0)
     dy = rng.standard_normal(y.shape)
     dwte, dwpe = layers.embedding_backward(dy, cache)
-    f = _fake_loss(lambda: layers.embedding_forward(wte, wpe, idx, pos0), dy)
+    f = fake_loss(lambda: layers.embedding_forward(wte, wpe, idx, pos0), dy)
     used = np.unique(idx)
     assert check_array(f, wte, dwte, rows=used).max_rel_error < TOL
     assert check_array(f, wpe, dwpe).max_rel_error < TOL
@@ -56,7 +52,7 @@ def test_layernorm_backward():
     y, cache = layers.layernorm_forward(x, w, b)
     dy = rng.standard_normal(y.shape)
     dx, dw, db = layers.layernorm_backward(dy, cache)
-    f = _fake_loss(lambda: layers.layernorm_forward(x, w, b), dy)
+    f = fake_loss(lambda: layers.layernorm_forward(x, w, b), dy)
     for arr, grad in ((x, dx), (w, dw), (b, db)):
         assert grad.shape == arr.shape
         assert check_array(f, arr, grad).max_rel_error < TOL
@@ -73,7 +69,7 @@ def test_linear_backward_with_3d_input():
     assert y.shape == (2, 4, 3)
     dy = rng.standard_normal(y.shape)
     dx, dw, db = layers.linear_backward(dy, cache)
-    f = _fake_loss(lambda: layers.linear_forward(x, w, b), dy)
+    f = fake_loss(lambda: layers.linear_forward(x, w, b), dy)
     for arr, grad in ((x, dx), (w, dw), (b, db)):
         assert grad.shape == arr.shape
         assert check_array(f, arr, grad).max_rel_error < TOL
@@ -89,7 +85,7 @@ def test_gelu_backward():
     y, cache = layers.gelu_forward(x)
     dy = rng.standard_normal(y.shape)
     dx = layers.gelu_backward(dy, cache)
-    f = _fake_loss(lambda: layers.gelu_forward(x), dy)
+    f = fake_loss(lambda: layers.gelu_forward(x), dy)
     assert check_array(f, x, dx).max_rel_error < TOL
 
 
@@ -115,7 +111,7 @@ def test_attention_backward_several_heads():
     dy = rng.standard_normal(y.shape)
     dqkv = layers.attention_backward(dy, cache)
     assert dqkv.shape == qkv.shape
-    f = _fake_loss(lambda: layers.attention_forward(qkv, H), dy)
+    f = fake_loss(lambda: layers.attention_forward(qkv, H), dy)
     assert check_array(f, qkv, dqkv).max_rel_error < TOL
 
 
@@ -181,12 +177,8 @@ def test_cross_entropy_rejects_bad_targets():
 
 
 def _tiny_model(seed=0):
-    config = model.GPTConfig(vocab_size=37, n_positions=16, n_embd=16, n_layer=2, n_head=2)
-    params = model.init_params(config, seed, dtype=np.float64)
-    rng = _rng(seed + 100)
-    for x in params.values():
-        x += 0.1 * rng.standard_normal(x.shape)
-    return config, params
+    config = small_config()
+    return config, perturbed_params(config, seed)
 
 
 def test_model_is_causal():

@@ -4,6 +4,7 @@ the API's errors, dtypes, initialisation, and NumPy/CuPy parity."""
 import numpy as np
 import pytest
 
+from conftest import perturbed_params, small_config
 from minitodi import backend, layers, model
 from minitodi.gradcheck import check_array, check_arrays, directional_check
 from minitodi.losses import LOSSES
@@ -16,20 +17,6 @@ TOL = 1e-6
 # 1.4e-7 (CE) and 1.5e-7 (ToDi), so any sample of entries passes with margin.
 EPS, ORDER = 1e-3, 4
 MAX_ENTRIES = 8
-
-
-def small_config(**overrides):
-    return model.GPTConfig(**{"vocab_size": 37, "n_positions": 16, "n_embd": 16, "n_layer": 2, "n_head": 2,
-                              **overrides})
-
-
-def perturbed_params(config, seed=0, dtype=np.float64):
-    """init_params, then every tensor moved off its init so layer norms are not 1 and biases not 0."""
-    params = model.init_params(config, seed, dtype=dtype)
-    rng = np.random.default_rng(seed + 1)
-    for x in params.values():
-        x += (0.1 * rng.standard_normal(x.shape)).astype(dtype)
-    return params
 
 
 @pytest.fixture(scope="module")
@@ -230,9 +217,12 @@ def test_init_scales():
     assert abs(resid.mean()) < 1e-4 and abs(other.mean()) < 1e-4
 
 
-def test_n_params():
-    config = small_config()
-    assert model.n_params(config) == sum(x.size for x in model.init_params(config).values())
+def test_n_params_counts_gpt2_by_hand():
+    """Embeddings V C + P C; per block 2 norms (4C), c_attn (3C^2 + 3C), c_proj (C^2 + C), c_fc (4C^2 + 4C),
+    mlp.c_proj (4C^2 + C): 12 C^2 + 13 C; ln_f 2C; the tied head adds nothing. GPT-2 small is 124,439,808."""
+    V, P, C, L = 37, 16, 16, 2
+    assert model.n_params(small_config()) == V * C + P * C + L * (12 * C * C + 13 * C) + 2 * C
+    assert model.n_params(small_config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12)) == 124_439_808
 
 
 # ------------------------------------------------------------------------------------------ CuPy
