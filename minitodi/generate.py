@@ -13,8 +13,11 @@ and then to the smallest set whose mass reaches ``top_p`` (1 or None: all). The 
 at temperature 1, top_k 0, top_p 1, no_repeat_ngram_size 6. A row with every token banned (possible only
 when its text is longer than the vocabulary) gets token 0, as transformers' argmax does.
 
-Sampling draws on the host with NumPy's generator (``seed``): the same seed gives the same text on
-NumPy and CuPy.
+Sampling draws on the host with NumPy's generator: prompt i's draws come from ``default_rng([seed, i])``
+(one uniform per step, inverse CDF over the token ids). So the same seed gives the same text on NumPy and
+CuPy, a prompt's sample does not depend on the batch it is decoded in, and two models sampled with the same
+prompts and seed share their uniforms (common random numbers): the difference of their scores carries less
+sampling noise, while each model's own sampling law is unchanged.
 """
 
 import math
@@ -45,6 +48,7 @@ def check_settings(*, max_new_tokens=1, temperature=0.0, top_k=None, top_p=None,
 def next_token(logits, rng=None, *, temperature=0.0, top_k=None, top_p=None, banned=None):
     """Token ids (B,) chosen from host logits (B, V): argmax when ``temperature`` is 0, else a sample.
 
+    ``rng``: a NumPy Generator, or one per row (row b's uniform comes from ``rng[b]``).
     ``banned``: per row, token ids whose logit becomes -inf first (the no-repeat n-gram rule).
     """
     check_settings(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -67,7 +71,10 @@ def next_token(logits, rng=None, *, temperature=0.0, top_k=None, top_p=None, ban
         np.put_along_axis(keep, order, before < top_p, axis=-1)  # the most likely token is always kept
         probs = np.where(keep, probs, 0.0)
         probs /= probs.sum(axis=-1, keepdims=True)
-    u = rng.random((probs.shape[0], 1))
+    if isinstance(rng, np.random.Generator):
+        u = rng.random((len(z), 1))
+    else:
+        u = np.array([[g.random()] for g in rng])
     return np.minimum((np.cumsum(probs, axis=-1) < u).sum(axis=-1), probs.shape[-1] - 1)
 
 
@@ -89,7 +96,7 @@ class _NGrams:
         return self.followers.get(tuple(self.text[len(self.text) - self.n + 1:]), ())
 
 
-def _decode_batch(params, config, prompts, max_new_tokens, eos_id, rng, sampling, ngram_size):
+def _decode_batch(params, config, prompts, max_new_tokens, eos_id, rngs, sampling, ngram_size):
     """New tokens per row and whether each row ran out of context before eos or max_new_tokens."""
     xp = array_module(*params.values())
     idx = xp.asarray(np.array(prompts, dtype=np.int64))  # (B, P)
@@ -101,7 +108,7 @@ def _decode_batch(params, config, prompts, max_new_tokens, eos_id, rng, sampling
     for _ in range(steps):
         logits, cache = forward(params, idx, config, past=past)
         banned = [g.banned() for g in ngrams] if ngrams else None
-        tokens = next_token(to_numpy(logits[:, -1]), rng, banned=banned, **sampling)
+        tokens = next_token(to_numpy(logits[:, -1]), rngs, banned=banned, **sampling)
         for b, token in enumerate(tokens):
             if ngrams:
                 ngrams[b].append(int(token))
@@ -140,7 +147,6 @@ def generate(params, config, prompts, *, max_new_tokens=32, eos_id=None, tempera
               f"to leave room for {reserve} new tokens in the context of {config.n_positions}",
               file=sys.stderr)
     prompts = [p[-room:] for p in prompts]
-    rng = np.random.default_rng(seed)
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
     by_length = defaultdict(list)
     for i, p in enumerate(prompts):
@@ -151,7 +157,8 @@ def generate(params, config, prompts, *, max_new_tokens=32, eos_id=None, tempera
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             outs, ran_out = _decode_batch(params, config, [prompts[i] for i in chunk], max_new_tokens, eos_id,
-                                          rng, sampling, no_repeat_ngram_size)
+                                          [np.random.default_rng([seed, i]) for i in chunk], sampling,
+                                          no_repeat_ngram_size)
             truncated |= ran_out
             for i, ids in zip(chunk, outs):
                 results[i] = ids

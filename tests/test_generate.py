@@ -81,6 +81,14 @@ def test_sampling_is_reproducible_and_depends_on_the_seed(params):
     assert a != generate(params, CFG, prompts, max_new_tokens=10, temperature=1.5, seed=2)
 
 
+def test_a_sample_does_not_depend_on_the_batch(params):
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [2, 2]]
+    settings = dict(max_new_tokens=10, temperature=1.0, top_k=0, top_p=1.0, no_repeat_ngram_size=2, seed=4)
+    together = generate(params, CFG, prompts, batch_size=64, **settings)
+    assert together == generate(params, CFG, prompts, batch_size=1, **settings)
+    assert together[:3] == generate(params, CFG, prompts[:3], **settings)  # prompt i draws from stream (seed, i)
+
+
 def test_sampled_frequencies_follow_softmax_over_temperature():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]])) * 2.0  # softmax(logits / 2) = the list above
     rng = np.random.default_rng(0)
