@@ -2,8 +2,9 @@
 
 A checkpoint directory holds::
 
-    config.json                 GPT-2 configuration (``GPT2LMHeadModel.from_pretrained(directory)`` works)
-    model.safetensors           the parameters, named as in :mod:`minitodi.model` (the tied head omitted)
+    config.json                 GPT-2 or Llama configuration (``GPT2LMHeadModel`` or ``LlamaForCausalLM``
+                                ``.from_pretrained(directory)`` works)
+    model.safetensors           the parameters, named as in :mod:`minitodi.model` (a tied head omitted)
     training_state.safetensors  optional: the optimizer's moment arrays, for an exact resume
     training_state.json         optional: step, RNG state, data position and anything else JSON can hold
 
@@ -15,23 +16,29 @@ a directory that must never be half old, half new (a run's resumable state): it 
 directory beside the old one and swaps them with renames; :func:`recover` finishes an interrupted swap.
 
 :func:`load` also reads original GPT-2 checkpoints, whose keys lack the ``transformer.`` prefix and carry
-attention-mask buffers (``h.0.attn.bias``), and drops an ``lm_head.weight`` equal to the embedding.
+attention-mask buffers (``h.0.attn.bias``), drops an ``lm_head.weight`` equal to a tied embedding, and
+reads weights sharded as ``model.safetensors.index.json`` lists them. A config.json asking for anything
+minitodi does not compute (another activation, RoPE scaling, a sliding window, ...) is an error naming
+the field, never a silently different model.
 """
 
 import json
 import os
 import shutil
 import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from .backend import to_device, to_numpy
-from .model import GPTConfig, check_params, param_shapes
+from .model import GPTConfig, LlamaConfig, check_params, param_shapes
 
 MODEL_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # sharded weights: {"weight_map": {name: shard file}}
 CONFIG_FILE = "config.json"
 STATE_FILE = "training_state.safetensors"
 STATE_JSON = "training_state.json"
@@ -58,7 +65,11 @@ def write_json(path, obj):
 
 
 def hf_config(config, dtype, extra=None):
-    """The ``config.json`` transformers' GPT2Config reads for ``config``."""
+    """The ``config.json`` transformers reads for ``config`` (GPT-2 or Llama), plus ``extra`` entries."""
+    return {**FORMATS[config.model_type].to_hf(config), "dtype": str(np.dtype(dtype)), **(extra or {})}
+
+
+def _gpt2_hf_config(config):
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -72,9 +83,14 @@ def hf_config(config, dtype, extra=None):
         "activation_function": "gelu_new",
         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,  # minitodi trains without dropout
         "tie_word_embeddings": True,
-        "dtype": str(np.dtype(dtype)),
-        **(extra or {}),
     }
+
+
+def _llama_hf_config(config):
+    hs = config.hidden_size // config.num_attention_heads
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **asdict(config), "head_dim": hs,
+            "hidden_act": "silu", "mlp_bias": False, "attention_dropout": 0.0,
+            "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta}}
 
 
 def save(directory, params, config, *, training_state=None, config_extra=None):
@@ -175,9 +191,14 @@ def _read_json(path):
 
 
 def config_from_hf(hf, where="config.json"):
-    """A :class:`GPTConfig` from a transformers GPT-2 ``config.json`` dict; unsupported variants are errors."""
-    if hf.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"{where}: model_type is {hf['model_type']!r}, only 'gpt2' is supported")
+    """The config of a transformers ``config.json`` dict (``model_type`` "gpt2", the default, or "llama")."""
+    model_type = hf.get("model_type", "gpt2")
+    if model_type not in FORMATS:
+        raise ValueError(f"{where}: model_type is {model_type!r}, minitodi reads {sorted(FORMATS)}")
+    return FORMATS[model_type].from_hf(hf, where)
+
+
+def _gpt2_config_from_hf(hf, where):
     activation = hf.get("activation_function", "gelu_new")
     if activation not in _GPT2_ACTIVATIONS:
         raise ValueError(f"{where}: activation_function {activation!r} is not GPT-2's tanh GELU")
@@ -193,27 +214,78 @@ def config_from_hf(hf, where="config.json"):
         raise ValueError(f"{where}: missing field {err.args[0]!r}") from err
 
 
+# config.json fields whose other values minitodi's Llama does not compute (absent means the first value)
+_LLAMA_ONLY = {"hidden_act": ("silu",), "mlp_bias": (False,), "pretraining_tp": (1,), "sliding_window": (None,),
+               "use_sliding_window": (False,), "rope_scaling": (None, {"rope_type": "default"})}
+
+
+def _llama_config_from_hf(hf, where):
+    for field, supported in _LLAMA_ONLY.items():
+        if hf.get(field, supported[0]) not in supported:
+            raise ValueError(f"{where}: {field} = {hf[field]!r} is not implemented (only {supported[0]!r})")
+    rope = hf.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"{where}: rope_parameters.rope_type = {rope['rope_type']!r} is not implemented")
+    if hf.get("head_dim") not in (None, hf.get("hidden_size", 0) // max(hf.get("num_attention_heads", 1), 1)):
+        raise ValueError(f"{where}: head_dim = {hf['head_dim']} is not implemented (only hidden_size / "
+                         "num_attention_heads)")
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if hf.get(name) is None:
+            raise ValueError(f"{where}: missing field {name!r}")
+    fields = {name: hf[name] for name in LlamaConfig.__dataclass_fields__ if hf.get(name) is not None}
+    fields.setdefault("num_key_value_heads", hf["num_attention_heads"])  # transformers' default: no grouping
+    fields["rope_theta"] = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    return LlamaConfig(**fields)
+
+
+@dataclass(frozen=True)
+class Format:
+    """How one model type is stored: its config.json both ways, and the state dict's extras."""
+    to_hf: Callable  # config -> config.json dict (without the dtype)
+    from_hf: Callable  # (config.json dict, where) -> config
+    prefix: str  # added to keys that lack it (original GPT-2 files)
+    embedding: str  # the token embedding, which a tied lm_head.weight must equal
+    buffers: tuple  # suffixes of stored buffers that are not parameters
+
+
+FORMATS = {
+    "gpt2": Format(_gpt2_hf_config, _gpt2_config_from_hf, "transformer.", "transformer.wte.weight",
+                   (".attn.bias", ".attn.masked_bias")),  # GPT-2's causal-mask buffers
+    "llama": Format(_llama_hf_config, _llama_config_from_hf, "model.", "model.embed_tokens.weight",
+                    (".rotary_emb.inv_freq",)),  # older transformers saved RoPE's frequencies
+}
+
+
 def _canonical(tensors, config, where):
-    """Map a state dict's keys to minitodi's names: add ``transformer.``, drop mask buffers and a tied head."""
-    shapes = param_shapes(config)
+    """Map a state dict's keys to minitodi's names: add a missing prefix, drop buffers and a tied head."""
+    fmt, shapes = FORMATS[config.model_type], param_shapes(config)
+    tensors = {k if k.startswith((fmt.prefix, "lm_head.")) else fmt.prefix + k: v for k, v in tensors.items()}
     params = {}
-    for key, value in tensors.items():
-        name = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
+    for name, value in tensors.items():
         if name in shapes:
             params[name] = value
-        elif name.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # GPT-2's causal-mask buffers: not parameters
+        elif name.endswith(fmt.buffers):
+            continue
         elif name == "lm_head.weight":
-            wte = tensors.get("transformer.wte.weight", tensors.get("wte.weight"))
-            if wte is None or not np.array_equal(value, wte):
+            if not np.array_equal(value, tensors.get(fmt.embedding)):
                 raise ValueError(f"{where}: lm_head.weight differs from the token embedding (untied head)")
         else:
-            raise ValueError(f"{where}: unexpected tensor {key!r}")
+            raise ValueError(f"{where}: unexpected tensor {name!r}")
     return params
 
 
+def _read_weights(directory):
+    """The tensors of model.safetensors, or of the shards model.safetensors.index.json lists."""
+    if (directory / MODEL_FILE).is_file() or not (directory / INDEX_FILE).is_file():
+        return _read_safetensors(directory / MODEL_FILE)
+    tensors = {}
+    for shard in sorted(set(_read_json(directory / INDEX_FILE).get("weight_map", {}).values())):
+        tensors.update(_read_safetensors(directory / shard))
+    return tensors
+
+
 def load(directory, *, dtype=None, device="cpu"):
-    """Read ``(params, config)`` from a checkpoint directory (minitodi's or an original GPT-2 one).
+    """Read ``(params, config)`` from a checkpoint directory (minitodi's, a transformers GPT-2 or Llama one).
 
     ``dtype``: the parameters' dtype (default: as stored; float16 is widened to float32).
     """
@@ -225,7 +297,7 @@ def load(directory, *, dtype=None, device="cpu"):
     if not path.is_file() and (directory / "pytorch_model.bin").is_file():
         raise FileNotFoundError(f"{path} is missing; only safetensors are read (convert pytorch_model.bin "
                                 "with transformers: model.save_pretrained(dir, safe_serialization=True))")
-    params = _canonical(_read_safetensors(path), config, str(path))
+    params = _canonical(_read_weights(directory), config, str(path))
     stored = next(iter(params.values())).dtype if params else np.dtype(np.float32)
     target = np.dtype(dtype) if dtype is not None else (np.dtype(np.float32) if stored.itemsize < 4 else stored)
     params = {name: to_device(params[name].astype(target), device) for name in param_shapes(config)

@@ -236,3 +236,150 @@ def cross_entropy_backward(dloss, cache):
     rows[xp.arange(rows.shape[0]), safe.reshape(-1)] -= 1.0
     dlogits *= (counted * (dloss / n))[..., None].astype(dlogits.dtype)
     return dlogits
+
+
+# ---- RMSNorm (Llama's norm: layer norm without the mean and the bias) ----------------------------
+def rmsnorm_forward(x, w, eps=1e-6):
+    """y = x * rstd * w over the last axis, rstd = 1 / sqrt(mean(x^2) + eps).
+
+    x (..., C), w (C,) -> y (..., C).
+    """
+    xp = array_module(x)
+    rstd = 1.0 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
+    xhat = x * rstd
+    return xhat * w, (xhat, rstd, w)
+
+
+def rmsnorm_backward(dy, cache):
+    """forward was: y = xhat * w, xhat = x * rstd, rstd = (mean(x^2) + eps)^(-1/2), so
+
+    dw = sum over positions of dy * xhat,  dxhat = dy * w, and with d rstd / d x_j = -rstd^3 x_j / C,
+    d xhat_i / d x_j = rstd (delta_ij - xhat_i xhat_j / C):
+
+        dx = rstd * (dxhat - xhat * mean(dxhat * xhat)).
+    """
+    xhat, rstd, w = cache
+    C = dy.shape[-1]
+    dw = (dy.reshape(-1, C) * xhat.reshape(-1, C)).sum(axis=0)
+    dxhat = dy * w
+    return rstd * (dxhat - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)), dw
+
+
+# ---- rotary position embeddings (RoPE), in transformers' rotate-half layout ----------------------
+def rope_tables(pos0, T, hs, theta, like):
+    """cos and sin (T, hs) of the angles (pos0 + t) theta^(-2i / hs), i < hs / 2, each frequency written
+    twice ([f_0 .. f_{hs/2 - 1}, f_0 .. f_{hs/2 - 1}]: channel i is paired with channel i + hs/2).
+
+    Angles are computed in float64, then cast to the dtype (and module) of the array ``like``.
+    """
+    xp = array_module(like)
+    inv_freq = 1.0 / theta ** (xp.arange(0, hs, 2, dtype=xp.float64) / hs)  # (hs/2,)
+    angles = xp.arange(pos0, pos0 + T, dtype=xp.float64)[:, None] * inv_freq  # (T, hs/2)
+    angles = xp.concatenate([angles, angles], axis=-1)  # (T, hs)
+    return xp.cos(angles).astype(like.dtype), xp.sin(angles).astype(like.dtype)
+
+
+def _rotate_half(x):
+    """[x1, x2] -> [-x2, x1] over the last axis (hs/2 channels each): each pair (x1_i, x2_i) turned 90 degrees."""
+    half = x.shape[-1] // 2
+    return array_module(x).concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def rotary_forward(x, cos, sin, n_head):
+    """y = x cos + rotate_half(x) sin per head: the pair (x_i, x_{i+hs/2}) at position t turned by its angle.
+
+    x (B, T, n_head hs), cos and sin (T, hs) from :func:`rope_tables` -> y (B, T, n_head hs).
+    """
+    B, T, C = x.shape
+    xh = x.reshape(B, T, n_head, C // n_head)  # (B, T, C) -> (B, T, nh, hs)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, hs): the same angles for every head
+    return (xh * cos + _rotate_half(xh) * sin).reshape(B, T, C), (cos, sin)
+
+
+def rotary_backward(dy, cache):
+    """forward was: y = R(a) x, turning each pair by its angle a:
+
+        y_i = x_i cos a - x_{i+hs/2} sin a,    y_{i+hs/2} = x_{i+hs/2} cos a + x_i sin a.
+
+    The backward of a rotation is the inverse rotation: dx = R(a)^T dy = R(-a) dy, that is
+    dx = dy cos - rotate_half(dy) sin.
+    """
+    cos, sin = cache
+    B, T, C = dy.shape
+    dyh = dy.reshape(B, T, -1, cos.shape[-1])  # (B, T, nh, hs)
+    return (dyh * cos - _rotate_half(dyh) * sin).reshape(B, T, C)
+
+
+# ---- SwiGLU: Llama's gated unit between gate_proj / up_proj and down_proj ------------------------
+def swiglu_forward(g, u):
+    """y = silu(g) * u, silu(g) = g * sigmoid(g).   g, u (..., I) -> y (..., I).
+
+    sigmoid(g) is computed as (1 + tanh(g / 2)) / 2, which never overflows.
+    """
+    s = array_module(g).tanh(0.5 * g)
+    s += 1.0
+    s *= 0.5  # sigmoid(g)
+    return g * s * u, (g, u, s)
+
+
+def swiglu_backward(dy, cache):
+    """forward was: y = g s u, s = sigmoid(g), so with ds/dg = s (1 - s):
+
+        dg = dy u (s + g s (1 - s)),    du = dy g s.       Returns (dg, du).
+    """
+    g, u, s = cache
+    gs = g * s
+    return dy * u * (s + gs * (1.0 - s)), dy * gs
+
+
+# ---- causal grouped-query attention (Llama's; n_kv_head = n_head is GPT-2's multi-head attention) 
+def grouped_attention_forward(q, k, v, n_head, n_kv_head, past=None):
+    """Causal attention where G = n_head / n_kv_head query heads share one key/value head: query head h
+    reads key/value head h // G (transformers' repeat_kv order).
+
+        att = softmax(q k^T / sqrt(hs) + causal mask),   y = att v,   per query head, heads then merged.
+
+    q (B, T, n_head hs), k and v (B, T, n_kv_head hs), already rotated -> y (B, T, n_head hs). ``past``
+    and ``cache["present"]`` are as in :func:`attention_forward`, with n_kv_head heads.
+    """
+    xp = array_module(q)
+    k, v = _split_heads(k, n_kv_head), _split_heads(v, n_kv_head)  # (B, Hkv, T, hs)
+    if past is not None:
+        k = xp.concatenate([past[0], k], axis=2)  # (B, Hkv, P + T, hs)
+        v = xp.concatenate([past[1], v], axis=2)
+    B, T = q.shape[:2]
+    G, S, hs = n_head // n_kv_head, k.shape[2], k.shape[3]
+    qg = _split_heads(q, n_head).reshape(B, n_kv_head, G, T, hs)  # the G query heads of each kv head
+    kg, vg = k[:, :, None], v[:, :, None]  # (B, Hkv, 1, S, hs): broadcast over the group
+    scale = 1.0 / math.sqrt(hs)
+    pre = (qg @ kg.swapaxes(-1, -2)) * scale  # (B, Hkv, G, T, S)
+    future = xp.arange(S)[None, :] > xp.arange(S - T, S)[:, None]  # (T, S): key after the query
+    pre = xp.where(future, -xp.inf, pre)
+    att = xp.exp(pre - pre.max(axis=-1, keepdims=True))
+    att /= att.sum(axis=-1, keepdims=True)
+    y = _merge_heads((att @ vg).reshape(B, n_head, T, hs))  # (B, Hkv, G, T, hs) -> (B, T, n_head hs)
+    return y, {"qg": qg, "kg": kg, "vg": vg, "att": att, "scale": scale, "present": (k, v)}
+
+
+def grouped_attention_backward(dy, cache):
+    """forward was: pre = q k^T * scale (masked), att = softmax(pre), y = att v, so per query head (as in
+    :func:`attention_backward`)
+
+        datt = dy v^T,   dpre = att * (datt - sum_j datt_j att_j),   dq = dpre k * scale,
+
+    and a key/value head, read by G query heads, gets the sum of their gradients:
+
+        dv = sum over the group of att^T dy,    dk = sum over the group of dpre^T q * scale.
+
+    Returns dq (B, T, n_head hs), dk and dv (B, T, n_kv_head hs). Only for a full sequence (no ``past``).
+    """
+    qg, kg, vg, att = cache["qg"], cache["kg"], cache["vg"], cache["att"]
+    B, Hkv, G, T, hs = qg.shape
+    dyg = _split_heads(dy, Hkv * G).reshape(qg.shape)  # (B, T, H hs) -> (B, Hkv, G, T, hs)
+    dv = (att.swapaxes(-1, -2) @ dyg).sum(axis=2)  # (B, Hkv, T, hs)
+    datt = dyg @ vg.swapaxes(-1, -2)  # (B, Hkv, G, T, T)
+    dpre = att * (datt - (datt * att).sum(axis=-1, keepdims=True))
+    dpre *= cache["scale"]
+    dq = (dpre @ kg).reshape(B, Hkv * G, T, hs)
+    dk = (dpre.swapaxes(-1, -2) @ qg).sum(axis=2)
+    return _merge_heads(dq), _merge_heads(dk), _merge_heads(dv)

@@ -1,4 +1,4 @@
-"""A GPT-2-shaped transformer: configuration, initialisation, forward and hand-written backward.
+"""GPT-2 and Llama transformers: configuration, initialisation, forward and hand-written backward.
 
 Parameters are a plain dict keyed by the names Hugging Face transformers gives ``GPT2LMHeadModel``'s
 tensors, so a checkpoint needs no renaming (see :mod:`minitodi.checkpoint`)::
@@ -19,6 +19,18 @@ One block (pre-norm, as GPT-2), :func:`block_forward` and :func:`block_backward`
 
     x = x + c_proj(attention(c_attn(ln_1(x))))
     x = x + mlp.c_proj(gelu(mlp.c_fc(ln_2(x))))
+
+A Llama (:class:`LlamaConfig`) is named as transformers' ``LlamaForCausalLM``, its projections stored
+(out, in) as ``nn.Linear`` stores them; the head is untied unless ``tie_word_embeddings``::
+
+    model.embed_tokens.weight (V, C)                  model.layers.{l}.input_layernorm.weight (C,)
+    model.layers.{l}.self_attn.{q,k,v,o}_proj.weight (out, in), + .bias (out,) if attention_bias
+    model.layers.{l}.post_attention_layernorm.weight (C,)
+    model.layers.{l}.mlp.{gate,up}_proj.weight (I, C)  model.layers.{l}.mlp.down_proj.weight (C, I)
+    model.norm.weight (C,)                            lm_head.weight (V, C)
+
+    x = x + o_proj(attention(rope(q_proj(a)), rope(k_proj(a)), v_proj(a))),   a = input_layernorm(x)
+    x = x + down_proj(silu(gate_proj(m)) * up_proj(m)),                        m = post_attention_layernorm(x)
 
 :func:`forward` and :func:`backward` serve every model type: ``ARCHITECTURES[config.model_type]``.
 """
@@ -185,6 +197,151 @@ def gpt2_head_backward(dlogits, cache):
     return dx, grads
 
 
+# ---- Llama ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LlamaConfig:
+    """A Llama's shape, with transformers' ``LlamaConfig`` field names and, where it has them, defaults.
+
+    Head size hs = hidden_size / num_attention_heads (even: RoPE turns pairs of channels); G =
+    num_attention_heads / num_key_value_heads query heads share each key/value head.
+    """
+    model_type = "llama"  # a class attribute, not a field: it picks the Architecture
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    n_layer = property(lambda self: self.num_hidden_layers)  # the names forward and generate read
+    n_positions = property(lambda self: self.max_position_embeddings)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
+        H, Hkv = self.num_attention_heads, self.num_key_value_heads
+        if self.hidden_size % (2 * H) or H % Hkv:
+            raise ValueError(f"LlamaConfig: hidden_size ({self.hidden_size}) must be a multiple of 2 * "
+                             f"num_attention_heads ({H}), and that a multiple of num_key_value_heads ({Hkv})")
+        if not (self.rms_norm_eps > 0 and self.rope_theta > 0):
+            raise ValueError(f"LlamaConfig: rms_norm_eps and rope_theta must be > 0, got {self.rms_norm_eps!r}, "
+                             f"{self.rope_theta!r}")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def llama_param_shapes(config):
+    """Every parameter's name and shape, as transformers' LlamaForCausalLM lists them, weights (out, in)."""
+    V, C, I = config.vocab_size, config.hidden_size, config.intermediate_size
+    Ckv = config.num_key_value_heads * (C // config.num_attention_heads)
+    shapes = {"model.embed_tokens.weight": (V, C)}
+    for l in range(config.num_hidden_layers):
+        h = f"model.layers.{l}."
+        for name, out, inp in (("q", C, C), ("k", Ckv, C), ("v", Ckv, C), ("o", C, C)):
+            shapes[h + f"self_attn.{name}_proj.weight"] = (out, inp)
+            if config.attention_bias:
+                shapes[h + f"self_attn.{name}_proj.bias"] = (out,)
+        shapes.update({h + "mlp.gate_proj.weight": (I, C), h + "mlp.up_proj.weight": (I, C),
+                       h + "mlp.down_proj.weight": (C, I), h + "input_layernorm.weight": (C,),
+                       h + "post_attention_layernorm.weight": (C,)})
+    shapes["model.norm.weight"] = (C,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, C)
+    return shapes
+
+
+def _proj_forward(x, p, name, c):
+    """transformers' nn.Linear, y = x @ W^T (+ b) with W stored (out, in); its cache goes to c[name]."""
+    b = p.get(name + ".bias")
+    y, c[name] = layers.linear_forward(x, p[name + ".weight"].T, 0.0 if b is None else b)
+    c[name + ".bias"] = b is not None
+    return y
+
+
+def _proj_backward(dy, c, name, d):
+    """dx of a projection; its dW (out, in), and db if it has a bias, go to d."""
+    dx, dw, db = layers.linear_backward(dy, c[name])
+    d[name + ".weight"] = dw.T  # (in, out) -> (out, in)
+    if c[name + ".bias"]:
+        d[name + ".bias"] = db
+    return dx
+
+
+def llama_block_forward(x, p, config, past=None):
+    """One Llama block (see the module docstring), x (B, T, C) -> (B, T, C); ``p`` and ``past`` as in
+    :func:`block_forward`, ``past`` with num_key_value_heads heads."""
+    H, Hkv, eps, c = config.num_attention_heads, config.num_key_value_heads, config.rms_norm_eps, {}
+    pos0 = 0 if past is None else past[0].shape[2]
+    cos, sin = layers.rope_tables(pos0, x.shape[1], config.hidden_size // H, config.rope_theta, x)
+    a, c["norm_1"] = layers.rmsnorm_forward(x, p["input_layernorm.weight"], eps)
+    q, c["rope_q"] = layers.rotary_forward(_proj_forward(a, p, "self_attn.q_proj", c), cos, sin, H)
+    k, c["rope_k"] = layers.rotary_forward(_proj_forward(a, p, "self_attn.k_proj", c), cos, sin, Hkv)
+    v = _proj_forward(a, p, "self_attn.v_proj", c)  # (B, T, Hkv hs)
+    a, c["attn"] = layers.grouped_attention_forward(q, k, v, H, Hkv, past)
+    x = x + _proj_forward(a, p, "self_attn.o_proj", c)
+    m, c["norm_2"] = layers.rmsnorm_forward(x, p["post_attention_layernorm.weight"], eps)
+    m, c["swiglu"] = layers.swiglu_forward(_proj_forward(m, p, "mlp.gate_proj", c),
+                                           _proj_forward(m, p, "mlp.up_proj", c))  # (B, T, I)
+    c["present"] = c["attn"]["present"]
+    return x + _proj_forward(m, p, "mlp.down_proj", c), c
+
+
+def llama_block_backward(dx, c):
+    """The block's backward: (dL/d its input, {name within the block: gradient}) from dL/d its output."""
+    d = {}
+    # forward was: x = x + down_proj(swiglu(gate_proj(m), up_proj(m))), m = post_attention_layernorm(x)
+    dg, du = layers.swiglu_backward(_proj_backward(dx, c, "mlp.down_proj", d), c["swiglu"])
+    dm = _proj_backward(dg, c, "mlp.gate_proj", d) + _proj_backward(du, c, "mlp.up_proj", d)  # m feeds both
+    dm, d["post_attention_layernorm.weight"] = layers.rmsnorm_backward(dm, c["norm_2"])
+    dx = dx + dm
+    # forward was: x = x + o_proj(attention(rope(q_proj(a)), rope(k_proj(a)), v_proj(a))), a = input_layernorm(x)
+    dq, dk, dv = layers.grouped_attention_backward(_proj_backward(dx, c, "self_attn.o_proj", d), c["attn"])
+    da = (_proj_backward(layers.rotary_backward(dq, c["rope_q"]), c, "self_attn.q_proj", d)
+          + _proj_backward(layers.rotary_backward(dk, c["rope_k"]), c, "self_attn.k_proj", d)
+          + _proj_backward(dv, c, "self_attn.v_proj", d))  # a feeds all three projections
+    da, d["input_layernorm.weight"] = layers.rmsnorm_backward(da, c["norm_1"])
+    return dx + da, d
+
+
+def llama_embed_forward(params, idx, config, pos0):
+    """x = embed_tokens[idx]: (B, T) ids -> (B, T, C). Positions enter later, as rotations of q and k."""
+    w = params["model.embed_tokens.weight"]
+    return w[idx], (idx, w.shape)
+
+
+def llama_embed_backward(dx, cache):
+    """forward was: x[b, t] = embed_tokens[idx[b, t]], so dx is scatter-added into the rows of the ids."""
+    idx, shape = cache
+    xp = array_module(dx)
+    dw = xp.zeros(shape, dtype=dx.dtype)
+    xp.add.at(dw, idx.reshape(-1), dx.reshape(-1, dx.shape[-1]))
+    return {"model.embed_tokens.weight": dw}
+
+
+def llama_head_forward(x, params, config):
+    """logits = norm(x) @ W^T, W = lm_head.weight or, when tie_word_embeddings, the token embedding:
+    (B, T, C) -> (B, T, V)."""
+    c = {"head": "model.embed_tokens" if config.tie_word_embeddings else "lm_head"}
+    xf, c["norm"] = layers.rmsnorm_forward(x, params["model.norm.weight"], config.rms_norm_eps)
+    return _proj_forward(xf, params, c["head"], c), c
+
+
+def llama_head_backward(dlogits, c):
+    """forward was: logits = xf @ W^T, xf = norm(x)."""
+    grads = {}
+    dxf = _proj_backward(dlogits, c, c["head"], grads)
+    dx, grads["model.norm.weight"] = layers.rmsnorm_backward(dxf, c["norm"])
+    return dx, grads
+
+
 @dataclass(frozen=True)
 class Architecture:
     """What one model type defines; :func:`forward` and :func:`backward` chain it. Signatures as GPT-2's:
@@ -203,6 +360,9 @@ class Architecture:
 ARCHITECTURES = {
     "gpt2": Architecture(gpt2_param_shapes, "transformer.h.{}.", ("c_proj.weight",), gpt2_embed_forward,
                          gpt2_embed_backward, block_forward, block_backward, gpt2_head_forward, gpt2_head_backward),
+    "llama": Architecture(llama_param_shapes, "model.layers.{}.", ("o_proj.weight", "down_proj.weight"),
+                          llama_embed_forward, llama_embed_backward, llama_block_forward, llama_block_backward,
+                          llama_head_forward, llama_head_backward),
 }
 
 

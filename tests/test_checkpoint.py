@@ -254,7 +254,7 @@ def test_config_disagreeing_with_tensors(saved, field, value, message):
     ("activation_function", "relu", "activation_function"),
     ("n_inner", 100, "n_inner"),
     ("tie_word_embeddings", False, "untied"),
-    ("model_type", "llama", "model_type"),
+    ("model_type", "mamba", "model_type"),  # neither GPT-2 nor Llama
 ])
 def test_unsupported_config(saved, field, value, message):
     _edit_config(saved[0], field, value)
