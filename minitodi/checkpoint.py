@@ -226,16 +226,16 @@ def _llama_config_from_hf(hf, where):
     rope = hf.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"{where}: rope_parameters.rope_type = {rope['rope_type']!r} is not implemented")
-    if hf.get("head_dim") not in (None, hf.get("hidden_size", 0) // max(hf.get("num_attention_heads", 1), 1)):
-        raise ValueError(f"{where}: head_dim = {hf['head_dim']} is not implemented (only hidden_size / "
-                         "num_attention_heads)")
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if hf.get(name) is None:
             raise ValueError(f"{where}: missing field {name!r}")
     fields = {name: hf[name] for name in LlamaConfig.__dataclass_fields__ if hf.get(name) is not None}
     fields.setdefault("num_key_value_heads", hf["num_attention_heads"])  # transformers' default: no grouping
     fields["rope_theta"] = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return LlamaConfig(**fields)
+    config = LlamaConfig(**fields)
+    if hf.get("head_dim") not in (None, config.hidden_size // config.num_attention_heads):
+        raise ValueError(f"{where}: head_dim = {hf['head_dim']} is not implemented (only hidden_size / heads)")
+    return config
 
 
 @dataclass(frozen=True)
