@@ -13,7 +13,7 @@ import pytest
 from conftest import fake_loss
 from safetensors.numpy import save_file
 
-from minitodi import checkpoint, layers, model
+from minitodi import backend, checkpoint, layers, model
 from minitodi.generate import generate
 from minitodi.gradcheck import check_array, check_arrays, directional_check
 
@@ -181,6 +181,41 @@ def test_init_params_and_generate():
         logits, _ = model.forward(params, np.array([prompt + new]), config)
         assert list(logits[0, len(prompt) - 1:-1].argmax(axis=-1)) == new
 
+
+def _ce_run(params, idx, targets, config):
+    logits, cache = model.forward(params, idx, config)
+    loss, ce_cache = layers.cross_entropy_forward(logits, targets)
+    return logits, loss, model.backward(layers.cross_entropy_backward(1.0, ce_cache), cache)
+
+
+def test_computes_in_the_params_dtype():
+    config = small_config(attention_bias=True)
+    params = _random_params(config)
+    rng = np.random.default_rng(3)
+    idx, targets = rng.integers(0, 37, size=(2, 7)), rng.integers(0, 37, size=(2, 7))
+    logits, loss, grads = _ce_run(params, idx, targets, config)
+    logits32, loss32, grads32 = _ce_run({k: v.astype(np.float32) for k, v in params.items()}, idx, targets, config)
+    assert logits32.dtype == np.float32 and all(g.dtype == np.float32 for g in grads32.values())
+    np.testing.assert_allclose(logits32, logits, rtol=0, atol=1e-5 * np.abs(logits).max())
+    for k, g in grads.items():
+        np.testing.assert_allclose(grads32[k], g, rtol=0, atol=1e-4 * np.abs(g).max(), err_msg=k)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not backend.gpu_available(), reason="no usable GPU")
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-11), (np.float32, 1e-4)])
+def test_cupy_matches_numpy(dtype, tol):
+    config = small_config(attention_bias=True)
+    params = {k: v.astype(dtype) for k, v in _random_params(config).items()}
+    rng = np.random.default_rng(5)
+    idx, targets = rng.integers(0, 37, size=(3, 12)), rng.integers(0, 37, size=(3, 12))
+    logits, loss, grads = _ce_run(params, idx, targets, config)
+    gpu = {k: backend.to_device(x, "gpu") for k, x in params.items()}
+    logits_g, loss_g, grads_g = _ce_run(gpu, backend.to_device(idx, "gpu"), backend.to_device(targets, "gpu"), config)
+    assert backend.device_of(logits_g) == "gpu" and logits_g.dtype == dtype
+    np.testing.assert_allclose(backend.to_numpy(logits_g), logits, rtol=0, atol=tol * np.abs(logits).max())
+    for k, g in grads.items():
+        np.testing.assert_allclose(backend.to_numpy(grads_g[k]), g, rtol=0, atol=tol * np.abs(g).max(), err_msg=k)
 
 def test_config_errors():
     with pytest.raises(ValueError, match="num_key_value_heads"):
