@@ -3,10 +3,12 @@
     python benchmarks/bench_train_step.py                  # 4 layers, width 128, V 2048, 16 x 64, float32
     python benchmarks/bench_train_step.py --device gpu
 
-A step is forward, cross-entropy, backward, gradient clipping and AdamW. Both sides start from the same
-weights (minitodi's initialisation, copied into the PyTorch model) and see the same batch; the two take
-turns in blocks of warmed-up steps (see ``timed``), and the median step time is reported with tokens
-per second.
+A step is forward, cross-entropy, backward, gradient clipping and AdamW; the same step without the
+update (forward, cross-entropy and backward only) is timed too. Both sides start from the same weights
+(minitodi's initialisation, copied into the PyTorch model) and see the same batch; the four take turns
+in blocks of warmed-up steps (see ``timed``), and the median step time is reported with tokens per
+second. Thread counts are the libraries' defaults; ``OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1`` in the
+environment runs both on one core.
 
 The PyTorch model is written here in the usual way (nn.Linear layers, fused qkv, scaled_dot_product_attention
 with a causal mask, tanh GELU, tied head, torch.optim.AdamW with its default implementation); it runs
@@ -27,19 +29,20 @@ from minitodi import layers, model, optim  # noqa: E402
 from minitodi.backend import get_xp, to_device  # noqa: E402
 
 
-def minitodi_step(args, cfg, params, idx, targets):
+def minitodi_step(args, cfg, params, idx, targets, update=True):
     opt = optim.adamw_init(params)
 
     def step():
         logits, cache = model.forward(params, idx, cfg)
         _, ce_cache = layers.cross_entropy_forward(logits, targets)
         grads = model.backward(layers.cross_entropy_backward(1.0, ce_cache), cache)
-        optim.clip_grad_norm(grads, 1.0)
-        optim.adamw_step(params, grads, opt, lr=1e-3, weight_decay=0.1)
+        if update:
+            optim.clip_grad_norm(grads, 1.0)
+            optim.adamw_step(params, grads, opt, lr=1e-3, weight_decay=0.1)
     return step
 
 
-def torch_step(args, cfg, params, idx, targets):
+def torch_step(args, cfg, params, idx, targets, update=True):
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -103,8 +106,9 @@ def torch_step(args, cfg, params, idx, targets):
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
+        if update:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
         if device == "cuda":
             torch.cuda.synchronize()
     return step
@@ -157,22 +161,29 @@ def main():
     tokens = args.batch * args.seq
     sync = get_xp(args.device).cuda.Device().synchronize if args.device == "gpu" else None
     print(f"GPT-2 step: {args.layers} layers, width {args.width}, V {args.vocab}, batch {args.batch} x "
-          f"{args.seq}, float32, {args.device}; median of {args.repeat}")
-    steps = [minitodi_step(args, cfg, model.init_params(cfg, 0, device=args.device), idx, targets)]
+          f"{args.seq}, float32, {args.device}; median of {args.repeat}; "
+          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
+    makers = [minitodi_step]
     try:
         import torch
 
-        steps.append(torch_step(args, cfg, model.init_params(cfg, 0, device=args.device), idx, targets))
+        makers.append(torch_step)
     except ImportError:
         torch = None
-    times = timed(steps, args.warmup, args.repeat, sync)
-    print(f"minitodi  {times[0] * 1e3:8.2f} ms/step  {tokens / times[0]:10.0f} tok/s")
-    if torch is None:
-        print("torch not installed: no comparison")
-        return
-    print(f"torch     {times[1] * 1e3:8.2f} ms/step  {tokens / times[1]:10.0f} tok/s   "
-          f"(torch {torch.__version__}, {torch.get_num_threads()} threads)")
-    print(f"ratio minitodi / torch: {times[0] / times[1]:.2f}x")
+    kinds = [("full step", True), ("forward + backward", False)]
+    steps = [make(args, cfg, model.init_params(cfg, 0, device=args.device), idx, targets, update)
+             for _, update in kinds for make in makers]
+    times = iter(timed(steps, args.warmup, args.repeat, sync))
+    for kind, _ in kinds:
+        mine = next(times)
+        print(f"{kind}:\n  minitodi  {mine * 1e3:8.2f} ms/step  {tokens / mine:10.0f} tok/s")
+        if torch is None:
+            print("  torch not installed: no comparison")
+            continue
+        theirs = next(times)
+        print(f"  torch     {theirs * 1e3:8.2f} ms/step  {tokens / theirs:10.0f} tok/s   "
+              f"(torch {torch.__version__}, {torch.get_num_threads()} threads)")
+        print(f"  ratio minitodi / torch: {mine / theirs:.2f}x")
 
 
 if __name__ == "__main__":

@@ -104,40 +104,39 @@ _GELU_A = 0.044715
 def gelu_forward(x):
     """y = 0.5 x (1 + tanh(u)),  u = k (x + a x^3),  k = sqrt(2 / pi), a = 0.044715.
 
-    Computed in place on two temporaries (u is formed as k x (1 + a x^2)): GELU is the widest
-    elementwise layer of the model, so its passes over memory show in a training step.
+    Computed as y = x s with s = sigmoid(2u) = 1 / (1 + exp(-2u)), the same function since
+    0.5 (1 + tanh u) = sigmoid(2u): one exp (cheaper than tanh) and no cancellation in 1 + tanh(u) for
+    negative x. In place on one temporary: GELU is the widest elementwise layer of the model.
     """
     xp = array_module(x)
-    th = x * x
-    th *= _GELU_A
-    th += 1.0
-    th *= x
-    th *= _GELU_K
-    xp.tanh(th, out=th)  # tanh(u)
-    y = th + 1.0
-    y *= x
-    y *= 0.5
-    return y, (x, th)
+    s = x * x
+    s *= -2.0 * _GELU_K * _GELU_A
+    s -= 2.0 * _GELU_K
+    s *= x  # -2u
+    xp.minimum(s, 80.0, out=s)  # x below about -10: exp(80) keeps float32 finite, and s ~ 1e-35 is 0
+    xp.exp(s, out=s)
+    s += 1.0
+    xp.reciprocal(s, out=s)  # s = sigmoid(2u)
+    return x * s, (x, s)
 
 
 def gelu_backward(dy, cache):
-    """forward was: y = 0.5 x (1 + tanh(u)), u = k (x + a x^3), so with d tanh(u) = 1 - tanh(u)^2,
+    """forward was: y = x s, s = sigmoid(2u), u = k (x + a x^3), so with d sigmoid(z) = sigmoid (1 - sigmoid),
 
-        dy/dx = 0.5 (1 + tanh u + x (1 - tanh(u)^2) k (1 + 3 a x^2)),
+        dy/dx = s + x * 2 s (1 - s) * k (1 + 3 a x^2)
 
-    built below in that order, in place (as fast as the forward's form; see benchmarks/README.md).
+    (= 0.5 (1 + tanh u) + 0.5 x (1 - tanh(u)^2) du/dx), built below in that order, in place.
     """
-    x, th = cache  # th = tanh(u)
+    x, s = cache
     dudx = x * x
     dudx *= 3.0 * _GELU_A * _GELU_K
     dudx += _GELU_K  # du/dx = k (1 + 3 a x^2)
-    dx = th * th
-    array_module(x).subtract(1.0, dx, out=dx)  # 1 - tanh(u)^2
-    dx *= x
-    dx *= dudx  # x (1 - tanh(u)^2) du/dx
-    dx += th
-    dx += 1.0
-    dx *= 0.5  # dy/dx
+    dx = 1.0 - s
+    dx *= s
+    dx *= 2.0  # ds/du = 2 s (1 - s)
+    dx *= dudx
+    dx *= x  # x ds/dx
+    dx += s  # dy/dx
     dx *= dy
     return dx
 
@@ -154,7 +153,8 @@ def _merge_heads(x):
 
 
 def attention_forward(qkv, n_head, past=None):
-    """Causal self-attention from the fused projection qkv = [q | k | v] (GPT-2's c_attn output).
+    """GPT-2's causal self-attention from its fused projection qkv = [q | k | v] (c_attn's output):
+    :func:`grouped_attention_forward` (below) with every query head its own key/value head,
 
         att = softmax(q k^T / sqrt(hs) + causal mask),   y = att v,   per head, heads then merged.
 
@@ -162,44 +162,13 @@ def attention_forward(qkv, n_head, past=None):
     positions, each (B, H, P, hs): the T new queries sit at positions P..P+T-1 and attend to all P + T
     keys up to their own. The cache's ``"present"`` is the ``(k, v)`` to pass next time.
     """
-    xp = array_module(qkv)
-    C = qkv.shape[-1] // 3
-    q, k, v = (_split_heads(part, n_head) for part in xp.split(qkv, 3, axis=-1))  # (B, H, T, hs) each
-    if past is not None:
-        k = xp.concatenate([past[0], k], axis=2)  # (B, H, P + T, hs)
-        v = xp.concatenate([past[1], v], axis=2)
-    T, S = q.shape[2], k.shape[2]
-    scale = 1.0 / math.sqrt(C // n_head)
-    pre = (q @ k.transpose(0, 1, 3, 2)) * scale  # (B, H, T, S)
-    future = xp.arange(S)[None, :] > xp.arange(S - T, S)[:, None]  # (T, S): key after the query
-    pre = xp.where(future, -xp.inf, pre)
-    pre = pre - pre.max(axis=-1, keepdims=True)
-    att = xp.exp(pre)
-    att /= att.sum(axis=-1, keepdims=True)
-    y = _merge_heads(att @ v)  # (B, H, T, hs) -> (B, T, C)
-    return y, {"q": q, "k": k, "v": v, "att": att, "scale": scale, "n_head": n_head, "present": (k, v)}
+    q, k, v = array_module(qkv).split(qkv, 3, axis=-1)
+    return grouped_attention_forward(q, k, v, n_head, n_head, past)
 
 
 def attention_backward(dy, cache):
-    """forward was: pre = q k^T * scale (masked), att = softmax(pre), y = merge(att v), so per head
-
-        dv = att^T dy,   datt = dy v^T,
-        dpre = att * (datt - sum_j datt_j att_j)        (softmax Jacobian, row by row; masked entries
-                                                         have att = 0 and get no gradient),
-        dq = dpre k * scale,   dk = dpre^T q * scale,
-
-    and dqkv = [dq | dk | dv] with heads merged. Only for a full sequence (no ``past``).
-    """
-    q, k, v, att, scale = cache["q"], cache["k"], cache["v"], cache["att"], cache["scale"]
-    xp = array_module(dy)
-    dyh = _split_heads(dy, cache["n_head"])  # (B, T, C) -> (B, H, T, hs)
-    dv = att.transpose(0, 1, 3, 2) @ dyh
-    datt = dyh @ v.transpose(0, 1, 3, 2)  # (B, H, T, T)
-    dpre = att * (datt - (datt * att).sum(axis=-1, keepdims=True))
-    dpre *= scale
-    dq = dpre @ k
-    dk = dpre.transpose(0, 1, 3, 2) @ q
-    return xp.concatenate([_merge_heads(dq), _merge_heads(dk), _merge_heads(dv)], axis=-1)
+    """dqkv = [dq | dk | dv] (B, T, 3C) from :func:`grouped_attention_backward` (derivation there)."""
+    return array_module(dy).concatenate(grouped_attention_backward(dy, cache), axis=-1)
 
 
 # ---- softmax cross-entropy with an ignore index --------------------------------------------------
@@ -352,22 +321,24 @@ def grouped_attention_forward(q, k, v, n_head, n_kv_head, past=None):
     qg = _split_heads(q, n_head).reshape(B, n_kv_head, G, T, hs)  # the G query heads of each kv head
     kg, vg = k[:, :, None], v[:, :, None]  # (B, Hkv, 1, S, hs): broadcast over the group
     scale = 1.0 / math.sqrt(hs)
-    pre = (qg @ kg.swapaxes(-1, -2)) * scale  # (B, Hkv, G, T, S)
+    att = qg @ kg.swapaxes(-1, -2)  # (B, Hkv, G, T, S); below, in place: the scale, the mask, the softmax
+    att *= scale
     future = xp.arange(S)[None, :] > xp.arange(S - T, S)[:, None]  # (T, S): key after the query
-    pre = xp.where(future, -xp.inf, pre)
-    att = xp.exp(pre - pre.max(axis=-1, keepdims=True))
+    att += xp.where(future, -xp.inf, 0.0).astype(att.dtype)
+    att -= att.max(axis=-1, keepdims=True)
+    xp.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True)
     y = _merge_heads((att @ vg).reshape(B, n_head, T, hs))  # (B, Hkv, G, T, hs) -> (B, T, n_head hs)
     return y, {"qg": qg, "kg": kg, "vg": vg, "att": att, "scale": scale, "present": (k, v)}
 
 
 def grouped_attention_backward(dy, cache):
-    """forward was: pre = q k^T * scale (masked), att = softmax(pre), y = att v, so per query head (as in
-    :func:`attention_backward`)
+    """forward was: pre = q k^T * scale (masked), att = softmax(pre), y = att v, so per query head
 
         datt = dy v^T,   dpre = att * (datt - sum_j datt_j att_j),   dq = dpre k * scale,
 
-    and a key/value head, read by G query heads, gets the sum of their gradients:
+    (the softmax's Jacobian row by row: d att_j / d pre_i = att_j (delta_ij - att_i); a masked entry
+    has att = 0 and gets no gradient), and a key/value head, read by G query heads, gets the sum of their gradients:
 
         dv = sum over the group of att^T dy,    dk = sum over the group of dpre^T q * scale.
 
@@ -377,8 +348,9 @@ def grouped_attention_backward(dy, cache):
     B, Hkv, G, T, hs = qg.shape
     dyg = _split_heads(dy, Hkv * G).reshape(qg.shape)  # (B, T, H hs) -> (B, Hkv, G, T, hs)
     dv = (att.swapaxes(-1, -2) @ dyg).sum(axis=2)  # (B, Hkv, T, hs)
-    datt = dyg @ vg.swapaxes(-1, -2)  # (B, Hkv, G, T, T)
-    dpre = att * (datt - (datt * att).sum(axis=-1, keepdims=True))
+    dpre = dyg @ vg.swapaxes(-1, -2)  # datt (B, Hkv, G, T, T), then in place:
+    dpre -= (dpre * att).sum(axis=-1, keepdims=True)
+    dpre *= att
     dpre *= cache["scale"]
     dq = (dpre @ kg).reshape(B, Hkv * G, T, hs)
     dk = (dpre.swapaxes(-1, -2) @ qg).sum(axis=2)

@@ -4,6 +4,8 @@ A layer is checked through the fake loss L = sum(y * dy) with a fixed random dy:
 the layer's backward called with dy must return dL/d(every input), which finite differences of L see.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -90,9 +92,18 @@ def test_gelu_backward():
 
 
 def test_gelu_is_gpt2_tanh_form():
+    """The readable reference, 0.5 x (1 + tanh(u)), evaluated in extended precision: in float64 its
+    1 + tanh(u) cancels for negative x (6e-15 relative at x = -3), which the layer's sigmoid form avoids."""
     x = np.array([-3.0, -1.0, 0.0, 0.5, 2.0])
-    expected = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
-    np.testing.assert_allclose(layers.gelu_forward(x)[0], expected, rtol=1e-15, atol=0)
+    xl = x.astype(np.longdouble)
+    k = np.sqrt(np.longdouble(2) / np.longdouble(np.pi))
+    expected = 0.5 * xl * (1 + np.tanh(k * (xl + np.longdouble(0.044715) * xl**3)))
+    np.testing.assert_allclose(layers.gelu_forward(x)[0], expected.astype(np.float64), rtol=1e-15, atol=0)
+    # far in the negative tail, float32 neither overflows nor warns: the output is 0 to within 1e-30
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tail = layers.gelu_forward(np.array([-12.0, -60.0], dtype=np.float32))[0]
+    assert tail.dtype == np.float32 and np.all(np.abs(tail) < 1e-30)
 
 
 # ------------------------------------------------------------------------------------------ attention
@@ -113,6 +124,20 @@ def test_attention_backward_several_heads():
     assert dqkv.shape == qkv.shape
     f = fake_loss(lambda: layers.attention_forward(qkv, H), dy)
     assert check_array(f, qkv, dqkv).max_rel_error < TOL
+
+
+def test_attention_matches_a_plain_reference():
+    """The in-place fast path against softmax(q k^T / sqrt(hs) + mask) v written out head by head."""
+    qkv, H, hs = _qkv(12, T=6), 3, 4
+    q, k, v = np.split(qkv, 3, axis=-1)
+    expected = np.empty_like(q)
+    for h in range(H):
+        cols = slice(h * hs, (h + 1) * hs)
+        scores = q[:, :, cols] @ k[:, :, cols].transpose(0, 2, 1) / np.sqrt(hs)
+        scores[:, np.triu(np.ones((6, 6), bool), k=1)] = -np.inf  # key after the query
+        att = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        expected[:, :, cols] = (att / att.sum(axis=-1, keepdims=True)) @ v[:, :, cols]
+    np.testing.assert_allclose(layers.attention_forward(qkv, H)[0], expected, rtol=1e-13, atol=1e-14)
 
 
 def test_attention_is_causal():
