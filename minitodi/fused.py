@@ -9,9 +9,10 @@ block; on a GPU each of those is a round trip through memory. Here, for logits f
 
 with w_row = 1 / (N T) on counted rows and 0 elsewhere. Every per-entry quantity (log q, log p, q, p,
 ToDi's weight a, the term, g) is recomputed in registers from s and t where it is needed. The formulas
-are those of the docstrings in :mod:`minitodi.losses`; :func:`minitodi.losses._reduce` takes this path
-when the arrays are CuPy, no logit is -inf (0 * log 0 and infinite divergences stay with the array path),
-and ToDi's weight is the plain detached one.
+are those of ``fkl_rows``, ``rkl_rows`` and ``todi_rows`` in :mod:`minitodi.losses`, whose
+:func:`~minitodi.losses._mean_over_positions` takes this path when the arrays are CuPy, no logit is -inf
+(0 * log 0 and infinite divergences stay with the array path) and ToDi's weight is evaluated at the
+student's own logits (no ``stopgrad_at``). As there, D is clamped at 0 where rounding makes it negative.
 """
 
 import functools
@@ -89,7 +90,7 @@ def loss_and_grad(name, s2, t2, rows, temperature, beta=1.0):
     inv_t = cupy.asarray(1.0 / temperature, dtype=dtype)
     b = cupy.asarray(beta, dtype=dtype)
     lse_s, lse_t = _log_sum_exp(s2, inv_t), _log_sum_exp(t2, inv_t)
-    values = term_sum(s2, t2, lse_s, lse_t, inv_t, b, axis=1)  # (M,)
+    values = cupy.maximum(term_sum(s2, t2, lse_s, lse_t, inv_t, b, axis=1), 0)  # (M,)
     G = g_sum(s2, t2, lse_s, lse_t, inv_t, b, axis=1, keepdims=True)  # (M, 1)
     counted = cupy.ones(s2.shape[0], dtype=dtype)
     if rows is not None:

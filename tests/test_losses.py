@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from minitodi import backend, fused, gradcheck, losses
+from minitodi.gradcheck import LOSS_CHECK_EPS, LOSS_CHECK_ORDER
 from minitodi.losses import LOSSES, InfiniteDivergenceError
 
 NAMES = sorted(LOSSES)
 # every loss with its defaults, plus option values that change the gradient
 CASES = [(n, {}) for n in NAMES] + [
-    ("todi", {"beta": 2.0}), ("todi", {"beta": 0.0}), ("todi", {"detach": False}),
-    ("todi", {"beta": 3.0, "detach": False}), ("sfkl", {"lam": 0.4}), ("srkl", {"lam": 0.4}),
+    ("todi", {"beta": 2.0}), ("todi", {"beta": 0.0}), ("sfkl", {"lam": 0.4}), ("srkl", {"lam": 0.4}),
     ("akl", {"mu": 0.8}),
 ]
 CASE_IDS = [f"{n}-{','.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for n, o in CASES]
@@ -121,22 +121,32 @@ def test_gradient_matches_finite_differences_of_the_reference(name, options, tem
     """
     s, t, mask = _inputs()
     _, grad = LOSSES[name](s, t, mask, temperature=temperature, **options)
-    frozen = s.copy() if name in losses.STOPGRAD_LOSSES and options.get("detach", True) else None
+    frozen = s.copy() if name in losses.STOPGRAD_LOSSES else None
     x = s.copy()
     res = gradcheck.check_array(lambda: reference(name, x, t, mask, temperature, frozen, **options),
-                                x, grad, eps=losses.LOSS_CHECK_EPS, order=losses.LOSS_CHECK_ORDER)
+                                x, grad, eps=LOSS_CHECK_EPS, order=LOSS_CHECK_ORDER)
     assert res.n_checked == s.size
     assert res.max_rel_error < 1e-6, res
     assert np.all(grad[~mask] == 0)
 
 
-def test_check_loss_and_cli_table_agree_and_pass():
-    from minitodi.cli import gradcheck_table
+def test_gradcheck_table_covers_every_loss_and_catches_a_wrong_gradient(monkeypatch):
+    rows = gradcheck.gradcheck_table(names=["fkl", "todi"])
+    assert [(r[0], r[1], r[2]) for r in rows] == [(n, o, T) for n, o in gradcheck.GRADCHECK_CASES
+                                                  if n in ("fkl", "todi") for T in (1.0, 2.0)]
+    assert {n for n, _ in gradcheck.GRADCHECK_CASES} == set(LOSSES)
+    assert all(r[3] == 66 and r[4] < 1e-6 for r in rows)
+    # one gradient entry off by 1e-3 of itself must show in the table
+    real = LOSSES["fkl"]
 
-    rows = gradcheck_table()
-    assert {r[0] for r in rows} == set(LOSSES)
-    assert {r[2] for r in rows} == {1.0, 2.0}
-    assert max(r[4] for r in rows) < 1e-6
+    def wrong(*args, **kwargs):
+        value, grad = real(*args, **kwargs)
+        grad = grad.copy()
+        grad.flat[0] *= 1.001
+        return value, grad
+
+    monkeypatch.setitem(LOSSES, "fkl", wrong)
+    assert all(r[4] > 1e-4 for r in gradcheck.gradcheck_table(names=["fkl"]))
 
 
 def test_cli_gradcheck_exit_code(capsys):
@@ -153,28 +163,35 @@ def test_cli_gradcheck_exit_code(capsys):
 # ----------------------------------------------------------------------------------- ToDi specifically
 
 
-def test_todi_detached_gradient_is_not_the_gradient_of_the_value():
-    """Plain finite differences (weight not frozen) disagree with detach=True, agree with detach=False."""
+def test_todi_stop_gradient_is_not_the_gradient_of_the_value():
+    """At beta = 1 the value is FKL + RKL: plain finite differences (weight recomputed at every step)
+    measure grad FKL + grad RKL, not ToDi's; with the weight frozen at the base point they measure ToDi's."""
     s, t, mask = _inputs(seed=1)
-    _, g_detached = losses.todi(s, t, mask)
-    _, g_full = losses.todi(s, t, mask, detach=False)
+    _, g_todi = losses.todi(s, t, mask)
+    g_value = losses.fkl(s, t, mask)[1] + losses.rkl(s, t, mask)[1]
     x = s.copy()
-    plain = lambda: losses.todi(x, t, mask)[0]  # noqa: E731  (weight recomputed at every step)
-    assert gradcheck.check_array(plain, x, g_full, eps=losses.LOSS_CHECK_EPS, order=losses.LOSS_CHECK_ORDER).max_rel_error < 1e-6
-    assert gradcheck.check_array(plain, x, g_detached, eps=losses.LOSS_CHECK_EPS, order=losses.LOSS_CHECK_ORDER).max_rel_error > 1e-2
+
+    def check(f, grad):
+        return gradcheck.check_array(f, x, grad, eps=LOSS_CHECK_EPS, order=LOSS_CHECK_ORDER).max_rel_error
+
+    plain = lambda: losses.todi(x, t, mask)[0]  # noqa: E731
     frozen = lambda: losses.todi(x, t, mask, stopgrad_at=s)[0]  # noqa: E731
-    assert gradcheck.check_array(frozen, x, g_detached, eps=losses.LOSS_CHECK_EPS, order=losses.LOSS_CHECK_ORDER).max_rel_error < 1e-6
+    assert check(plain, g_value) < 1e-6
+    assert check(plain, g_todi) > 1e-2
+    assert check(frozen, g_todi) < 1e-6
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_todi_limits_are_fkl_and_rkl(temperature):
-    """a = 1 everywhere gives FKL (value and gradient); a = 0 gives RKL."""
-    s, t, mask = _inputs(seed=2)
-    for a, other in ((1.0, "fkl"), (0.0, "rkl")):
-        v, g = losses.todi(s, t, mask, temperature=temperature, weight=np.full(s.shape, a))
-        v_ref, g_ref = LOSSES[other](s, t, mask, temperature=temperature)
-        assert v == pytest.approx(v_ref, rel=1e-13)
-        np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-17)
+def test_todi_limits_are_fkl_and_rkl():
+    """On a block of rows, a = 1 everywhere gives FKL's D and g; a = 0 gives RKL's."""
+    s, t, _ = _inputs(shape=(6, 13), seed=2)
+    lq, lp = _log_softmax(s / 2), _log_softmax(t / 2)
+    rows = (lp, lq, np.exp(lp), np.exp(lq))
+    one, zero = np.ones(s.shape), np.zeros(s.shape)
+    for (a, one_minus_a), other in (((one, zero), losses.fkl_rows), ((zero, one), losses.rkl_rows)):
+        d, g = losses.todi_rows(*rows, a, one_minus_a)
+        d_ref, g_ref = other(*rows)
+        np.testing.assert_allclose(d, d_ref, rtol=1e-13)
+        np.testing.assert_allclose(g, g_ref, rtol=1e-13, atol=1e-17)
 
 
 def test_todi_weight_direction_and_beta_one_identity():
@@ -264,7 +281,8 @@ def test_teacher_neginf_alone_gives_finite_values_with_zero_log_zero(name):
     assert math.isfinite(v) and np.all(np.isfinite(g))
     assert v == pytest.approx(reference(name, s, t, mask, 2.0), rel=1e-12)
     x = s.copy()
-    res = gradcheck.check_array(lambda: reference(name, x, t, mask, 2.0), x, g, eps=losses.LOSS_CHECK_EPS, order=losses.LOSS_CHECK_ORDER)
+    res = gradcheck.check_array(lambda: reference(name, x, t, mask, 2.0), x, g, eps=LOSS_CHECK_EPS,
+                                order=LOSS_CHECK_ORDER)
     assert res.max_rel_error < 1e-6
 
 
@@ -360,10 +378,10 @@ def test_bad_options_are_clear_errors():
     s, t, _ = _inputs(seed=15)
     with pytest.raises(ValueError, match="beta"):
         losses.todi(s, t, beta=-1.0)
-    with pytest.raises(ValueError, match="detach=True"):
-        losses.todi(s, t, detach=False, stopgrad_at=s)
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        losses.todi(s, t, weight=np.full(s.shape, 1.5))
+    with pytest.raises(ValueError, match="stopgrad_at"):
+        losses.todi(s, t, stopgrad_at=s[..., :-1])
+    with pytest.raises(TypeError):
+        losses.todi(s, t, weight=np.full(s.shape, 0.5))  # one way to fix the weight: stopgrad_at
     for lam in (0.0, 1.0, -0.2):
         with pytest.raises(ValueError, match="lam"):
             losses.sfkl(s, t, lam=lam)
