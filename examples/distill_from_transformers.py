@@ -31,33 +31,24 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from minitodi import checkpoint, data, demo  # noqa: E402
+from minitodi.evaluation import evaluate  # noqa: E402
 from minitodi.losses import LOSSES  # noqa: E402
-from minitodi.model import GPTConfig, n_params  # noqa: E402
-from minitodi.tokenizer import Tokenizer  # noqa: E402
-from minitodi.train import SFT, Teacher, TrainConfig, evaluate, fit  # noqa: E402
+from minitodi.model import n_params  # noqa: E402
+from minitodi.presets import PRESETS  # noqa: E402
+from minitodi.teacher import Teacher  # noqa: E402
+from minitodi.train import SFT, fit  # noqa: E402
 
-FAMILIES = ["starts_with", "number_between", "other_color", "rhyme"]
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
 
 
-def suite(fast):
-    """The synthetic suite's multi-answer families; teacher and student see the same splits."""
-    return data.synthetic_suite(seed=0, n_train=400 if fast else 2000, n_valid=32 if fast else 64,
-                                n_test=32 if fast else 96, families=FAMILIES)
-
-
-def make_demo_teacher(directory, fast):
+def make_demo_teacher(directory, preset):
     """Train a tiny GPT-2-shaped teacher on the synthetic suite into ``directory`` (transformers layout)."""
-    suite_ = suite(fast)
-    tokenizer = Tokenizer.train([data.record_text(r) for r in suite_["train"]], 320)
-    examples = {name: data.instruction_examples(suite_[name], tokenizer, 48) for name in ("train", "valid")}
-    config = GPTConfig(vocab_size=tokenizer.vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=4)
-    steps = 60 if fast else 700
+    tokenizer, examples = data.prepare(preset.dataset(), preset.seq_len, vocab_size=preset.vocab_size,
+                                       splits=("train", "valid"))
     start = time.perf_counter()
-    fit(directory, config, tokenizer, examples["train"], examples["valid"],
-        TrainConfig(steps=steps, eval_every=max(steps // 5, 1), batch_size=16, lr=3e-3, warmup_steps=20),
-        progress=False)
-    print(f"demo teacher: {steps} steps in {time.perf_counter() - start:.1f} s -> {directory}")
+    fit(directory, preset.models(tokenizer.vocab_size)[0], tokenizer, examples["train"], examples["valid"],
+        preset.teacher_train, progress=False)
+    print(f"demo teacher: {preset.teacher_train.steps} steps in {time.perf_counter() - start:.1f} s -> {directory}")
 
 
 def student_config_for(teacher_config):
@@ -76,17 +67,17 @@ def main(argv=None):
     parser.add_argument("--fast", action="store_true", help="a seconds-long run (also: MINITODI_FAST=1)")
     parser.add_argument("--out", help="the student's run directory (default: a temporary one)")
     args = parser.parse_args(argv)
-    fast = args.fast or os.environ.get("MINITODI_FAST") == "1"
+    preset = PRESETS["tiny-fast" if args.fast or os.environ.get("MINITODI_FAST") == "1" else "tiny"]
 
     with tempfile.TemporaryDirectory(prefix="minitodi-teacher-") as tmp:
         if not args.teacher and not args.make_demo_teacher:  # nothing given: a demo teacher in a temp dir
             args.make_demo_teacher = str(Path(tmp) / "demo-teacher")
         if args.make_demo_teacher:
-            make_demo_teacher(Path(args.make_demo_teacher), fast)
-        return distil(parser, args, Path(args.teacher or args.make_demo_teacher), fast)
+            make_demo_teacher(Path(args.make_demo_teacher), preset)
+        return distil(parser, args, Path(args.teacher or args.make_demo_teacher), preset)
 
 
-def distil(parser, args, teacher_dir, fast):
+def distil(parser, args, teacher_dir, preset):
     missing = [name for name in REQUIRED if not (teacher_dir / name).is_file()]
     if missing:
         parser.error(f"{teacher_dir} lacks {', '.join(missing)} (needs {', '.join(REQUIRED)})")
@@ -95,23 +86,20 @@ def distil(parser, args, teacher_dir, fast):
     print(f"teacher: {teacher_dir}, {n_params(teacher.config):,} parameters, vocabulary {teacher.config.vocab_size}, "
           f"context {teacher.config.n_positions}")
 
-    seq_len = min(48, teacher.config.n_positions)
-    records = suite(fast)
-    split = {name: data.instruction_examples(rows, tokenizer, seq_len) for name, rows in records.items()}
+    records = preset.dataset()
+    _, split = data.prepare(records, min(preset.seq_len, teacher.config.n_positions), tokenizer=tokenizer)
     student_config = student_config_for(teacher.config)
-    steps = 30 if fast else 400
-    tcfg = TrainConfig(loss=args.loss, steps=steps, eval_every=max(steps // 4, 1), batch_size=16, lr=3e-3,
-                       warmup_steps=min(20, steps // 2))
+    tcfg = replace(preset.student_train, loss=args.loss)
 
     with tempfile.TemporaryDirectory(prefix="minitodi-student-") as tmp:
         out = Path(args.out or Path(tmp) / "student")
         start = time.perf_counter()
         summary = fit(out, student_config, tokenizer, split["train"], split["valid"], tcfg,
                       teacher=None if args.loss == SFT else teacher, progress=False)
-        print(f"student ({args.loss}): {n_params(student_config):,} parameters, {steps} steps in "
+        print(f"student ({args.loss}): {n_params(student_config):,} parameters, {tcfg.steps} steps in "
               f"{time.perf_counter() - start:.1f} s, best validation CE {summary['best_valid_ce']:.3f}")
         params, config = checkpoint.load(out)
-        test = dict(records=records["test"], examples=split["test"], max_new_tokens=12)
+        test = dict(records=records["test"], examples=split["test"], max_new_tokens=preset.max_new_tokens)
         rows = {"teacher": evaluate(teacher.params, teacher.config, tokenizer, **test),
                 args.loss: evaluate(params, config, tokenizer, teacher=teacher, **test)}
         print("\n" + demo.table({"teacher": rows["teacher"], "students": {args.loss: rows[args.loss]}}))

@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from . import gradcheck, losses
+from .presets import MODELS
 
 
 def cmd_gradcheck(args):
@@ -17,13 +18,6 @@ def cmd_gradcheck(args):
         print(f"{name:<6} {opts:<18} {temperature:>4g} {n:>8d} {err:>12.2e}  {'ok' if ok else 'FAIL'}")
     print(f"\nfloat64 central differences, eps={args.eps:g}; {len(rows) - failed}/{len(rows)} below {args.tol:g}")
     return 1 if failed else 0
-
-
-MODEL_PRESETS = {
-    "teacher": {"n_embd": 128, "n_layer": 4, "n_head": 4},
-    "student": {"n_embd": 64, "n_layer": 2, "n_head": 4},
-    "tiny": {"n_embd": 32, "n_layer": 1, "n_head": 2},
-}
 
 
 def _parse_options(pairs):
@@ -54,31 +48,21 @@ def _train_config(args, loss):
     return TrainConfig(**{k: v for k, v in fields.items() if v is not None})
 
 
-def _tokenizer_for(args, dataset, teacher=None):
-    from .data import training_texts
-    from .tokenizer import Tokenizer
-
-    if args.tokenizer:
-        return Tokenizer.load(args.tokenizer)
-    if teacher is not None:
-        return teacher.tokenizer
-    return Tokenizer.train(training_texts(dataset), args.vocab_size)
-
-
 def _fit(args, loss, teacher=None):
     from .backend import resolve_device
-    from .data import examples_for, load_dataset
-    from .model import GPTConfig
+    from .data import load_dataset, prepare
+    from .presets import model_config
+    from .tokenizer import Tokenizer
     from .train import fit
 
     device = resolve_device(args.device)
     dataset = load_dataset(args.data)
-    tokenizer = _tokenizer_for(args, dataset, teacher)
-    config = GPTConfig(vocab_size=tokenizer.vocab_size, n_positions=args.seq_len + args.max_new_tokens,
-                       **MODEL_PRESETS[args.preset])
-    train_ex, valid_ex = (examples_for(dataset, split, tokenizer, args.seq_len) for split in ("train", "valid"))
-    summary = fit(args.out, config, tokenizer, train_ex, valid_ex, _train_config(args, loss), teacher=teacher,
-                  device=device, progress=not args.quiet)
+    tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else getattr(teacher, "tokenizer", None)
+    tokenizer, examples = prepare(dataset, args.seq_len, tokenizer=tokenizer, vocab_size=args.vocab_size,
+                                  splits=("train", "valid"))
+    config = model_config(args.preset, tokenizer.vocab_size, args.seq_len + args.max_new_tokens)
+    summary = fit(args.out, config, tokenizer, examples["train"], examples["valid"], _train_config(args, loss),
+                  teacher=teacher, device=device, progress=not args.quiet)
     print(f"{loss}: {summary['steps']} steps, best validation CE {summary['best_valid_ce']:.4f} at step "
           f"{summary['best_step']}; model in {args.out}, log in {args.out}/metrics.jsonl")
     return 0
@@ -90,7 +74,7 @@ def cmd_train(args):
 
 def cmd_distill(args):
     from .backend import resolve_device
-    from .train import Teacher
+    from .teacher import Teacher
 
     teacher = Teacher.load(args.teacher, device=resolve_device(args.device))
     return _fit(args, args.loss, teacher)
@@ -102,16 +86,15 @@ def cmd_evaluate(args):
     from . import checkpoint
     from .backend import resolve_device
     from .data import examples_for, load_dataset
+    from .evaluation import evaluate, heldout_losses
+    from .teacher import Teacher, require_same_tokenizer
     from .tokenizer import Tokenizer
-    from .train import Teacher, evaluate, validation_loss
 
     device = resolve_device(args.device)
     params, config = checkpoint.load(args.model, device=device)
     tokenizer = Tokenizer.load(args.model)
     teacher = Teacher.load(args.teacher, device=device) if args.teacher else None
     if teacher is not None:
-        from .train import require_same_tokenizer
-
         require_same_tokenizer(teacher, tokenizer)
     dataset = load_dataset(args.data)
     seq_len = config.n_positions - args.max_new_tokens
@@ -122,7 +105,8 @@ def cmd_evaluate(args):
     else:  # plain text: no prompts to complete, so perplexity only
         from .metrics import perplexity
 
-        result = {"perplexity": perplexity(validation_loss(params, config, examples, 64, device))}
+        result = {"perplexity": perplexity(heldout_losses(params, config, examples, tokenizer.eos_id,
+                                                          device=device)[0])}
     record = {"model": str(args.model), "data": args.data, "split": args.split, **result}
     with open(args.log or f"{args.model}/eval.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -183,7 +167,7 @@ def _common(p, *, training=False, seed=True):
     if training:
         p.add_argument("--out", required=True, help="run directory (resumed when it exists)")
         p.add_argument("--data", default="synthetic", help="synthetic | pydoc | FILE.jsonl | FILE.txt | DIR")
-        p.add_argument("--preset", choices=sorted(MODEL_PRESETS), default="teacher", help="model size")
+        p.add_argument("--preset", choices=sorted(MODELS), default="teacher", help="model size")
         p.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one on the data)")
         p.add_argument("--vocab-size", type=int, default=1024)
         p.add_argument("--seq-len", type=int, default=64)

@@ -45,10 +45,8 @@ import numpy as np
 from pydoc_data.topics import topics
 
 from .backend import to_device
+from .layers import IGNORE_INDEX
 from .tokenizer import Tokenizer
-
-IGNORE = -100
-RECORD_FIELDS = ("instruction", "context", "response", "references", "task")
 
 # --------------------------------------------------------------------------------------------------
 # the synthetic suite: closed vocabularies
@@ -86,20 +84,21 @@ RHYMES = (
 )
 
 
-# each family: a function rng -> list of distinct prompts (instruction, context, references).
-# references[0] is the answer of a single-answer family; a multi-answer family lists every valid answer.
+# each family: a function -> list of distinct prompts (instruction, context, references); `count` alone
+# draws its lists from the suite's generator (rng). references[0] is the answer of a single-answer family;
+# a multi-answer family lists every valid answer.
 
-def _reverse(rng):
+def _reverse():
     templates = ("Reverse the word.", "Spell the word backwards.", "Write the word in reverse order.")
     return [(t, w, (w[::-1],)) for t in templates for w in SHORT_WORDS]
 
 
-def _add(rng):
+def _add():
     templates = ("What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}.")
     return [(t.format(a=a, b=b), "", (str(a + b),)) for t in templates for a in range(13) for b in range(13)]
 
 
-def _next_item(rng):
+def _next_item():
     sequences = [("letter", LETTERS[:-1], LETTERS[1:]),
                  ("day", DAYS, DAYS[1:] + DAYS[:1]),
                  ("month", MONTHS, MONTHS[1:] + MONTHS[:1]),
@@ -119,7 +118,7 @@ def _count(rng):
     return [(t, c, (str(c.count(",") + 1),)) for t in templates for c in sorted(contexts)]
 
 
-def _starts_with(rng):
+def _starts_with():
     prompts = []
     for article, category, names in (("a", "fruit", FRUITS), ("an", "animal", ANIMALS)):
         by_letter = {}
@@ -139,7 +138,7 @@ def _starts_with(rng):
     return prompts
 
 
-def _number_between(rng):
+def _number_between():
     prompts = []
     for lo in range(0, 31):
         for width in (6, 8, 10):
@@ -150,7 +149,7 @@ def _number_between(rng):
     return prompts
 
 
-def _other_color(rng):
+def _other_color():
     prompts = []
     for i, a in enumerate(COLORS):
         others = tuple(c for c in COLORS if c != a)
@@ -161,7 +160,7 @@ def _other_color(rng):
     return prompts
 
 
-def _rhyme(rng):
+def _rhyme():
     templates = ("Give a word that rhymes with {w}.", "Name a word that rhymes with {w}.", "What rhymes with {w}?")
     return [(t.format(w=w), "", tuple(x for x in group if x != w)) for t in templates for group in RHYMES for w in group]
 
@@ -205,7 +204,7 @@ def synthetic_suite(seed: int = 0, n_train: int = 4000, n_valid: int = 160, n_te
     splits = {"train": [], "valid": [], "test": []}
     counts = zip(_split_counts(n_train, len(names)), _split_counts(n_valid, len(names)), _split_counts(n_test, len(names)))
     for name, (k_train, k_valid, k_test) in zip(names, counts):
-        pool = FAMILIES[name](rng)
+        pool = FAMILIES[name](rng) if name == "count" else FAMILIES[name]()
         order = rng.permutation(len(pool))
         if 2 * (k_valid + k_test) > len(pool):
             raise ValueError(f"family {name!r} has {len(pool)} prompts: at most {len(pool) // 2} can go to "
@@ -350,7 +349,7 @@ def encode_example(tokenizer: Tokenizer, record, seq_len: int, truncation: str =
                              + ("" if truncation == "error" else "; the response alone does not fit"))
         prompt = prompt[overflow:]
     seq = prompt + answer
-    labels = [IGNORE] * (len(prompt) - 1) + answer
+    labels = [IGNORE_INDEX] * (len(prompt) - 1) + answer
     return seq[:-1], labels
 
 
@@ -383,7 +382,7 @@ def collate(examples, pad_id: int, device: str | None = None):
         raise ValueError("cannot collate an empty batch")
     T = max(len(x) for x, _ in examples)
     idx = np.full((len(examples), T), pad_id, dtype=np.int64)
-    labels = np.full((len(examples), T), IGNORE, dtype=np.int64)
+    labels = np.full((len(examples), T), IGNORE_INDEX, dtype=np.int64)
     for b, (x, y) in enumerate(examples):
         idx[b, :len(x)] = x
         labels[b, :len(y)] = y
@@ -495,3 +494,13 @@ def training_texts(dataset: dict) -> list[str]:
     if dataset["kind"] == "instructions":
         return [record_text(r) for r in dataset["train"]]
     return list(dataset["train"])
+
+
+def prepare(dataset: dict, seq_len: int, *, tokenizer: Tokenizer | None = None, vocab_size: int = 1024,
+            splits=("train", "valid", "test")) -> tuple[Tokenizer, dict]:
+    """The pipeline data -> tokenizer -> examples: ``(tokenizer, {split: examples})`` for a dataset of
+    :func:`load_dataset`'s form; a byte-level BPE of ``vocab_size`` is trained on the training texts
+    unless ``tokenizer`` is given (a teacher's, say)."""
+    if tokenizer is None:
+        tokenizer = Tokenizer.train(training_texts(dataset), vocab_size)
+    return tokenizer, {split: examples_for(dataset, split, tokenizer, seq_len) for split in splits}

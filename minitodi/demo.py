@@ -17,40 +17,17 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from . import checkpoint, data, metrics
+from .evaluation import evaluate
 from .losses import LOSSES
-from .model import GPTConfig
-from .tokenizer import Tokenizer
-from .train import SFT, Teacher, TrainConfig, evaluate, fit
+from .presets import PRESETS
+from .teacher import Teacher
+from .train import SFT, fit
 
 DEFAULT_LOSSES = ("fkl", "rkl", "todi")
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """Sizes and budgets of a demo; :data:`PRESETS` holds the full and the quick one."""
-
-    n_train: int = 4000
-    n_valid: int = 160
-    n_test: int = 320
-    vocab_size: int = 1024
-    seq_len: int = 64
-    teacher: GPTConfig = GPTConfig(vocab_size=1024, n_positions=96, n_embd=128, n_layer=4, n_head=4)
-    student: GPTConfig = GPTConfig(vocab_size=1024, n_positions=96, n_embd=64, n_layer=2, n_head=4)
-    teacher_train: TrainConfig = TrainConfig(steps=1500, eval_every=250)
-    student_train: TrainConfig = TrainConfig(steps=800, eval_every=200)
-    seeds: tuple = (0, 1, 2)
-    max_new_tokens: int = 24
-
-
-PRESETS = {
-    "full": DemoConfig(),
-    "quick": DemoConfig(teacher_train=TrainConfig(steps=500, eval_every=250),
-                        student_train=TrainConfig(steps=300, eval_every=150), seeds=(0,)),
-}
 
 
 def cache_dir():
@@ -99,11 +76,9 @@ def run(out, *, preset="full", loss_names=DEFAULT_LOSSES, seeds=None, device="cp
         raise ValueError(f"unknown losses {unknown}: choose from {sorted(LOSSES)}")
     out = Path(out)
     start = time.perf_counter()
-    suite = data.synthetic_suite(seed=0, n_train=cfg.n_train, n_valid=cfg.n_valid, n_test=cfg.n_test)
-    tokenizer = Tokenizer.train([data.record_text(r) for r in suite["train"]], cfg.vocab_size)
-    teacher_cfg = replace(cfg.teacher, vocab_size=tokenizer.vocab_size)
-    student_cfg = replace(cfg.student, vocab_size=tokenizer.vocab_size)
-    split = {name: data.instruction_examples(suite[name], tokenizer, cfg.seq_len) for name in suite}
+    suite = cfg.dataset()
+    tokenizer, split = data.prepare(suite, cfg.seq_len, vocab_size=cfg.vocab_size)
+    teacher_cfg, student_cfg = cfg.models(tokenizer.vocab_size)
 
     teacher_key = _key({"model": asdict(teacher_cfg), "train": asdict(cfg.teacher_train), "tokenizer":
                         tokenizer.fingerprint(), "suite": [cfg.n_train, cfg.n_valid, cfg.n_test, cfg.seq_len]})

@@ -34,13 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, layers, losses, metrics, optim
-from .backend import array_module, to_float, to_numpy
-from .data import IGNORE, BatchIterator, collate, eval_batches, format_prompt
-from .generate import generate
+from . import checkpoint, layers, losses, optim
+from .backend import to_float
+from .data import BatchIterator
+from .evaluation import heldout_losses
 from .model import backward, forward, init_params
 from .progress import Progress
-from .tokenizer import Tokenizer
+from .teacher import require_same_tokenizer
 
 SFT = "sft"  # the loss name of a cross-entropy-only run
 
@@ -78,85 +78,6 @@ class TrainConfig:
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
 
 
-class Teacher:
-    """A frozen model whose logits distillation matches; its tokenizer must be the student's.
-
-    **Cached logits.** The teacher never changes, so its logits for a training example are the same at
-    every epoch and for every student. :meth:`precompute` runs it once over the distinct training
-    examples (in a fixed order and batch size, so every process gets the same numbers, which keeps
-    resume exact) and keeps the logits at their counted positions only: for instruction data that
-    is a few response tokens per example. :meth:`batch_logits` then assembles a batch's teacher logits
-    from that cache instead of a forward pass (zeros at uncounted positions, which no loss reads).
-    Causal attention makes an example's logits independent of the padding that follows it in a batch,
-    so the cache holds what a forward pass would give, up to float rounding.
-    """
-
-    CACHE_BYTES = 1 << 30  # keep no cache larger than this (language-modelling data counts every token)
-    CACHE_BATCH = 64
-
-    def __init__(self, params, config, tokenizer):
-        self.params, self.config, self.tokenizer = params, config, tokenizer
-        self._cache = {}  # example ids (int64 bytes) -> logits at its counted positions (n, V)
-
-    @classmethod
-    def load(cls, directory, *, dtype="float32", device="cpu"):
-        params, config = checkpoint.load(directory, dtype=dtype, device=device)
-        return cls(params, config, Tokenizer.load(directory))
-
-    def logits(self, idx):
-        return forward(self.params, idx, self.config)[0]
-
-    def precompute(self, examples, device="cpu"):
-        """Cache the logits at counted positions of every distinct example; False if it would not fit."""
-        unique = {}
-        for x, y in examples:
-            unique.setdefault(np.asarray(x, dtype=np.int64).tobytes(), (x, y))
-        if unique.keys() <= self._cache.keys():
-            return True
-        counted = sum(sum(label != IGNORE for label in y) for x, y in unique.values())
-        itemsize = next(iter(self.params.values())).dtype.itemsize
-        if counted * self.config.vocab_size * itemsize > self.CACHE_BYTES:
-            return False
-        self._cache = {}
-        items = list(unique.items())
-        for start in range(0, len(items), self.CACHE_BATCH):
-            chunk = items[start:start + self.CACHE_BATCH]
-            idx, labels = collate([example for _, example in chunk], pad_id=0, device=device)
-            logits = self.logits(idx)
-            for b, (key, _) in enumerate(chunk):
-                self._cache[key] = logits[b][labels[b] != IGNORE]  # (n_b, V), a copy
-        return True
-
-    def batch_logits(self, idx, labels):
-        """The teacher's logits for a training batch: from the cache when every row is in it (values at
-        counted positions, zeros elsewhere), else a forward pass."""
-        if not self._cache:
-            return self.logits(idx)
-        host_idx, host_counted = to_numpy(idx), to_numpy(labels) != IGNORE
-        rows = []
-        for b in range(host_idx.shape[0]):
-            positions = np.flatnonzero(host_counted[b])
-            if positions.size == 0:
-                return self.logits(idx)
-            length = int(positions[-1]) + 1  # an example ends with a counted token (its eos)
-            cached = self._cache.get(host_idx[b, :length].tobytes())
-            if cached is None:
-                return self.logits(idx)
-            rows.append(cached)
-        xp = array_module(idx)
-        out = xp.zeros((*host_idx.shape, self.config.vocab_size), dtype=rows[0].dtype)
-        out[labels != IGNORE] = xp.concatenate(rows)  # row-major order: row by row, position by position
-        return out
-
-
-def require_same_tokenizer(teacher, tokenizer):
-    """A clear error when the teacher's tokenizer is not the student's (their logits would not align)."""
-    if teacher.tokenizer.fingerprint() != tokenizer.fingerprint():
-        raise ValueError(f"teacher and student tokenizers differ ({teacher.tokenizer!r} vs {tokenizer!r}): "
-                         "distillation compares distributions over the same vocabulary; use the teacher's "
-                         "tokenizer.json for the student")
-
-
 def step_loss(params, config, idx, labels, tcfg, teacher=None):
     """Loss of one batch and its gradient w.r.t. every parameter: ``(total, ce, kd, grads)``.
 
@@ -167,34 +88,13 @@ def step_loss(params, config, idx, labels, tcfg, teacher=None):
     ce = to_float(ce)
     if teacher is None or tcfg.loss == SFT:
         return ce, ce, None, backward(layers.cross_entropy_backward(1.0, ce_cache), cache)
-    mask = labels != IGNORE
+    mask = labels != layers.IGNORE_INDEX
     kd, dkd = losses.LOSSES[tcfg.loss](logits, teacher.batch_logits(idx, labels), mask,
                                        temperature=tcfg.temperature, **tcfg.loss_options)
     dlogits = layers.cross_entropy_backward(1.0 - tcfg.kd_rate, ce_cache)
     dlogits += tcfg.kd_rate * dkd
     total = (1.0 - tcfg.kd_rate) * ce + tcfg.kd_rate * kd
     return total, ce, kd, backward(dlogits, cache)
-
-
-def heldout_losses(params, config, examples, batch_size, device, teacher=None):
-    """Per counted token over ``examples`` (token-weighted, not batch-weighted): the cross-entropy, and
-    KL(teacher || model) at T = 1 when a teacher is given (else None). Padding is causal-safe: it
-    follows every counted token, so the pad id does not matter."""
-    nll = kl = count = 0.0
-    for idx, labels in eval_batches(examples, batch_size, pad_id=0, device=device):
-        logits, _ = forward(params, idx, config)
-        ce, cache = layers.cross_entropy_forward(logits, labels)
-        n = cache[3]
-        nll += to_float(ce) * n
-        if teacher is not None:
-            kl += losses.fkl(logits, teacher.logits(idx), labels != IGNORE, temperature=1.0)[0] * n
-        count += n
-    return nll / count, (None if teacher is None else kl / count)
-
-
-def validation_loss(params, config, examples, batch_size, device):
-    """Cross-entropy per counted token over ``examples``."""
-    return heldout_losses(params, config, examples, batch_size, device)[0]
 
 
 class _StopFlag:
@@ -233,6 +133,79 @@ def _truncate_log(path, step):
         path.write_text("".join(line + "\n" for line in kept))
 
 
+def _check_models(model_config, tokenizer, tcfg, teacher):
+    """A clear error when a distillation has no teacher, or the teacher's tokenizer or vocabulary is not
+    the student's, or the model's vocabulary is smaller than the tokenizer's."""
+    if tcfg.loss != SFT:
+        if teacher is None:
+            raise ValueError(f"loss {tcfg.loss!r} distils from a teacher: pass teacher=")
+        require_same_tokenizer(teacher, tokenizer)
+        if teacher.config.vocab_size != model_config.vocab_size:
+            raise ValueError(f"teacher vocabulary {teacher.config.vocab_size} != student {model_config.vocab_size}")
+    if model_config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"model vocabulary {model_config.vocab_size} < tokenizer's {tokenizer.vocab_size}")
+
+
+class _Run:
+    """The live state of a run directory: parameters, optimizer, step, best model, data position.
+
+    Resumes from ``out/last`` when it holds a training state, else starts from ``init_params``.
+    """
+
+    def __init__(self, out, model_config, tokenizer, tcfg, batches, device):
+        self.out, self.config, self.tokenizer, self.tcfg = out, model_config, tokenizer, tcfg
+        self.batches, self.device = batches, device
+        self.last, self.log = out / "last", out / "metrics.jsonl"
+        if checkpoint.has_training_state(checkpoint.recover(self.last)):
+            self.params, _ = checkpoint.load(self.last, dtype=tcfg.dtype, device=device)
+            state = checkpoint.load_training_state(self.last, device=device)
+            self.opt, self.step, self.best = state["optimizer"], state["step"], state["best"]
+            batches.restore(state["data"])
+            _truncate_log(self.log, self.step)
+        else:
+            self.params = init_params(model_config, tcfg.seed, dtype=np.dtype(tcfg.dtype), device=device)
+            self.opt, self.step = optim.adamw_init(self.params), 0
+            self.best = {"valid_ce": math.inf, "step": None}
+            self.log.unlink(missing_ok=True)
+
+    def save_last(self):
+        checkpoint.save_replacing(self.last, self.params, self.config, training_state={
+            "optimizer": self.opt, "step": self.step, "best": self.best, "data": self.batches.state()})
+
+    def evaluate(self, valid_examples):
+        """Validation CE now; the best model is saved when it improves, the state always."""
+        valid_ce, _ = heldout_losses(self.params, self.config, valid_examples, self.tokenizer.eos_id,
+                                     batch_size=self.tcfg.eval_batch_size, device=self.device)
+        if valid_ce < self.best["valid_ce"]:
+            self.best.update(valid_ce=valid_ce, step=self.step)
+            checkpoint.save(self.out, self.params, self.config, config_extra=_eos_config(self.tokenizer))
+        _append_jsonl(self.log, {"step": self.step, "valid_ce": valid_ce})
+        self.save_last()
+        return valid_ce
+
+
+def _train_steps(run, valid_examples, teacher, stop, bar):
+    """Steps until ``tcfg.steps`` or Ctrl-C: loss and gradient, clipping, AdamW, logging, evaluation."""
+    tcfg, valid_ce = run.tcfg, math.nan
+    while run.step < tcfg.steps and not stop.set:
+        idx, labels = next(run.batches)
+        lr = optim.lr_at(run.step, lr=tcfg.lr, total_steps=tcfg.steps, warmup_steps=tcfg.warmup_steps,
+                         min_lr=tcfg.min_lr)
+        total, ce, kd, grads = step_loss(run.params, run.config, idx, labels, tcfg, teacher)
+        if not math.isfinite(total):
+            run.save_last()
+            raise FloatingPointError(f"loss is {total} at step {run.step}; the last good state is in {run.last}")
+        norm = optim.clip_grad_norm(grads, tcfg.grad_clip)
+        optim.adamw_step(run.params, grads, run.opt, lr=lr, weight_decay=tcfg.weight_decay)
+        run.step += 1
+        if run.step % tcfg.log_every == 0:
+            _append_jsonl(run.log, {"step": run.step, "loss": total, "ce": ce, "kd": kd, "lr": lr,
+                                    "grad_norm": norm})
+        if run.step % tcfg.eval_every == 0 or run.step == tcfg.steps:
+            valid_ce = run.evaluate(valid_examples)
+        bar.update(tokens=int(idx.size), loss=total, **({} if math.isnan(valid_ce) else {"valid": valid_ce}))
+
+
 def fit(out, model_config, tokenizer, train_examples, valid_examples, tcfg, *, teacher=None, device="cpu",
         progress=True, label=None):
     """Train a model into the run directory ``out`` (see the module docstring); resumes when it can.
@@ -240,78 +213,32 @@ def fit(out, model_config, tokenizer, train_examples, valid_examples, tcfg, *, t
     Returns a summary dict: steps, best validation CE and its step, seconds, and the validation curve.
     """
     out = Path(out)
+    _check_models(model_config, tokenizer, tcfg, teacher)
     if tcfg.loss != SFT:
-        if teacher is None:
-            raise ValueError(f"loss {tcfg.loss!r} distils from a teacher: pass teacher=")
-        require_same_tokenizer(teacher, tokenizer)
-        if teacher.config.vocab_size != model_config.vocab_size:
-            raise ValueError(f"teacher vocabulary {teacher.config.vocab_size} != student {model_config.vocab_size}")
         teacher.precompute(train_examples, device)
-    if model_config.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"model vocabulary {model_config.vocab_size} < tokenizer's {tokenizer.vocab_size}")
-    run = {"train": asdict(tcfg), "model": model_config.to_dict(), "tokenizer": tokenizer.fingerprint(),
+    run = {"train": asdict(tcfg), "model": asdict(model_config), "tokenizer": tokenizer.fingerprint(),
            "teacher": None if teacher is None else checkpoint.hf_config(teacher.config, tcfg.dtype)}
     out.mkdir(parents=True, exist_ok=True)
-    run_file, log_file, last = out / "run.json", out / "metrics.jsonl", out / "last"
+    run_file = out / "run.json"
     if run_file.exists() and json.loads(run_file.read_text()) != json.loads(json.dumps(run)):
         raise ValueError(f"{out} holds a run with other settings ({run_file}); choose another output "
                          "directory or delete this one")
     checkpoint.write_json(run_file, run)
     tokenizer.save(out)
 
+    # rows are padded with the tokenizer's eos id (labels -100 there: no loss reads a padded position)
     batches = BatchIterator(train_examples, tcfg.batch_size, pad_id=tokenizer.eos_id, seed=tcfg.seed, device=device)
-    if checkpoint.has_training_state(checkpoint.recover(last)):
-        params, _ = checkpoint.load(last, dtype=tcfg.dtype, device=device)
-        state = checkpoint.load_training_state(last, device=device)
-        opt, step, best = state["optimizer"], state["step"], state["best"]
-        batches.restore(state["data"])
-        _truncate_log(log_file, step)
-    else:
-        params = init_params(model_config, tcfg.seed, dtype=np.dtype(tcfg.dtype), device=device)
-        opt, step, best = optim.adamw_init(params), 0, {"valid_ce": math.inf, "step": None}
-        log_file.unlink(missing_ok=True)
-
-    def save_last():
-        checkpoint.save_replacing(last, params, model_config, training_state={
-            "optimizer": opt, "step": step, "best": best, "data": batches.state()})
-
-    def evaluate_now():
-        valid_ce = validation_loss(params, model_config, valid_examples, tcfg.eval_batch_size, device)
-        record = {"step": step, "valid_ce": valid_ce}
-        if valid_ce < best["valid_ce"]:
-            best.update(valid_ce=valid_ce, step=step)
-            checkpoint.save(out, params, model_config, config_extra=_eos_config(tokenizer))
-        _append_jsonl(log_file, record)
-        save_last()
-        return valid_ce
-
+    state = _Run(out, model_config, tokenizer, tcfg, batches, device)
     start = time.perf_counter()
-    valid_ce = math.nan
-    with _StopFlag() as stop, Progress(tcfg.steps - step, label or tcfg.loss, enabled=progress) as bar:
-        while step < tcfg.steps and not stop.set:
-            idx, labels = next(batches)
-            lr = optim.lr_at(step, lr=tcfg.lr, total_steps=tcfg.steps, warmup_steps=tcfg.warmup_steps,
-                             min_lr=tcfg.min_lr)
-            total, ce, kd, grads = step_loss(params, model_config, idx, labels, tcfg, teacher)
-            if not math.isfinite(total):
-                save_last()
-                raise FloatingPointError(f"loss is {total} at step {step}; the last good state is in {last}")
-            norm = optim.clip_grad_norm(grads, tcfg.grad_clip)
-            optim.adamw_step(params, grads, opt, lr=lr, weight_decay=tcfg.weight_decay)
-            step += 1
-            if step % tcfg.log_every == 0:
-                _append_jsonl(log_file, {"step": step, "loss": total, "ce": ce, "kd": kd, "lr": lr,
-                                         "grad_norm": norm})
-            if step % tcfg.eval_every == 0 or step == tcfg.steps:
-                valid_ce = evaluate_now()
-            bar.update(tokens=int(idx.size), loss=total, **({} if math.isnan(valid_ce) else {"valid": valid_ce}))
-        if stop.set and step < tcfg.steps:
-            save_last()
-            print(f"\ninterrupted at step {step}/{tcfg.steps}; state saved in {last}. "
+    with _StopFlag() as stop, Progress(tcfg.steps - state.step, label or tcfg.loss, enabled=progress) as bar:
+        _train_steps(state, valid_examples, teacher, stop, bar)
+        if stop.set and state.step < tcfg.steps:
+            state.save_last()
+            print(f"\ninterrupted at step {state.step}/{tcfg.steps}; state saved in {state.last}. "
                   "Run the same command again to resume.")
             raise KeyboardInterrupt
-    curve = [json.loads(line) for line in log_file.read_text().splitlines()]
-    return {"steps": step, "best_valid_ce": best["valid_ce"], "best_step": best["step"],
+    curve = [json.loads(line) for line in state.log.read_text().splitlines()]
+    return {"steps": state.step, "best_valid_ce": state.best["valid_ce"], "best_step": state.best["step"],
             "seconds": time.perf_counter() - start,
             "valid_curve": [(r["step"], r["valid_ce"]) for r in curve if "valid_ce" in r],
             "train_curve": [(r["step"], r["loss"]) for r in curve if "loss" in r]}
@@ -319,42 +246,3 @@ def fit(out, model_config, tokenizer, train_examples, valid_examples, tcfg, *, t
 
 def _eos_config(tokenizer):
     return {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id}
-
-
-# --------------------------------------------------------------------------------------------------
-# evaluation
-
-
-def prompt_ids(tokenizer, record, room):
-    """The prompt's token ids, cut from the left to at most ``room`` tokens."""
-    ids = tokenizer.encode(format_prompt(record))
-    return ids[-room:]
-
-
-def evaluate(params, config, tokenizer, records, examples, *, teacher=None, max_new_tokens=24,
-             batch_size=64, device="cpu"):
-    """Every metric of a model on held-out records (greedy generation) and their encoded examples.
-
-    Returns ``{"rouge_l", "exact_match", "perplexity", "divergence", "per_task", "samples"}``: ROUGE-L and
-    exact match (x100, max over each record's references) of greedy completions; perplexity of the
-    responses (teacher-forced); ``divergence`` = KL(teacher || model) per response token at T = 1 (None
-    without a teacher); ``per_task`` ROUGE-L and exact match per task family; ``samples`` a few completions.
-    """
-    room = config.n_positions - max_new_tokens
-    prompts = [prompt_ids(tokenizer, r, room) for r in records]
-    outputs = generate(params, config, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
-                       batch_size=batch_size)
-    texts = [tokenizer.decode(ids) for ids in outputs]
-    rouge = [metrics.rouge_l(t, r["references"]) for t, r in zip(texts, records)]
-    exact = [metrics.exact_match(t, r["references"]) for t, r in zip(texts, records)]
-    per_task = {}
-    for task in sorted({r["task"] for r in records}):
-        rows = [i for i, r in enumerate(records) if r["task"] == task]
-        per_task[task] = {"rouge_l": float(np.mean([rouge[i] for i in rows])),
-                          "exact_match": float(np.mean([exact[i] for i in rows]))}
-    nll, kl = heldout_losses(params, config, examples, batch_size, device, teacher)
-    return {"rouge_l": float(np.mean(rouge)), "exact_match": float(np.mean(exact)),
-            "perplexity": metrics.perplexity(nll), "divergence": kl,
-            "per_task": per_task,
-            "samples": [{"prompt": format_prompt(r), "output": t, "references": r["references"]}
-                        for r, t in list(zip(records, texts))[:5]]}

@@ -6,9 +6,8 @@ import sys
 
 import pytest
 
-from minitodi import demo
+from minitodi import presets
 from minitodi.cli import main
-from minitodi.model import GPTConfig
 from minitodi.train import TrainConfig
 
 TINY = ["--preset", "tiny", "--steps", "6", "--batch-size", "8", "--eval-every", "3", "--vocab-size", "300",
@@ -66,9 +65,10 @@ def test_gradcheck_table_passes():
 
 
 def test_demo_writes_results_for_every_loss(tmp_path, monkeypatch, capsys):
-    tiny_model = GPTConfig(vocab_size=300, n_positions=56, n_embd=16, n_layer=1, n_head=2)
-    monkeypatch.setitem(demo.PRESETS, "quick", demo.DemoConfig(
-        n_train=240, n_valid=16, n_test=16, vocab_size=300, seq_len=48, teacher=tiny_model, student=tiny_model,
+    monkeypatch.setitem(presets.MODELS, "micro", {"n_embd": 16, "n_layer": 1, "n_head": 2})
+    monkeypatch.setitem(presets.PRESETS, "quick", presets.Preset(
+        n_train=240, n_valid=16, n_test=16, vocab_size=300, seq_len=48, n_positions=56, teacher="micro",
+        student="micro",
         teacher_train=TrainConfig(steps=8, batch_size=8, eval_every=4),
         student_train=TrainConfig(steps=4, batch_size=8, eval_every=2), seeds=(0, 1), max_new_tokens=8))
     monkeypatch.setenv("MINITODI_CACHE", str(tmp_path / "cache"))

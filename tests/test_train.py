@@ -6,11 +6,14 @@ import signal
 import numpy as np
 import pytest
 
-from minitodi import checkpoint, data, layers, losses, optim, train
+from minitodi import checkpoint, data, evaluation, layers, losses, optim
+from minitodi.evaluation import evaluate, heldout_losses
 from minitodi.gradcheck import directional_check
+from minitodi.layers import IGNORE_INDEX
 from minitodi.model import GPTConfig, backward, forward, init_params
+from minitodi.teacher import Teacher
 from minitodi.tokenizer import Tokenizer
-from minitodi.train import Teacher, TrainConfig, fit, step_loss
+from minitodi.train import TrainConfig, fit, step_loss
 
 SEQ = 48
 
@@ -44,7 +47,7 @@ def test_sft_lowers_the_validation_loss_and_keeps_the_best(setup, tmp_path):
     assert curve[-1] < curve[0] - 0.5
     assert summary["best_valid_ce"] == min(curve)
     best, _ = checkpoint.load(tmp_path)
-    assert train.validation_loss(best, cfg, ex["valid"], 64, "cpu") == pytest.approx(min(curve), rel=1e-6)
+    assert heldout_losses(best, cfg, ex["valid"], tok.eos_id)[0] == pytest.approx(min(curve), rel=1e-6)
     assert Tokenizer.load(tmp_path).fingerprint() == tok.fingerprint()
     log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == list(range(2, 41, 2))
@@ -57,7 +60,7 @@ def test_distillation_step_is_the_weighted_sum_and_its_gradient_is_right(setup, 
     tcfg = tiny(loss="fkl", kd_rate=0.3, temperature=2.0)
     total, ce, kd, grads = step_loss(params, cfg, idx, labels, tcfg, teacher)
     assert total == pytest.approx(0.7 * ce + 0.3 * kd, rel=1e-14)
-    mask = labels != data.IGNORE
+    mask = labels != IGNORE_INDEX
     assert kd == pytest.approx(losses.fkl(forward(params, idx, cfg)[0], teacher.logits(idx), mask,
                                           temperature=2.0)[0], rel=1e-14)
 
@@ -73,8 +76,8 @@ def test_distillation_gradient_counts_response_tokens_only(setup, teacher):
     params = init_params(cfg, seed=1, dtype=np.float64)
     idx, labels = data.collate(ex["train"][:4], tok.eos_id)
     logits, cache = forward(params, idx, cfg)
-    _, dkd = losses.todi(logits, teacher.logits(idx), labels != data.IGNORE, temperature=2.0)
-    assert np.all(dkd[labels == data.IGNORE] == 0)
+    _, dkd = losses.todi(logits, teacher.logits(idx), labels != IGNORE_INDEX, temperature=2.0)
+    assert np.all(dkd[labels == IGNORE_INDEX] == 0)
     _, ce_cache = layers.cross_entropy_forward(logits, labels)
     expected = backward(0.5 * layers.cross_entropy_backward(1.0, ce_cache) + 0.5 * dkd, cache)
     grads = step_loss(params, cfg, idx, labels, tiny(loss="todi"), teacher)[3]
@@ -183,13 +186,24 @@ def test_bad_settings_are_clear():
 
 def test_evaluate_reports_every_metric(setup, teacher):
     suite, tok, cfg, ex = setup
-    result = train.evaluate(teacher.params, teacher.config, tok, suite["test"], ex["test"], teacher=teacher,
-                            max_new_tokens=8)
+    result = evaluate(teacher.params, teacher.config, tok, suite["test"], ex["test"], teacher=teacher,
+                      max_new_tokens=8)
     assert result["divergence"] == pytest.approx(0.0, abs=1e-12)  # a model against itself
-    assert 0 <= result["rouge_l"] <= 100 and 0 <= result["exact_match"] <= result["rouge_l"]
-    nll = train.validation_loss(teacher.params, teacher.config, ex["test"], 64, "cpu")
+    nll = heldout_losses(teacher.params, teacher.config, ex["test"], tok.eos_id)[0]
     assert result["perplexity"] == pytest.approx(np.exp(nll), rel=1e-12)
     assert set(result["per_task"]) == {r["task"] for r in suite["test"]}
+
+
+def test_evaluate_scores_the_generated_answers_against_the_references(setup, monkeypatch):
+    """Every answer is "cat": ROUGE-L and exact match take the best reference, then the mean over records."""
+    suite, tok, cfg, ex = setup
+    monkeypatch.setattr(evaluation, "generate", lambda _, __, prompts, **kw: [tok.encode("cat")] * len(prompts))
+    references = [["dog", "cat"], ["black cat"], ["dog"]]  # ROUGE-L F 100, 2 * (1 * 1/2) / (1 + 1/2), 0
+    records = [{**r, "references": refs, "task": "t"} for r, refs in zip(suite["test"], references)]
+    result = evaluate(init_params(cfg, seed=3), cfg, tok, records, ex["test"][:3], max_new_tokens=8)
+    assert result["rouge_l"] == pytest.approx((100 + 200 / 3) / 3, rel=1e-12)
+    assert result["exact_match"] == pytest.approx(100 / 3, rel=1e-12)
+    assert result["per_task"] == {"t": {"rouge_l": result["rouge_l"], "exact_match": result["exact_match"]}}
 
 
 def test_cached_teacher_logits_equal_a_forward_pass_where_they_count(setup, teacher, monkeypatch):
@@ -197,7 +211,7 @@ def test_cached_teacher_logits_equal_a_forward_pass_where_they_count(setup, teac
     cached = Teacher(teacher.params, teacher.config, teacher.tokenizer)
     assert cached.precompute(ex["train"])
     idx, labels = data.collate(ex["train"][5:13], tok.eos_id)
-    counted = labels != data.IGNORE
+    counted = labels != IGNORE_INDEX
     fresh = teacher.logits(idx)
     got = cached.batch_logits(idx, labels)
     np.testing.assert_allclose(got[counted], fresh[counted], rtol=1e-12, atol=1e-12)

@@ -1,0 +1,70 @@
+"""The one table of model sizes and training budgets that the demo, the command line and the examples share.
+
+:data:`MODELS` names GPT-2 sizes (width, depth, heads; the vocabulary comes from the tokenizer and the
+context from the task). A :class:`Preset` is a whole experiment at one budget: the synthetic suite's
+size, the tokenizer, both models and both training budgets, the seeds and the generation room.
+"""
+
+from dataclasses import dataclass, replace
+
+from . import data
+from .model import GPTConfig
+from .train import TrainConfig
+
+MODELS = {
+    "teacher": {"n_embd": 128, "n_layer": 4, "n_head": 4},
+    "student": {"n_embd": 64, "n_layer": 2, "n_head": 4},
+    "small": {"n_embd": 32, "n_layer": 2, "n_head": 2},
+    "tiny": {"n_embd": 32, "n_layer": 1, "n_head": 2},
+}
+
+
+def model_config(size, vocab_size, n_positions):
+    """The GPT-2 configuration of a size in :data:`MODELS`."""
+    return GPTConfig(vocab_size=vocab_size, n_positions=n_positions, **MODELS[size])
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes and budgets of one experiment on the synthetic suite (``families``: None for all of them)."""
+
+    n_train: int = 4000
+    n_valid: int = 160
+    n_test: int = 320
+    families: tuple | None = None
+    vocab_size: int = 1024
+    seq_len: int = 64
+    n_positions: int = 96
+    teacher: str = "teacher"
+    student: str = "student"
+    teacher_train: TrainConfig = TrainConfig(steps=1500, eval_every=250)
+    student_train: TrainConfig = TrainConfig(steps=800, eval_every=200)
+    seeds: tuple = (0, 1, 2)
+    max_new_tokens: int = 24
+
+    def dataset(self):
+        """The suite as :func:`minitodi.data.load_dataset` returns datasets."""
+        return {"kind": "instructions", **data.synthetic_suite(seed=0, n_train=self.n_train, n_valid=self.n_valid,
+                                                               n_test=self.n_test, families=self.families)}
+
+    def models(self, vocab_size):
+        """``(teacher, student)`` GPT-2 configurations for a tokenizer's vocabulary."""
+        return (model_config(self.teacher, vocab_size, self.n_positions),
+                model_config(self.student, vocab_size, self.n_positions))
+
+
+_TINY_TRAIN = TrainConfig(batch_size=16, lr=3e-3, warmup_steps=20)
+_TINY = Preset(n_train=2000, n_valid=64, n_test=96, families=("starts_with", "number_between", "other_color", "rhyme"),
+               vocab_size=320, seq_len=48, n_positions=64, teacher="student", student="small",
+               teacher_train=replace(_TINY_TRAIN, steps=700, eval_every=140),
+               student_train=replace(_TINY_TRAIN, steps=400, eval_every=100), seeds=(0,), max_new_tokens=12)
+
+PRESETS = {
+    "full": Preset(),  # the demo
+    "quick": Preset(teacher_train=TrainConfig(steps=500, eval_every=250),
+                    student_train=TrainConfig(steps=300, eval_every=150), seeds=(0,)),
+    "tiny": _TINY,  # the examples: the four multi-answer families, a minute on a laptop
+    "tiny-fast": replace(_TINY, n_train=400, n_valid=32, n_test=32,
+                         teacher_train=replace(_TINY_TRAIN, steps=60, eval_every=12),
+                         student_train=replace(_TINY_TRAIN, steps=30, eval_every=7, warmup_steps=15)),
+}
