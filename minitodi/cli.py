@@ -158,6 +158,13 @@ def cmd_demo(args):
     return 0
 
 
+def cmd_conformance(args):
+    from .conformance import run_target
+
+    return run_target(args.target, args.loss, framework=args.framework, reduction=args.reduction,
+                      t_squared=args.t_squared, tol=args.tol, **_parse_options(args.option))
+
+
 def _common(p, *, training=False, seed=True):
     p.add_argument("--device", choices=["cpu", "gpu", "auto"], default=None,
                    help="where to compute (default: $MINITODI_DEVICE, else auto)")
@@ -233,6 +240,17 @@ def build_parser():
     p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: 0 1 2, quick: 0)")
     p.add_argument("--out", default="minitodi-demo", help="where results.json and demo.png go")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("conformance", help="check your own loss function against minitodi's (value and gradient)")
+    p.add_argument("target", metavar="FILE.py:FUNCTION", help="fn(student_logits, teacher_logits, mask, "
+                   "temperature, **options); torch: returns a scalar tensor, numpy: (loss, grad)")
+    p.add_argument("--loss", required=True, choices=sorted(losses.LOSSES))
+    p.add_argument("--framework", choices=["torch", "numpy"], default="torch")
+    p.add_argument("--option", action="append", metavar="NAME=VALUE", help="a loss option, e.g. beta=2")
+    p.add_argument("--reduction", choices=["mean", "sum"], default="mean", help="over counted positions")
+    p.add_argument("--t-squared", action="store_true", help="FUNCTION multiplies the loss by T^2")
+    p.add_argument("--tol", type=float, help="largest relative error that passes (default 1e-3)")
+    p.set_defaults(func=cmd_conformance)
     return parser
 
 
