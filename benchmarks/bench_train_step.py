@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train_step.py                  # 4 layers, width 128, V 2048, 16 x 64, float32
     python benchmarks/bench_train_step.py --device gpu
+    python benchmarks/bench_train_step.py --arch llama     # the same sizes as a Llama, 2 key/value heads
 
 A step is forward, cross-entropy, backward, gradient clipping and AdamW; the same step without the
 update (forward, cross-entropy and backward only) is timed too. Both sides start from the same weights
@@ -12,7 +13,9 @@ environment runs both on one core.
 
 The PyTorch model is written here in the usual way (nn.Linear layers, fused qkv, scaled_dot_product_attention
 with a causal mask, tanh GELU, tied head, torch.optim.AdamW with its default implementation); it runs
-only when torch is installed and uses torch's default thread count, as minitodi's BLAS does.
+only when torch is installed and uses torch's default thread count, as minitodi's BLAS does. With
+``--arch llama`` the other side is transformers' own ``LlamaForCausalLM`` (sdpa attention), loaded with
+minitodi's parameters as they are: the names and the (out, in) layout are transformers'.
 """
 
 import argparse
@@ -94,6 +97,24 @@ def torch_step(args, cfg, params, idx, targets, update=True):
                 theirs.bias.copy_(host[h + mine + ".bias"])
         net.ln_f.weight.copy_(host["transformer.ln_f.weight"])
         net.ln_f.bias.copy_(host["transformer.ln_f.bias"])
+    return torch_train_step(net, device, idx, targets, update)
+
+
+def llama_torch_step(args, cfg, params, idx, targets, update=True):
+    import torch
+    import transformers
+
+    device = "cuda" if args.device == "gpu" else "cpu"
+    net = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_dict(), attn_implementation="sdpa"))
+    net.load_state_dict({k: torch.from_numpy(model_to_host(v)) for k, v in params.items()}, strict=True)
+    return torch_train_step(net.to(device), device, idx, targets, update)
+
+
+def torch_train_step(net, device, idx, targets, update):
+    """Cross-entropy, backward and (with ``update``) clipping and AdamW, as minitodi's step does them."""
+    import torch
+    import torch.nn.functional as F
+
     decay = [p for p in net.parameters() if p.ndim >= 2]
     no_decay = [p for p in net.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -103,6 +124,7 @@ def torch_step(args, cfg, params, idx, targets, update=True):
 
     def step():
         logits = net(x)
+        logits = getattr(logits, "logits", logits)  # transformers returns an output object
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -151,23 +173,29 @@ def main():
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2")
+    parser.add_argument("--kv-heads", type=int, default=2, help="Llama's key/value heads")
     args = parser.parse_args()
 
     cfg = model.GPTConfig(vocab_size=args.vocab, n_positions=args.seq, n_embd=args.width, n_layer=args.layers,
                           n_head=args.heads)
+    if args.arch == "llama":  # SwiGLU width 8C/3 (rounded up to a multiple of 8): GPT-2's 8 C^2 MLP weights
+        cfg = model.LlamaConfig(vocab_size=args.vocab, hidden_size=args.width, num_hidden_layers=args.layers,
+                                intermediate_size=-(-8 * args.width // 24) * 8, num_attention_heads=args.heads,
+                                num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq)
     rng = np.random.default_rng(0)
     idx = to_device(rng.integers(0, args.vocab, (args.batch, args.seq)), args.device)
     targets = to_device(rng.integers(0, args.vocab, (args.batch, args.seq)), args.device)
     tokens = args.batch * args.seq
     sync = get_xp(args.device).cuda.Device().synchronize if args.device == "gpu" else None
-    print(f"GPT-2 step: {args.layers} layers, width {args.width}, V {args.vocab}, batch {args.batch} x "
+    print(f"{args.arch} step: {args.layers} layers, width {args.width}, V {args.vocab}, batch {args.batch} x "
           f"{args.seq}, float32, {args.device}; median of {args.repeat}; "
           f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
     makers = [minitodi_step]
     try:
         import torch
 
-        makers.append(torch_step)
+        makers.append(torch_step if args.arch == "gpt2" else llama_torch_step)
     except ImportError:
         torch = None
     kinds = [("full step", True), ("forward + backward", False)]
