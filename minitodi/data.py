@@ -255,10 +255,15 @@ def validate_record(obj, where: str = "record") -> dict:
     """A normalized copy of a Dolly-format record; ValueError naming ``where`` when it is malformed.
 
     ``instruction`` and ``response`` are required strings; ``context`` defaults to "", ``references`` to
-    ``[response]`` (a non-empty list of str otherwise), ``task`` to "user".
+    ``[response]`` (a non-empty list of str otherwise), ``task`` to "user". MiniLLM's names are read too:
+    ``input`` as the context, ``output`` as the response, or as every reference when it is a list (the
+    response is then its first).
     """
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "response" not in obj and "output" in obj:  # MiniLLM's names: input, output (a str or every reference)
+        refs = obj["output"] if isinstance(obj["output"], list) else [obj["output"]]
+        obj = {"context": obj.get("input", ""), "references": refs, **obj, "response": refs[0] if refs else ""}
     for key in ("instruction", "response"):
         if key not in obj:
             raise ValueError(f"{where}: missing field {key!r}")
@@ -275,21 +280,27 @@ def validate_record(obj, where: str = "record") -> dict:
 def load_jsonl(path) -> list[dict]:
     """Records from a JSONL file in Dolly format, one object a line (blank lines are skipped).
 
-    Raises ValueError "<path>:<line>: <what is wrong>" for bad JSON, a non-object or a missing or
-    ill-typed field.
+    Raises ValueError "<path>:<line>: <what is wrong>" for bytes that are not UTF-8, bad JSON, a
+    non-object or a missing or ill-typed field.
     """
-    path = Path(path)
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    return [record for _, record in _numbered_records(path)]
+
+
+def _numbered_records(path):
+    """``[(line number, record), ...]`` of a JSONL file (see :func:`load_jsonl`)."""
+    path, records = Path(path), []
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:
-                obj = json.loads(line)
+                line = raw.decode("utf-8")
+                obj = json.loads(line) if line.strip() else None
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line)") from None
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            records.append(validate_record(obj, where))
+            if line.strip():
+                records.append((lineno, validate_record(obj, where)))
     if not records:
         raise ValueError(f"{path}: no records")
     return records
@@ -313,6 +324,8 @@ def load_texts(paths) -> list[str]:
             texts.append(Path(path).read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        if not texts[-1].strip():
+            raise ValueError(f"{path}: no text (empty or whitespace only)")
     return texts
 
 
@@ -353,14 +366,16 @@ def encode_example(tokenizer: Tokenizer, record, seq_len: int, truncation: str =
     return seq[:-1], labels
 
 
-def instruction_examples(records, tokenizer: Tokenizer, seq_len: int, truncation: str = "left") -> list:
-    """:func:`encode_example` over records; an error names the record's index."""
+def instruction_examples(records, tokenizer: Tokenizer, seq_len: int, truncation: str = "left",
+                         places=None) -> list:
+    """:func:`encode_example` over records; an error names the record's place (``places[i]``, such as
+    "file.jsonl:11") or its index."""
     examples = []
     for i, record in enumerate(records):
         try:
             examples.append(encode_example(tokenizer, record, seq_len, truncation))
         except ValueError as e:
-            raise ValueError(f"record {i} ({record.get('task', '?')}): {e}") from None
+            raise ValueError(f"{places[i] if places else f'record {i}'} ({record.get('task', '?')}): {e}") from None
     return examples
 
 
@@ -460,7 +475,8 @@ def load_dataset(spec: str) -> dict:
     - ``"synthetic"``: the built-in instruction suite (``kind = "instructions"``, records);
     - ``"pydoc"``: Python's help topics (``kind = "text"``, strings; test = valid);
     - a ``.jsonl`` file: Dolly-format records; a ``.txt`` file or a directory of them: plain text.
-      About 10% of the records or files (chosen by a hash of their index) are held out as valid = test.
+      About 10% of the records or files (chosen by a hash of their index) are held out as valid = test;
+      of a single text file, its last tenth of lines. ``places`` names each record's file and line.
     """
     if spec == "synthetic":
         return {"kind": "instructions", **synthetic_suite()}
@@ -470,22 +486,33 @@ def load_dataset(spec: str) -> dict:
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"no dataset {spec!r}: use 'synthetic', 'pydoc', a .jsonl file or text files")
+    places = None  # each record's "file:line", for error messages (dataset["places"][split])
     if path.suffix == ".jsonl":
-        items, kind = load_jsonl(path), "instructions"
+        numbered, kind = _numbered_records(path), "instructions"
+        items, places = [r for _, r in numbered], [f"{path}:{n}" for n, _ in numbered]
     else:
         items, kind = load_texts(sorted(path.glob("*.txt")) if path.is_dir() else [path]), "text"
+        if len(items) == 1:  # a single text file: its last tenth of lines is held out (the rule below)
+            lines = items[0].splitlines(keepends=True)
+            cut = len(lines) - max(len(lines) // 10, 1)
+            items = ["".join(lines[:cut]), "".join(lines[cut:])] if cut > 0 else items
     if len(items) < 2:
-        raise ValueError(f"{path}: at least two records or files are needed (one to train, one to validate)")
+        raise ValueError(f"{path}: at least two records, files or lines are needed (one to train, one to validate)")
     held = {i for i in range(len(items)) if _held_out(i)} or {len(items) - 1}
-    train = [x for i, x in enumerate(items) if i not in held]
-    valid = [x for i, x in enumerate(items) if i in held]
-    return {"kind": kind, "train": train, "valid": valid, "test": valid}
+
+    def split(xs, valid):
+        return [x for i, x in enumerate(xs) if (i in held) == valid]
+
+    dataset = {"kind": kind, "source": str(path), "train": split(items, False), "valid": split(items, True)}
+    if places:
+        dataset["places"] = {"train": split(places, False), "valid": split(places, True), "test": split(places, True)}
+    return {**dataset, "test": dataset["valid"]}
 
 
 def examples_for(dataset: dict, split: str, tokenizer: Tokenizer, seq_len: int) -> list:
     """Encoded examples of one split (instruction masking or language modelling, by the dataset's kind)."""
     if dataset["kind"] == "instructions":
-        return instruction_examples(dataset[split], tokenizer, seq_len)
+        return instruction_examples(dataset[split], tokenizer, seq_len, places=dataset.get("places", {}).get(split))
     return lm_examples(dataset[split], tokenizer, seq_len)
 
 
@@ -503,4 +530,9 @@ def prepare(dataset: dict, seq_len: int, *, tokenizer: Tokenizer | None = None, 
     unless ``tokenizer`` is given (a teacher's, say)."""
     if tokenizer is None:
         tokenizer = Tokenizer.train(training_texts(dataset), vocab_size)
-    return tokenizer, {split: examples_for(dataset, split, tokenizer, seq_len) for split in splits}
+    examples = {split: examples_for(dataset, split, tokenizer, seq_len) for split in splits}
+    for split, rows in examples.items():
+        if not rows:
+            raise ValueError(f"{dataset.get('source', 'the dataset')}: its {split} split makes no example of "
+                             f"seq_len + 1 = {seq_len + 1} tokens; give more text or a smaller seq_len")
+    return tokenizer, examples
