@@ -2,11 +2,21 @@
 
     python benchmarks/bench_losses.py                      # 2048 x 32000 float32, every loss, CPU
     python benchmarks/bench_losses.py --losses todi fkl --device gpu
+    python benchmarks/bench_losses.py --roofline            # exp and copy rates, the ToDi roofline
 
 Each measurement runs in a fresh child process, so peak memory is that run's alone: the child makes
 its inputs, notes its peak resident memory (CPU) or allocator peak (GPU), runs the loss + gradient
 once to warm up and ``--repeat`` times more, and reports the best wall time and the peak extra
 memory over the inputs. Throughput counts the two logit arrays read: 2 * positions * V * itemsize.
+"x FKL" is each loss's time and peak memory over FKL's at the same shape (the paper's efficiency
+question: what ToDi costs over FKL). minitodi runs its blocks of rows on ``--threads`` threads
+(default: the cores available, as the library does).
+
+``--roofline`` measures, on blocks of the library's size, how fast this machine evaluates exp and
+makes a copy pass over float32 (one thread, then ``--threads``), and turns them into a lower bound
+for ToDi: per entry about five transcendental passes (exp of the two log-softmaxes' shifted logits,
+exp of log p and log q, tanh of the weight) and six memory passes (read s and t, the log-softmax
+outputs, the gradient write), so time >= entries * (5 / exp rate + 6 / copy rate) / threads.
 
 On a GPU (``--device gpu``) the script also times the fused CuPy kernels of ``minitodi.fused`` (FKL,
 RKL, ToDi) against the plain CuPy array path and reports their achieved memory bandwidth against the
@@ -19,6 +29,7 @@ autograd, then ``loss.backward()``.
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -86,6 +97,7 @@ def child(args):
         from minitodi.losses import LOSSES
 
         losses.USE_FUSED = args.impl == "minitodi"  # plain: the blocked array path, also on CuPy
+        losses.THREADS = args.threads
         xp = backend.get_xp(args.device)
         s, t = xp.asarray(s), xp.asarray(t)
 
@@ -137,7 +149,7 @@ def child(args):
 def measure(args, impl, loss):
     cmd = [sys.executable, __file__, "--child", "--impl", impl, "--loss", loss,
            "--positions", str(args.positions), "--vocab", str(args.vocab),
-           "--repeat", str(args.repeat), "--device", args.device]
+           "--repeat", str(args.repeat), "--device", args.device, "--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{impl} {loss} failed:\n{out.stderr}")
@@ -151,12 +163,17 @@ def main():
     parser.add_argument("--losses", nargs="+", default=LOSS_NAMES, choices=LOSS_NAMES)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="threads for minitodi's blocks of rows (default: the cores available)")
+    parser.add_argument("--roofline", action="store_true", help="measure exp and copy rates instead")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", default="minitodi", help=argparse.SUPPRESS)
     parser.add_argument("--loss", default="todi", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
+    if args.roofline:
+        return roofline(args)
 
     try:
         import torch
@@ -165,12 +182,14 @@ def main():
     except ImportError:
         have_torch, torch_note = False, "torch not installed: minitodi only"
     print(f"loss + gradient, {args.positions} x {args.vocab} float32, T=2, {args.device}, "
-          f"best of {args.repeat}; {torch_note}")
-    print(f"{'loss':<6} {'minitodi s':>10} {'GB/s':>6} {'peak MB':>8}", end="")
+          f"best of {args.repeat}; minitodi on {args.threads} threads; {torch_note}")
+    print(f"{'loss':<6} {'minitodi s':>10} {'GB/s':>6} {'peak MB':>8} {'x FKL s':>8} {'x FKL MB':>8}", end="")
     print(f" {'torch s':>8} {'peak MB':>8} {'time x':>7} {'mem x':>6}" if have_torch else "")
+    fkl = measure(args, "minitodi", "fkl")
     for loss in args.losses:
-        ours = measure(args, "minitodi", loss)
-        line = f"{loss:<6} {ours['seconds']:>10.3f} {ours['gbps']:>6.2f} {ours['peak_mb']:>8.0f}"
+        ours = fkl if loss == "fkl" else measure(args, "minitodi", loss)
+        line = (f"{loss:<6} {ours['seconds']:>10.3f} {ours['gbps']:>6.2f} {ours['peak_mb']:>8.0f} "
+                f"{ours['seconds'] / fkl['seconds']:>8.2f} {ours['peak_mb'] / fkl['peak_mb']:>8.2f}")
         if have_torch:
             ref = measure(args, "torch", loss)
             line += (f" {ref['seconds']:>8.3f} {ref['peak_mb']:>8.0f} "
@@ -178,6 +197,37 @@ def main():
         print(line, flush=True)
     if args.device == "gpu":
         fused_report(args)
+
+
+def roofline(args):
+    """Rates of exp and of a copy pass on float32 blocks of the library's size, 1 and --threads threads."""
+    import concurrent.futures
+
+    import numpy as np
+    from minitodi.losses import BLOCK_ELEMENTS
+
+    entries = args.positions * args.vocab
+    blocks = [np.random.default_rng(i).standard_normal(BLOCK_ELEMENTS, dtype=np.float32)
+              for i in range(2 * args.threads)]
+    outs = [np.empty_like(b) for b in blocks]
+
+    def rate(op, threads):  # entries per second, best of --repeat, every block done `rounds` times
+        rounds = 8
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            best = math.inf
+            for _ in range(args.repeat):
+                t0 = time.perf_counter()
+                list(pool.map(lambda i: [op(blocks[i], outs[i]) for _ in range(rounds)], range(len(blocks))))
+                best = min(best, time.perf_counter() - t0)
+        return rounds * len(blocks) * BLOCK_ELEMENTS / best
+
+    print(f"float32 blocks of {BLOCK_ELEMENTS} entries; ToDi at {args.positions} x {args.vocab}")
+    for threads in sorted({1, args.threads}):
+        exp_rate = rate(lambda x, out: np.exp(x, out=out), threads)
+        copy_rate = rate(lambda x, out: np.copyto(out, x), threads)
+        bound = entries * (5 / exp_rate + 6 / copy_rate)
+        print(f"{threads} thread(s): exp {exp_rate / 1e9:.2f} Gelem/s, copy {copy_rate / 1e9:.2f} Gelem/s "
+              f"({copy_rate * 8 / 1e9:.1f} GB/s read + write); ToDi roofline {bound:.3f} s")
 
 
 def gpu_peak_gbps():

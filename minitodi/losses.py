@@ -42,13 +42,18 @@ g (n, V)), their weights, the public functions, then what runs around them: inpu
 blocks of rows and the fused GPU path. A reader of the math never meets the machinery.
 """
 
+import concurrent.futures
+import contextvars
+import functools
 import math
+import os
 
 import numpy as np
 
 from .backend import array_module, log_softmax, to_numpy
 
 BLOCK_ELEMENTS = 1 << 20
+THREADS = None  # threads the blocks of rows run on; None: the cores available to this process. CuPy: 1
 USE_FUSED = True  # on CuPy arrays, FKL, RKL and ToDi use the fused kernels of minitodi.fused
 LOG_ZERO = -1e4  # stands for log 0 inside the math: exp(LOG_ZERO) == 0 in float32 and float64
 
@@ -297,6 +302,9 @@ def _mean_over_positions(name, divergence, student_logits, teacher_logits, mask,
 
     Positions are processed in blocks of about ``BLOCK_ELEMENTS / V`` rows, so temporaries are
     O(block x V) and only the output gradient is full size; only counted positions are computed.
+    Blocks run on :func:`_threads` threads (NumPy releases the GIL in its loops); each writes its own
+    rows of the gradient and the block sums are added in block order, so the result does not depend
+    on the number of threads, bit for bit.
     """
     xp, s, t, mask, w = _check_inputs(student_logits, teacher_logits, mask, temperature, stopgrad_at)
     shape, V = s.shape, s.shape[-1]
@@ -315,12 +323,10 @@ def _mean_over_positions(name, divergence, student_logits, teacher_logits, mask,
         loss, grad = loss_and_grad(name, s, t, rows, temperature, **fused)
         return loss, grad.reshape(shape)
 
-    grad = xp.zeros_like(s)
+    grad = xp.zeros(s.shape, dtype=s.dtype)
     scale = 1.0 / (n * temperature)
-    step = max(1, BLOCK_ELEMENTS // V)
-    total = 0.0
-    for start in range(0, n, step):
-        sel = slice(start, min(start + step, n)) if rows is None else rows[start:start + step]
+
+    def block(sel):  # one block of rows: writes its rows of grad, returns its sum of D
         lq, q = _log_probs(s[sel], temperature, has_neginf)
         lp, p = _log_probs(t[sel], temperature, has_neginf)
         extra = ()
@@ -328,9 +334,36 @@ def _mean_over_positions(name, divergence, student_logits, teacher_logits, mask,
             lq_w, q_w = (lq, q) if w is None else _log_probs(w[sel], temperature, True)
             extra = weights(lp, lq_w, p, q_w)
         values, g = divergence(lp, lq, p, q, *extra)
-        total += float(xp.maximum(values, 0).sum())
         grad[sel] = (g - q * g.sum(axis=-1, keepdims=True)) * scale  # the shared step, over N temperature
+        return float(xp.maximum(values, 0).sum())
+
+    step = max(1, BLOCK_ELEMENTS // V)
+    blocks = [slice(i, min(i + step, n)) if rows is None else rows[i:i + step] for i in range(0, n, step)]
+    total = 0.0
+    for block_sum in _in_order(block, blocks, _threads(xp)):
+        total += block_sum
     return total / n, grad.reshape(shape)
+
+
+def _threads(xp):
+    """:data:`THREADS`, or the cores this process may run on (os.sched_getaffinity); 1 on CuPy."""
+    if xp is not np:
+        return 1
+    return THREADS or len(os.sched_getaffinity(0))
+
+
+def _in_order(fn, blocks, threads):
+    """[fn(b) for b in blocks], on up to ``threads`` threads, results in block order. Each task runs in
+    a copy of the caller's context, so np.errstate and the like apply in the workers too."""
+    if threads <= 1 or len(blocks) <= 1:
+        return [fn(b) for b in blocks]
+    pool = _pool(threads)
+    return [f.result() for f in [pool.submit(contextvars.copy_context().run, fn, b) for b in blocks]]
+
+
+@functools.lru_cache(maxsize=None)
+def _pool(threads):
+    return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="minitodi-losses")
 
 
 def _log_probs(logits, temperature, has_neginf):

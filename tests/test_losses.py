@@ -1,6 +1,7 @@
 """The divergences: values against a plain float64 reference, gradients against finite differences."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -249,6 +250,26 @@ def test_blocking_does_not_change_results(monkeypatch):
         v, g = LOSSES[n](s, t, mask, temperature=2.0)
         assert v == pytest.approx(whole[n][0], rel=1e-13)
         np.testing.assert_allclose(g, whole[n][1], rtol=1e-13, atol=1e-18)
+
+
+@pytest.mark.parametrize("name,options", CASES, ids=CASE_IDS)
+def test_threads_give_the_single_thread_result_bit_for_bit(name, options, monkeypatch):
+    s, t, mask = _inputs(shape=(6, 7, 29), seed=17)
+    s[..., 3] = t[..., 3] = -np.inf  # the -inf path too
+    monkeypatch.setattr(losses, "BLOCK_ELEMENTS", 2 * 29)  # 21 blocks of 2 rows, 12 of them with the mask
+    for m in (None, mask):
+        monkeypatch.setattr(losses, "THREADS", 1)
+        v1, g1 = LOSSES[name](s, t, m, temperature=2.0, **options)
+        monkeypatch.setattr(losses, "THREADS", 3)
+        v3, g3 = LOSSES[name](s, t, m, temperature=2.0, **options)
+        assert v3 == v1
+        np.testing.assert_array_equal(g3, g1)
+    assert losses._pool.cache_info().currsize > 0  # the threaded path ran
+
+
+def test_threads_default_to_the_cores_available_and_one_on_cupy():
+    assert losses._threads(np) == (losses.THREADS or len(os.sched_getaffinity(0)))
+    assert losses._threads(object()) == 1
 
 
 # ------------------------------------------------------------------------------------------ -inf logits
