@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import asdict
 
 import numpy as np
 
@@ -105,7 +106,7 @@ def llama_torch_step(args, cfg, params, idx, targets, update=True):
     import transformers
 
     device = "cuda" if args.device == "gpu" else "cpu"
-    net = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_dict(), attn_implementation="sdpa"))
+    net = transformers.LlamaForCausalLM(transformers.LlamaConfig(**asdict(cfg), attn_implementation="sdpa"))
     net.load_state_dict({k: torch.from_numpy(model_to_host(v)) for k, v in params.items()}, strict=True)
     return torch_train_step(net.to(device), device, idx, targets, update)
 

@@ -234,9 +234,6 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig: rms_norm_eps and rope_theta must be > 0, got {self.rms_norm_eps!r}, "
                              f"{self.rope_theta!r}")
 
-    def to_dict(self):
-        return asdict(self)
-
 
 def llama_param_shapes(config):
     """Every parameter's name and shape, as transformers' LlamaForCausalLM lists them, weights (out, in)."""
