@@ -85,6 +85,42 @@ def torch_loss(kind, bug=None):
     return fn
 
 
+def torch_baseline(kind, bug=None):
+    """The official code's JSD (with its 1e-9 inside the logs), TVD, skew KLs and AKL, in float32."""
+    torch = pytest.importorskip("torch")
+
+    def fn(s, t, mask, temperature, lam=0.1, mu=0.5):
+        s, t = s / temperature, t / temperature
+        q, p = torch.softmax(s, -1, dtype=torch.float32), torch.softmax(t, -1, dtype=torch.float32)
+        lq, lp = torch.log_softmax(s, -1, dtype=torch.float32), torch.log_softmax(t, -1, dtype=torch.float32)
+        if kind == "jsd":
+            lm = torch.log((p + q) / 2 + 1e-9)
+            div = (p * (torch.log(p + 1e-9) - lm) + q * (torch.log(q + 1e-9) - lm)) / 2
+        elif kind == "tvd":
+            div = 0.5 * (p - q).abs()
+        elif kind in ("sfkl", "srkl"):
+            x, y, lx = (p, q, lp) if kind == "sfkl" else (q, p, lq)
+            div = x * (lx - torch.log(lam * x + (1 - lam) * y))
+        else:
+            p_sorted, order = p.sort(-1)
+            gap = (p_sorted - q.gather(-1, order)).abs()
+            tail = (torch.cumsum(p_sorted, -1) <= mu).float()
+            head_w, tail_w = ((gap * (1 - tail)).sum(-1, keepdim=True).detach(),
+                              (gap * tail).sum(-1, keepdim=True).detach())
+            div = (head_w * p * (lp - lq) + tail_w * q * (lq - lp)) / (head_w + tail_w)
+        div = div.masked_fill(s.isinf() | t.isinf(), 0.0).sum(-1).masked_fill(~mask, 0.0).sum() / mask.sum()
+        return div * temperature ** 2 if bug == "t2" else div
+    return fn
+
+
+@pytest.mark.parametrize("loss", ["jsd", "tvd", "sfkl", "srkl", "akl"])
+def test_torch_official_baselines(loss):
+    """Measured worst 7.2e-5 (srkl, seeds 0 to 5); the same code with a T^2 factor is caught."""
+    assert check(torch_baseline(loss), loss).passed
+    report = check(torch_baseline(loss, "t2"), loss)
+    assert not report.passed and "T^2 factor applied" in report.diagnosis, report
+
+
 @pytest.mark.parametrize("loss, options", CORRECT)
 def test_torch_float32_official_style_passes(loss, options):
     report = check(torch_loss(loss), loss, framework="torch", **options)
