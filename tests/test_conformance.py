@@ -6,8 +6,10 @@ once for PyTorch (autograd gives the gradient; skipped without torch) and once f
 written out). Each bug is one change to a correct implementation.
 """
 
+import importlib.util
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -341,3 +343,15 @@ def test_cli_exit_status(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
     assert cli.main(["conformance", f"{path}:good", "--loss", "fkl"]) == 2
     assert "needs PyTorch" in capsys.readouterr().err
+
+
+def test_example_verdicts(capsys):
+    """examples/check_your_loss.py: the official-style ToDi passes, the attached weight and T^2 fail."""
+    pytest.importorskip("torch")
+    path = Path(__file__).parent.parent / "examples" / "check_your_loss.py"
+    spec = importlib.util.spec_from_file_location("check_your_loss", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main() == 0
+    out = capsys.readouterr().out
+    assert "weight not detached" in out and "T^2 factor applied" in out
