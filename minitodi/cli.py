@@ -86,10 +86,11 @@ def cmd_evaluate(args):
     from . import checkpoint
     from .backend import resolve_device
     from .data import examples_for, load_dataset
-    from .evaluation import evaluate, heldout_losses
+    from .evaluation import Protocol, evaluate, heldout_losses
     from .teacher import Teacher, require_same_tokenizer
     from .tokenizer import Tokenizer
 
+    protocol = Protocol(decoding=args.decoding, eval_seeds=tuple(args.eval_seeds))
     device = resolve_device(args.device)
     params, config = checkpoint.load(args.model, device=device)
     tokenizer = Tokenizer.load(args.model)
@@ -101,7 +102,7 @@ def cmd_evaluate(args):
     examples = examples_for(dataset, args.split, tokenizer, seq_len)
     if dataset["kind"] == "instructions":
         result = evaluate(params, config, tokenizer, dataset[args.split], examples, teacher=teacher,
-                          max_new_tokens=args.max_new_tokens, device=device)
+                          max_new_tokens=args.max_new_tokens, device=device, protocol=protocol)
     else:  # plain text: no prompts to complete, so perplexity only
         from .metrics import perplexity
 
@@ -142,11 +143,13 @@ def cmd_generate(args):
 def cmd_demo(args):
     from . import demo
     from .backend import resolve_device
+    from .evaluation import Protocol
     from .losses import LOSSES
 
     names = sorted(LOSSES) if args.losses == ["all"] else args.losses
+    protocol = Protocol(decoding=args.decoding, eval_seeds=tuple(args.eval_seeds))
     results = demo.run(args.out, preset="quick" if args.quick else "full", loss_names=names, seeds=args.seeds,
-                       device=resolve_device(args.device), progress=not args.quiet)
+                       protocol=protocol, device=resolve_device(args.device), progress=not args.quiet)
     print()
     print(demo.table(results))
     print(f"\nresults: {args.out}/results.json", end="")
@@ -185,6 +188,13 @@ def _common(p, *, training=False, seed=True):
         p.add_argument("--eval-every", type=int)
 
 
+def _protocol_arguments(p):
+    p.add_argument("--decoding", choices=["sample", "greedy"], default="sample",
+                   help="how answers are generated (default: sampled, as the paper evaluates)")
+    p.add_argument("--eval-seeds", type=int, nargs="+", default=[10, 20, 30, 40, 50],
+                   help="generation seeds of the sampled passes, scores averaged (default: 10 20 30 40 50)")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="minitodi", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -217,6 +227,7 @@ def build_parser():
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--log", help="JSONL file the result is appended to (default MODEL/eval.jsonl)")
+    _protocol_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("generate", help="complete a prompt")
@@ -239,6 +250,7 @@ def build_parser():
                    help="divergences to distil with besides sft, or 'all'")
     p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: 0 1 2, quick: 0)")
     p.add_argument("--out", default="minitodi-demo", help="where results.json and demo.png go")
+    _protocol_arguments(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("conformance", help="check your own loss function against minitodi's (value and gradient)")

@@ -1,12 +1,16 @@
 """``minitodi demo``: the ToDi paper's experiment at laptop size, on the built-in synthetic suite.
 
-1. Build the suite (:func:`minitodi.data.synthetic_suite`) and train a byte-level BPE on its training split.
+1. Build the suite and its tokenizer (:mod:`minitodi.presets` holds every size and budget).
 2. Train the teacher with cross-entropy, or reuse it from the cache directory (``MINITODI_CACHE``,
    default ``~/.cache/minitodi``); its cache key hashes every setting that shapes it.
-3. Train students of one size and one budget: ``sft`` (cross-entropy only) and one per divergence,
-   (1 - kd_rate) CE + kd_rate KD from the frozen teacher, for each seed.
-4. Evaluate every model on the test split (ROUGE-L, exact match, perplexity, KL to the teacher), print a
-   table with mean and spread over seeds, write ``OUT/results.json`` and ``OUT/demo.png``.
+3. Train students of one size and one budget for each training seed: ``sft`` (cross-entropy only) and one
+   per divergence, (1 - kd_rate) CE + kd_rate KD from the frozen teacher. Students of one seed share their
+   initial weights and the order of their batches: they differ only by their loss.
+4. Evaluate every model on the test split under the paper's protocol (:mod:`minitodi.evaluation`).
+5. Statistics: each student's mean over training seeds with its standard error; for every other student X,
+   the difference todi - X seed by seed, its mean and Student-t 95% interval. Efficiency: milliseconds per
+   distillation step and the peak memory of the KD loss, per divergence. A table, ``OUT/results.json`` and
+   ``OUT/demo.png``.
 
 Every run directory resumes (see :mod:`minitodi.train`), and a finished student is not trained again, so
 an interrupted demo picks up where it stopped.
@@ -17,17 +21,24 @@ import json
 import math
 import os
 import time
+import tracemalloc
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from . import checkpoint, data, metrics
-from .evaluation import evaluate
+import numpy as np
+
+from . import checkpoint, data, metrics, optim
+from .backend import to_numpy
+from .evaluation import PAPER, evaluate
+from .layers import IGNORE_INDEX
 from .losses import LOSSES
+from .model import forward, init_params
 from .presets import PRESETS
 from .teacher import Teacher
-from .train import SFT, fit
+from .train import SFT, fit, step_loss
 
 DEFAULT_LOSSES = ("fkl", "rkl", "todi")
+METRICS = ("rouge_l", "exact_match", "validity", "coverage", "perplexity", "divergence")
 
 
 def cache_dir():
@@ -53,20 +64,59 @@ def _train_once(run_dir, *args, **kwargs):
 
 
 def _row(evaluation):
-    return {k: evaluation[k] for k in ("rouge_l", "exact_match", "perplexity", "divergence", "per_task")}
+    return {k: evaluation[k] for k in (*METRICS, "rouge_l_se", "rouge_l_per_eval_seed", "per_task")}
 
 
 def _summarise(per_seed):
-    """Mean and spread over seeds of every number metric, plus the per-seed values."""
+    """Means over training seeds; ``rouge_l_se`` the standard error of the mean over them (None for one)."""
     out = {}
-    for metric in ("rouge_l", "exact_match", "perplexity", "divergence"):
-        mean, std, _ = metrics.mean_and_spread([r[metric] for r in per_seed])
-        out[metric], out[metric + "_std"] = mean, (None if math.isnan(std) else std)  # one seed: no spread
-    out["seeds"] = per_seed
-    return out
+    for metric in METRICS:
+        values = [r[metric] for r in per_seed]
+        out[metric] = None if None in values else float(np.mean(values))
+    se = metrics.mean_se([r["rouge_l"] for r in per_seed])[1]
+    return {**out, "rouge_l_se": None if math.isnan(se) else se, "seeds": per_seed}
 
 
-def run(out, *, preset="full", loss_names=DEFAULT_LOSSES, seeds=None, device="cpu", progress=True, log=print):
+def comparisons(students):
+    """todi - X in ROUGE-L for every other student X, paired by training seed (mean, 95% interval, n)."""
+    if "todi" not in students:
+        return {}
+    todi = [r["rouge_l"] for r in students["todi"]["seeds"]]
+    return {f"todi-{name}": metrics.paired_difference(todi, [r["rouge_l"] for r in row["seeds"]])
+            for name, row in students.items() if name != "todi"}
+
+
+def efficiency(config, tokenizer, examples, teacher, names, tcfg, device, steps=6):
+    """Per loss: ms per training step (forward, CE + KD, backward, clipping, AdamW; median of ``steps`` after
+    one warm-up, the same batches for every loss) and, per divergence, the peak memory of the KD loss and
+    its gradient alone in MB (tracemalloc, on the host), at the training batch's shape."""
+    batches = data.BatchIterator(examples, tcfg.batch_size, pad_id=tokenizer.eos_id, seed=0, device=device)
+    batches = [next(batches) for _ in range(steps + 1)]
+    result = {"ms_per_step": {}, "kd_peak_mb": {}}
+    for name in names:
+        params = init_params(config, 0, dtype=np.dtype(tcfg.dtype), device=device)
+        run = replace(tcfg, loss=name)
+        opt, times = optim.adamw_init(params), []
+        for idx, labels in batches:
+            start = time.perf_counter()
+            grads = step_loss(params, config, idx, labels, run, None if name == SFT else teacher)[3]
+            optim.clip_grad_norm(grads, run.grad_clip)
+            optim.adamw_step(params, grads, opt, lr=1e-4, weight_decay=run.weight_decay)
+            times.append(1000 * (time.perf_counter() - start))
+        result["ms_per_step"][name] = float(np.median(times[1:]))
+        if name != SFT:
+            idx, labels = batches[0]
+            s, t = to_numpy(forward(params, idx, config)[0]), to_numpy(teacher.batch_logits(idx, labels))
+            tracemalloc.start()
+            LOSSES[name](s, t, to_numpy(labels) != IGNORE_INDEX, temperature=run.temperature, **run.loss_options)
+            result["kd_peak_mb"][name] = tracemalloc.get_traced_memory()[1] / 2**20
+            tracemalloc.stop()
+    result["batch_shape"] = [*batches[0][0].shape, config.vocab_size]
+    return result
+
+
+def run(out, *, preset="full", loss_names=DEFAULT_LOSSES, seeds=None, protocol=PAPER, device="cpu",
+        progress=True, log=print):
     """Run the demo into ``out``; returns the results dict also written to ``out/results.json``."""
     cfg = PRESETS[preset]
     if seeds is not None:
@@ -75,61 +125,67 @@ def run(out, *, preset="full", loss_names=DEFAULT_LOSSES, seeds=None, device="cp
     if unknown:
         raise ValueError(f"unknown losses {unknown}: choose from {sorted(LOSSES)}")
     out = Path(out)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     suite = cfg.dataset()
     tokenizer, split = data.prepare(suite, cfg.seq_len, vocab_size=cfg.vocab_size)
     teacher_cfg, student_cfg = cfg.models(tokenizer.vocab_size)
-
     teacher_key = _key({"model": asdict(teacher_cfg), "train": asdict(cfg.teacher_train), "tokenizer":
-                        tokenizer.fingerprint(), "suite": [cfg.n_train, cfg.n_valid, cfg.n_test, cfg.seq_len]})
+                        tokenizer.fingerprint(), "suite": [cfg.n_train, cfg.n_valid, cfg.n_test, cfg.seq_len,
+                                                           cfg.families]})
     teacher_dir = cache_dir() / f"teacher-{teacher_key}"
     log(f"teacher: {teacher_dir}" + (" (cached)" if _done_marker(teacher_dir).exists() else ""))
     teacher_summary = _train_once(teacher_dir, teacher_cfg, tokenizer, split["train"], split["valid"],
                                   cfg.teacher_train, device=device, progress=progress, label="teacher")
     teacher = Teacher.load(teacher_dir, device=device)
-    evaluate_on_test = dict(records=suite["test"], examples=split["test"], max_new_tokens=cfg.max_new_tokens,
-                            device=device)
-    results = {"teacher": _row(evaluate(teacher.params, teacher.config, tokenizer, teacher=None,
-                                        **evaluate_on_test)),
+    test = dict(records=suite["test"], examples=split["test"], protocol=protocol,
+                max_new_tokens=cfg.max_new_tokens, device=device)
+    results = {"protocol": protocol.to_dict(), "teacher": _row(evaluate(teacher.params, teacher.config,
+                                                                        tokenizer, **test)),
                "students": {}, "curves": {"teacher": teacher_summary["valid_curve"]}}
     results["teacher"]["divergence"] = 0.0
     for name in (SFT, *loss_names):
         per_seed = []
         for seed in cfg.seeds:
-            tcfg = replace(cfg.student_train, loss=name, seed=seed)
             run_dir = out / "students" / f"{name}-seed{seed}"
-            summary = _train_once(run_dir, student_cfg, tokenizer, split["train"], split["valid"], tcfg,
-                                  teacher=None if name == SFT else teacher, device=device, progress=progress,
+            summary = _train_once(run_dir, student_cfg, tokenizer, split["train"], split["valid"],
+                                  replace(cfg.student_train, loss=name, seed=seed), device=device,
+                                  teacher=None if name == SFT else teacher, progress=progress,
                                   label=f"{name} seed {seed}")
             params, config = checkpoint.load(run_dir, device=device)
-            per_seed.append({"seed": seed, **_row(evaluate(params, config, tokenizer, teacher=teacher,
-                                                           **evaluate_on_test))})
+            per_seed.append({"seed": seed, **_row(evaluate(params, config, tokenizer, teacher=teacher, **test))})
             results["curves"][f"{name}-seed{seed}"] = summary["valid_curve"]
         results["students"][name] = _summarise(per_seed)
         log(f"{name:>5}: ROUGE-L {results['students'][name]['rouge_l']:.1f}")
+    results["comparisons"] = comparisons(results["students"])
+    results["efficiency"] = efficiency(student_cfg, tokenizer, split["train"], teacher, (SFT, *loss_names),
+                                       cfg.student_train, device)
     results["config"] = {"preset": preset, "device": device, "seeds": list(cfg.seeds),
                          "losses": [SFT, *loss_names], "demo": json.loads(json.dumps(asdict(cfg), default=str)),
-                         "teacher_dir": str(teacher_dir), "seconds": time.perf_counter() - start}
+                         "teacher_dir": str(teacher_dir), "seconds": time.perf_counter() - start,
+                         "cpu_seconds": time.process_time() - cpu_start}
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(out / "results.json", results)
     return results
 
 
 def table(results):
-    """The results as a text table: one row per model, mean +- spread over seeds (when there is one)."""
-    lines = [f"{'model':<9} {'ROUGE-L':>15} {'exact match':>15} {'perplexity':>15} {'KL(teacher||model)':>19}"]
+    """The results as text: one row per model (students: mean ± standard error over training seeds), the
+    paired differences todi - X with their 95% intervals, and the cost of each loss."""
+    lines = [f"{'model':<8} {'ROUGE-L':>13} {'exact':>6} {'valid':>6} {'cover':>6} {'ppl':>6} {'KL':>6}"]
 
-    def cell(row, metric, digits):
-        if row.get(metric) is None:
-            return "-"
-        std = row.get(metric + "_std")
-        text = f"{row[metric]:.{digits}f}"
-        return text + (f" ± {std:.{digits}f}" if std is not None else "")
+    def num(x, digits):
+        return "-" if x is None else f"{x:.{digits}f}"
 
-    rows = [("teacher", results["teacher"])] + list(results["students"].items())
-    for name, row in rows:
-        lines.append(f"{name:<9} {cell(row, 'rouge_l', 1):>15} {cell(row, 'exact_match', 1):>15} "
-                     f"{cell(row, 'perplexity', 3):>15} {cell(row, 'divergence', 4):>19}")
+    for name, row in [("teacher", results["teacher"]), *results["students"].items()]:
+        rouge = num(row["rouge_l"], 1) + ("" if row["rouge_l_se"] is None else f" ± {row['rouge_l_se']:.1f}")
+        lines.append(f"{name:<8} {rouge:>13} {num(row['exact_match'], 1):>6} {num(row['validity'], 1):>6} "
+                     f"{num(row['coverage'], 1):>6} {num(row['perplexity'], 3):>6} {num(row['divergence'], 3):>6}")
+    for name, c in results["comparisons"].items():
+        interval = "no interval from one seed" if c["ci95"] is None else "95% CI [{:+.2f}, {:+.2f}]".format(*c["ci95"])
+        lines.append(f"{name}: {c['mean']:+.2f} ROUGE-L, {interval}, n = {c['n']}")
+    eff = results["efficiency"]
+    lines.append("ms/step: " + ", ".join(f"{k} {v:.1f}" for k, v in eff["ms_per_step"].items())
+                 + "; KD peak MB: " + ", ".join(f"{k} {v:.2f}" for k, v in eff["kd_peak_mb"].items()))
     return "\n".join(lines)
 
 
@@ -156,9 +212,9 @@ def figure(results, path):
     left.legend()
     names = ["teacher", *results["students"]]
     rows = [results["teacher"], *results["students"].values()]
-    right.bar(names, [r["rouge_l"] for r in rows], yerr=[r.get("rouge_l_std") or 0 for r in rows],
+    right.bar(names, [r["rouge_l"] for r in rows], yerr=[r["rouge_l_se"] or 0 for r in rows],
               color=[colors.get(n, "gray") for n in names], capsize=4)
-    right.set(ylabel="ROUGE-L (test)", title="scores, mean ± std over seeds")
+    right.set(ylabel="ROUGE-L (test)", title="scores, mean ± standard error")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

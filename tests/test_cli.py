@@ -79,7 +79,7 @@ def test_demo_writes_results_for_every_loss(tmp_path, monkeypatch, capsys):
     for row in [results["teacher"], *results["students"].values()]:
         assert {"rouge_l", "exact_match", "perplexity", "divergence"} <= set(row)
     assert len(results["students"]["todi"]["seeds"]) == 2
-    assert results["students"]["todi"]["rouge_l_std"] is not None
+    assert results["students"]["todi"]["rouge_l_se"] is not None
     assert "teacher" in capsys.readouterr().out
     pytest.importorskip("matplotlib")
     assert (out / "demo.png").stat().st_size > 10_000

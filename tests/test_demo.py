@@ -1,0 +1,79 @@
+"""The demo's results.json: the protocol, every model's scores, paired comparisons, efficiency."""
+
+import math
+
+import pytest
+
+from minitodi import demo, metrics, presets
+from minitodi.evaluation import PAPER, Protocol
+from minitodi.train import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(presets.MODELS, "micro", {"n_embd": 16, "n_layer": 1, "n_head": 2})
+        mp.setitem(presets.PRESETS, "micro", presets.Preset(
+            n_train=240, n_valid=16, n_test=16, vocab_size=300, seq_len=48, n_positions=56, teacher="micro",
+            student="micro", teacher_train=TrainConfig(steps=8, batch_size=8, eval_every=4),
+            student_train=TrainConfig(steps=4, batch_size=8, eval_every=2), seeds=(0, 1, 2), max_new_tokens=8))
+        mp.setenv("MINITODI_CACHE", str(root / "cache"))
+        return demo.run(root / "out", preset="micro", loss_names=("fkl", "rkl", "todi"), progress=False,
+                        log=lambda *_: None)
+
+
+def test_results_carry_the_protocol_and_every_metric(results):
+    assert results["protocol"] == PAPER.to_dict()
+    fields = {"rouge_l", "rouge_l_se", "exact_match", "validity", "coverage", "perplexity", "divergence"}
+    for row in [results["teacher"], *results["students"].values()]:
+        assert fields <= set(row)
+    assert results["teacher"]["divergence"] == 0.0
+    assert len(results["teacher"]["rouge_l_per_eval_seed"]) == 5
+
+
+def test_students_are_means_over_training_seeds_with_their_standard_error(results):
+    for row in results["students"].values():
+        values = [r["rouge_l"] for r in row["seeds"]]
+        assert [r["seed"] for r in row["seeds"]] == [0, 1, 2]
+        assert row["rouge_l"] == pytest.approx(sum(values) / 3)
+        assert row["rouge_l_se"] == pytest.approx(metrics.mean_se(values)[1], nan_ok=True)
+        assert row["perplexity"] == pytest.approx(sum(r["perplexity"] for r in row["seeds"]) / 3)
+
+
+def test_comparisons_are_paired_by_seed(results):
+    assert set(results["comparisons"]) == {"todi-sft", "todi-fkl", "todi-rkl"}
+    todi = [r["rouge_l"] for r in results["students"]["todi"]["seeds"]]
+    for name in ("sft", "fkl", "rkl"):
+        other = [r["rouge_l"] for r in results["students"][name]["seeds"]]
+        c = results["comparisons"][f"todi-{name}"]
+        d = [a - b for a, b in zip(todi, other)]
+        mean = sum(d) / 3
+        half = metrics.t_quantile(2) * math.sqrt(sum((x - mean) ** 2 for x in d) / 2 / 3)
+        assert (c["n"], c["mean"]) == (3, pytest.approx(mean))
+        assert c["ci95"] == pytest.approx([mean - half, mean + half])
+
+
+def test_efficiency_per_divergence(results):
+    eff = results["efficiency"]
+    assert set(eff["ms_per_step"]) == {"sft", "fkl", "rkl", "todi"}
+    assert set(eff["kd_peak_mb"]) == {"fkl", "rkl", "todi"}
+    assert all(v > 0 for v in [*eff["ms_per_step"].values(), *eff["kd_peak_mb"].values()])
+    batch, positions, vocab = eff["batch_shape"]
+    # the KD loss keeps at least its float32 gradient: B * T * V * 4 bytes
+    assert min(eff["kd_peak_mb"].values()) >= batch * positions * vocab * 4 / 2**20
+
+
+def test_table_prints_intervals(results):
+    text = demo.table(results)
+    assert "teacher" in text and "todi-fkl" in text and "95% CI [" in text and "KD peak MB" in text
+
+
+def test_the_command_line_passes_the_protocol(monkeypatch, tmp_path):
+    from minitodi.cli import main
+
+    seen = {}
+    monkeypatch.setattr(demo, "run", lambda out, **kw: seen.update(kw) or (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(["demo", "--decoding", "greedy", "--eval-seeds", "1", "2", "--out", str(tmp_path)]) == 130
+    assert seen["protocol"] == Protocol(decoding="greedy", eval_seeds=(1, 2))
+    assert main(["demo", "--eval-seeds", "3", "3", "--out", str(tmp_path)]) == 2  # one line, exit status 2
