@@ -152,9 +152,3 @@ def paired_difference(a, b) -> dict:
     half = t_quantile(n - 1) * se if n > 1 else None
     return {"mean": mean, "ci95": None if half is None else [mean - half, mean + half], "n": n,
             "per_seed": (a - b).tolist()}
-
-
-def mean_and_spread(values) -> tuple[float, float, int]:
-    """(mean, sample standard deviation with n-1 in the denominator, n); the deviation is NaN for n = 1."""
-    mean, se, n = mean_se(values)
-    return mean, se * math.sqrt(n), n

@@ -7,7 +7,7 @@ import string
 import pytest
 from rouge_score import rouge_scorer
 
-from minitodi.metrics import (exact_match, lcs_length, mean_and_spread, mean_se, normalize_answer,
+from minitodi.metrics import (exact_match, lcs_length, mean_se, normalize_answer,
                               paired_difference, perplexity, rouge_l, rouge_tokens, t_quantile)
 
 # words where the Porter stemmer, punctuation, case or non-ASCII letters matter
@@ -131,10 +131,9 @@ def test_perplexity():
         perplexity(-0.1)
 
 
-def test_mean_se_and_spread():
+def test_mean_se():
     # values 1, 2, 6: mean 3; squared deviations 4 + 1 + 9 = 14; sample variance 14 / 2 = 7
     assert mean_se([1, 2, 6]) == pytest.approx((3.0, math.sqrt(7.0 / 3), 3))
-    assert mean_and_spread([1, 2, 6]) == pytest.approx((3.0, math.sqrt(7.0), 3))
     mean, se, n = mean_se([4.5])
     assert mean == 4.5 and n == 1 and math.isnan(se)
     with pytest.raises(ValueError):
