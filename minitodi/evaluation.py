@@ -16,7 +16,7 @@ reach, averaged. A mode-seeking student (RKL) keeps validity high and coverage l
 token at T = 1.
 """
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -50,9 +50,7 @@ class Protocol:
             raise ValueError(f"eval_seeds must be distinct integers >= 0, at least one, got {seeds}")
 
     def to_dict(self):
-        return {"decoding": self.decoding, "temperature": self.temperature, "top_k": self.top_k,
-                "top_p": self.top_p, "no_repeat_ngram_size": self.no_repeat_ngram_size,
-                "eval_seeds": list(self.eval_seeds), "rouge": ROUGE}
+        return {**asdict(self), "eval_seeds": list(self.eval_seeds), "rouge": ROUGE}
 
     def runs(self):
         """(seed, generate's decoding keywords) for every generation pass."""
