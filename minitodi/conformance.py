@@ -4,15 +4,14 @@ r"""Check someone else's distillation loss against minitodi's: the same function
     print(report)      # a row per case, then the diagnosis
     report.passed      # True when every case agrees with LOSSES["todi"] within ``tol``
 
-``fn(student_logits, teacher_logits, mask, temperature, **options)`` gets logits shaped (..., V) and a
-bool mask shaped (...), True where a position counts. With framework="torch" the logits are float64
-tensors (the student's with requires_grad) and ``fn`` returns a scalar tensor, differentiated by autograd;
-with framework="numpy" they are arrays and ``fn`` returns ``(loss, dloss/dstudent_logits)``.
+``fn(student_logits, teacher_logits, mask, temperature, **options)`` gets logits (..., V) and a bool mask
+(...), True where a position counts (``temperature`` goes by name where ``fn`` has a parameter so named,
+else fourth). framework="torch": float64 tensors, the student's with requires_grad; ``fn`` returns a
+scalar tensor, differentiated by autograd. framework="numpy": arrays; ``fn`` returns (loss, dloss/ds).
 
-**Convention.** minitodi's: p = softmax(t / T), q = softmax(s / T), the loss is the mean over counted
-positions of the divergence summed over the vocabulary, no T^2 factor. A library with another convention
-declares it, ``reduction="sum"`` (summed over counted positions) or ``t_squared=True`` (times T^2), and
-the reference is scaled to match.
+**Convention.** minitodi's: p = softmax(t / T), q = softmax(s / T), the mean over counted positions of
+the divergence summed over the vocabulary, no T^2. Another is declared: ``reduction="sum"`` (over counted
+positions), ``t_squared=True`` (times T^2); the reference is scaled to match.
 
 **Errors.** Per case, value error |v - r| / |r| and gradient error max|g - dr| / max(max|dr|, 0.01 u),
 normwise (an entry small by cancellation weighs no more than its size), u = 1/(N T) the gradient's unit
@@ -32,14 +31,14 @@ the mask ignored, the temperature on one side only, FKL and RKL swapped, cross-e
 the weight reversed (ToDi is linear in its detached weight, so 1 - a gives FKL + RKL - ToDi, value and
 gradient), the weight not detached, beta ignored.
 
-**ToDi's weight not detached.** Per position D = sum_v (a_v p_v - (1 - a_v) q_v) d_v with
-d_v = log p_v - log q_v and a_v = sigmoid(beta d_v). Detached, g_v = dD/d(log q_v) = -a_v p_v +
-(1 - a_v) q_v (1 - d_v). Differentiating through the weight adds
-dD_v/da_v * da_v/d(log q_v) = (p_v + q_v) d_v * (-beta a_v (1 - a_v)) = h_v, which reaches the logits
-through log-softmax like any g: dloss/ds += (h - q sum_v h_v) / (N T) at counted positions.
+**ToDi's weight not detached.** D = sum_v (a_v p_v - (1 - a_v) q_v) d_v, d_v = log p_v - log q_v,
+a_v = sigmoid(beta d_v). Detached, g_v = dD/d(log q_v) = -a_v p_v + (1 - a_v) q_v (1 - d_v). Through the
+weight autograd adds h_v = dD/da_v da_v/d(log q_v) = (p_v + q_v) d_v (-beta a_v (1 - a_v)), which reaches
+the logits through log-softmax like any g: dloss/ds += (h - q sum_v h_v) / (N T) at counted positions.
 """
 
 import importlib.util
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -183,17 +182,27 @@ def _adapter(fn, framework):
     """f(case, options) -> (value, grad as float64 array), calling ``fn`` the framework's way."""
     if framework not in FRAMEWORKS:
         raise ValueError(f"framework must be one of {FRAMEWORKS}, got {framework!r}")
+    try:
+        by_name = "temperature" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # None (only the framework is checked) or a callable with no signature
+        by_name = False
+
+    def call(s, t, mask, T, options):
+        try:
+            return fn(s, t, mask, temperature=T, **options) if by_name else fn(s, t, mask, T, **options)
+        except Exception as err:
+            raise ConformanceError(f"{getattr(fn, '__name__', 'the function')} raised {type(err).__name__} "
+                                   f"on logits {tuple(s.shape)} at temperature {T:g}: {err}") from err
     if framework == "torch":
-        return _torch_adapter(fn)
+        return _torch_adapter(call)
 
     def run(case, options):
-        value, grad = fn(case.student.copy(), case.teacher.copy(), case.mask.copy(), case.temperature,
-                         **options)
+        value, grad = call(case.student.copy(), case.teacher.copy(), case.mask.copy(), case.temperature, options)
         return float(value), np.asarray(grad, dtype=np.float64)
     return run
 
 
-def _torch_adapter(fn):
+def _torch_adapter(call):
     """PyTorch is imported here and nowhere else: it is never a dependency of minitodi."""
     try:
         import torch
@@ -203,8 +212,8 @@ def _torch_adapter(fn):
 
     def run(case, options):
         s = torch.tensor(case.student, dtype=torch.float64, requires_grad=True)
-        loss = fn(s, torch.tensor(case.teacher, dtype=torch.float64), torch.tensor(case.mask),
-                  case.temperature, **options)
+        loss = call(s, torch.tensor(case.teacher, dtype=torch.float64), torch.tensor(case.mask),
+                    case.temperature, options)
         if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
             raise ConformanceError(f"the function must return a scalar tensor, got {type(loss).__name__} "
                                    f"{tuple(getattr(loss, 'shape', ()))}")
@@ -269,15 +278,7 @@ def check(fn, loss, *, framework="torch", reduction="mean", t_squared=False, tol
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     run = _adapter(fn, framework)
     cases = battery(seed)
-    got = []
-    for case in cases:
-        try:
-            got.append(run(case, options))
-        except ConformanceError:
-            raise
-        except Exception as err:
-            raise ConformanceError(f"{getattr(fn, '__name__', 'the function')} raised "
-                                   f"{type(err).__name__} on case '{case.name}': {err}") from err
+    got = [run(case, options) for case in cases]
     table = _variants(loss, options, reduction, t_squared)
     variants = {name: [tuple(x * k(c) for x in f(c)) for c in cases] for name, (f, k) in table.items()}
     reference = variants.pop("reference")

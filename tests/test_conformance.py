@@ -214,6 +214,13 @@ def test_numpy_single_bug_fails_and_is_named(loss, options, bug):
     assert not report.passed and BUGS[bug] in report.diagnosis, report.diagnosis
 
 
+def test_losses_conform_to_themselves():
+    """LOSSES' signature has temperature keyword-only: it is passed by name; each loss agrees exactly."""
+    for name, fn in LOSSES.items():
+        report = check(fn, name, framework="numpy")
+        assert report.passed and max(max(r.value_error, r.grad_error) for r in report.rows) < 1e-12, report
+
+
 def test_value_right_gradient_wrong_is_said():
     def wrong_grad(s, t, mask, T):
         value, grad = LOSSES["fkl"](s, t, mask, temperature=T)
