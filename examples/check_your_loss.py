@@ -1,6 +1,6 @@
 """Check three PyTorch ToDi losses against minitodi: one right, two with a bug each, and what is said.
 
-    python examples/check_your_loss.py       # needs PyTorch (pip install torch); exit 1 if a verdict is off
+    python examples/check_your_loss.py       # exit 1 if a verdict is off; says it is skipped without PyTorch
     minitodi conformance examples/check_your_loss.py:todi_t_squared --loss todi    # one of them, from the CLI
 
 The three are written the way public distillation code writes them: log-softmaxes in float32, a weight
@@ -19,9 +19,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-import torch  # noqa: E402
-
 from minitodi.conformance import check  # noqa: E402
+
+try:
+    import torch
+except ImportError:  # PyTorch is no dependency of minitodi: say so, as a skipped test would
+    print("check_your_loss.py checks PyTorch losses: PyTorch is not installed (pip install torch); skipped")
+    sys.exit(0)
 
 
 def _todi(student_logits, teacher_logits, mask, temperature, detach_weight=True):
