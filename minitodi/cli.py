@@ -55,14 +55,14 @@ def _fit(args, loss, teacher=None):
     from .tokenizer import Tokenizer
     from .train import fit
 
-    device = resolve_device(args.device)
+    tcfg, device = _train_config(args, loss), resolve_device(args.device)
     dataset = load_dataset(args.data)
     tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else getattr(teacher, "tokenizer", None)
     tokenizer, examples = prepare(dataset, args.seq_len, tokenizer=tokenizer, vocab_size=args.vocab_size,
                                   splits=("train", "valid"))
     config = model_config(args.preset, tokenizer.vocab_size, args.seq_len + args.max_new_tokens)
-    summary = fit(args.out, config, tokenizer, examples["train"], examples["valid"], _train_config(args, loss),
-                  teacher=teacher, device=device, progress=not args.quiet)
+    summary = fit(args.out, config, tokenizer, examples["train"], examples["valid"], tcfg, teacher=teacher,
+                  device=device, progress=not args.quiet, start=args.start)
     print(f"{loss}: {summary['steps']} steps, best validation CE {summary['best_valid_ce']:.4f} at step "
           f"{summary['best_step']}; model in {args.out}, log in {args.out}/metrics.jsonl")
     return 0
@@ -124,6 +124,11 @@ def cmd_generate(args):
 
     check_settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, samples=args.samples)
+    for name in ("instruction", "input", "prompt"):
+        try:
+            (getattr(args, name) or "").encode("utf-8")  # undecodable bytes of argv arrive as lone surrogates
+        except UnicodeEncodeError:
+            raise ValueError(f"--{name} is not valid UTF-8 text") from None
     params, config = checkpoint.load(args.model, device=resolve_device(args.device))
     tokenizer = Tokenizer.load(args.model)
     if args.instruction is not None:
@@ -186,6 +191,26 @@ def _common(p, *, training=False, seed=True):
         p.add_argument("--batch-size", type=int)
         p.add_argument("--lr", type=float)
         p.add_argument("--eval-every", type=int)
+        start = p.add_mutually_exclusive_group()
+        start.add_argument("--restart", dest="start", action="store_const", const="restart", default="resume",
+                           help="begin the run in --out again (its best model is replaced)")
+        start.add_argument("--from-best", dest="start", action="store_const", const="best",
+                           help="begin again from the best model in --out (a fresh optimizer)")
+
+
+def _add_training_commands(sub):
+    p = sub.add_parser("train", help="train a model (a teacher) with cross-entropy")
+    _common(p, training=True)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("distill", help="distil a student from a teacher with a divergence")
+    _common(p, training=True)
+    p.add_argument("--teacher", required=True, help="the teacher's run directory")
+    p.add_argument("--loss", default="todi", choices=sorted(losses.LOSSES))
+    p.add_argument("--kd-rate", type=float, default=0.5, help="weight of the divergence against CE")
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--option", action="append", metavar="NAME=VALUE", help="a loss option, e.g. beta=2")
+    p.set_defaults(func=cmd_distill, preset="student")
 
 
 def _protocol_arguments(p):
@@ -206,18 +231,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_gradcheck)
 
-    p = sub.add_parser("train", help="train a model (a teacher) with cross-entropy")
-    _common(p, training=True)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("distill", help="distil a student from a teacher with a divergence")
-    _common(p, training=True)
-    p.add_argument("--teacher", required=True, help="the teacher's run directory")
-    p.add_argument("--loss", default="todi", choices=sorted(losses.LOSSES))
-    p.add_argument("--kd-rate", type=float, default=0.5, help="weight of the divergence against CE")
-    p.add_argument("--temperature", type=float, default=2.0)
-    p.add_argument("--option", action="append", metavar="NAME=VALUE", help="a loss option, e.g. beta=2")
-    p.set_defaults(func=cmd_distill, preset="student")
+    _add_training_commands(sub)
 
     p = sub.add_parser("evaluate", help="score a model on held-out data")
     _common(p)
@@ -272,7 +286,7 @@ def main(argv=None):
         return args.func(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as err:  # the clear errors minitodi raises
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as err:  # the clear errors minitodi raises
         print(f"minitodi {args.command}: error: {err}", file=sys.stderr)
         return 2
 

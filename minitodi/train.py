@@ -23,19 +23,31 @@ then the gradient is clipped by its global norm and AdamW steps with warmup + co
 step and data position are restored, so the resumed run computes exactly the numbers of an uninterrupted
 one on the CPU (no dropout, no other randomness). Ctrl-C finishes the current step, saves ``out/last``
 and stops; run the same command again to go on. The state is also saved at every evaluation.
+
+**Safety.** minitodi writes only into a new or empty directory or one holding its ``run.json``, one
+process at a time (an advisory ``flock`` on the directory, which the OS drops when the process dies: a
+second writer is refused, a killed one never blocks). A best model without a resumable state is left
+alone unless ``start`` is "restart" or "best". A non-finite loss or gradient stops the run before the
+update; ``out/last`` keeps the last finite state.
 """
 
+import fcntl
+import inspect
 import json
 import math
+import numbers
+import os
+import shutil
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import checkpoint, layers, losses, optim
-from .backend import to_float
+from .backend import to_float, to_numpy
 from .data import BatchIterator
 from .evaluation import heldout_losses
 from .model import backward, forward, init_params
@@ -69,13 +81,32 @@ class TrainConfig:
     def __post_init__(self):
         if self.loss != SFT and self.loss not in losses.LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}: choose {SFT!r} or one of {sorted(losses.LOSSES)}")
-        for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "log_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        if not 0.0 <= self.kd_rate <= 1.0:
+        for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "log_every", "warmup_steps", "seed"):
+            value, low = getattr(self, name), 0 if name in ("warmup_steps", "seed") else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        for name in ("lr", "grad_clip", "temperature", "min_lr", "weight_decay", "kd_rate"):
+            value, positive = getattr(self, name), name in ("lr", "grad_clip", "temperature")
+            finite = isinstance(value, numbers.Real) and math.isfinite(value)
+            if not (finite and (value > 0 if positive else value >= 0)):
+                raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
+        if self.kd_rate > 1.0:
             raise ValueError(f"kd_rate must be in [0, 1], got {self.kd_rate}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        self._check_loss_options()
+
+    def _check_loss_options(self):
+        """Options must be keyword options of the loss, and the loss must accept their values."""
+        loss = losses.LOSSES.get(self.loss)
+        valid = [] if loss is None else [p.name for p in inspect.signature(loss).parameters.values()
+                                         if p.kind == p.KEYWORD_ONLY and p.name not in ("temperature", "stopgrad_at")]
+        unknown = sorted(set(self.loss_options) - set(valid))
+        if unknown:
+            raise ValueError(f"loss {self.loss!r} has no option {', '.join(unknown)}; its options: "
+                             f"{', '.join(valid) or 'none'}")
+        if loss is not None:  # the loss's own checks of the values, on a 1 x 2 input
+            loss(np.zeros((1, 2)), np.zeros((1, 2)), temperature=self.temperature, **self.loss_options)
 
 
 def step_loss(params, config, idx, labels, tcfg, teacher=None):
@@ -97,28 +128,26 @@ def step_loss(params, config, idx, labels, tcfg, teacher=None):
     return total, ce, kd, backward(dlogits, cache)
 
 
-class _StopFlag:
-    """Turns Ctrl-C into a flag the loop checks between steps (a second Ctrl-C stops at once)."""
+@contextmanager
+def _ctrl_c_flag():
+    """A list that Ctrl-C makes non-empty, for the loop to check between steps (a second Ctrl-C stops at
+    once). Outside the main thread Ctrl-C is left alone."""
+    pressed = []
 
-    def __init__(self):
-        self.set = False
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave Ctrl-C alone
-            self._old = None
-        return self
-
-    def _handle(self, *_):
-        if self.set:
+    def handle(*_):
+        if pressed:
             raise KeyboardInterrupt
-        self.set = True
+        pressed.append(True)
 
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-        return False
+    try:
+        old = signal.signal(signal.SIGINT, handle)
+    except ValueError:  # not the main thread
+        old = None
+    try:
+        yield pressed
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
 
 
 def _append_jsonl(path, record):
@@ -146,36 +175,85 @@ def _check_models(model_config, tokenizer, tcfg, teacher):
         raise ValueError(f"model vocabulary {model_config.vocab_size} < tokenizer's {tokenizer.vocab_size}")
 
 
+@contextmanager
+def _run_directory(out, start):
+    """Hold ``out`` for this process alone (see the module docstring): created, or empty, or a run."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out, os.O_RDONLY)
+    except OSError as err:
+        raise ValueError(f"cannot use {out} as a run directory: {err.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{out} is in use by another minitodi process; wait for it or choose another "
+                             "directory") from None
+        if not os.access(out, os.W_OK):
+            raise ValueError(f"cannot use {out} as a run directory: it is not writable")
+        if any(out.iterdir()) and not _is_run(out / "run.json"):
+            raise ValueError(f"{out} holds files that are not a minitodi run (no run.json of minitodi): "
+                             "choose a new or empty directory")
+        if (start == "resume" and (out / checkpoint.MODEL_FILE).exists()
+                and not checkpoint.has_training_state(checkpoint.recover(out / "last"))):
+            raise ValueError(f"{out} holds a best model but no resumable state ({out / 'last'} is missing or "
+                             "incomplete); nothing was changed: --restart starts over (replacing the best "
+                             "model), --from-best continues from the best model")
+        if start == "best" and not (out / checkpoint.MODEL_FILE).exists():
+            raise ValueError(f"{out} holds no best model to continue from")
+        yield
+    finally:
+        os.close(fd)
+
+
+def _is_run(run_file):
+    try:
+        return {"train", "model", "tokenizer"} <= json.loads(run_file.read_text()).keys()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 class _Run:
-    """The live state of a run directory: parameters, optimizer, step, best model, data position.
+    """The live state of a run directory: parameters, optimizer, step, best model, data position; from
+    ``out/last`` (start "resume"), else at step 0 from ``init_params`` or the best model (start "best")."""
 
-    Resumes from ``out/last`` when it holds a training state, else starts from ``init_params``.
-    """
-
-    def __init__(self, out, model_config, tokenizer, tcfg, batches, device):
+    def __init__(self, out, model_config, tokenizer, tcfg, batches, valid_examples, start, device):
         self.out, self.config, self.tokenizer, self.tcfg = out, model_config, tokenizer, tcfg
-        self.batches, self.device = batches, device
+        self.batches, self.valid_examples, self.device = batches, valid_examples, device
         self.last, self.log = out / "last", out / "metrics.jsonl"
-        if checkpoint.has_training_state(checkpoint.recover(self.last)):
+        if start == "resume" and checkpoint.has_training_state(checkpoint.recover(self.last)):
             self.params, _ = checkpoint.load(self.last, dtype=tcfg.dtype, device=device)
             state = checkpoint.load_training_state(self.last, device=device)
             self.opt, self.step, self.best = state["optimizer"], state["step"], state["best"]
             batches.restore(state["data"])
             _truncate_log(self.log, self.step)
+            self.saved = self.step
+            return
+        shutil.rmtree(self.last, ignore_errors=True)
+        self.log.unlink(missing_ok=True)
+        self.saved, self.step, self.best = None, 0, {"valid_ce": math.inf, "step": None}
+        if start == "best":  # its validation CE is the one to beat
+            self.params = checkpoint.load(out, dtype=tcfg.dtype, device=device)[0]
+            self.best = {"valid_ce": self.valid_ce(), "step": 0}
         else:
             self.params = init_params(model_config, tcfg.seed, dtype=np.dtype(tcfg.dtype), device=device)
-            self.opt, self.step = optim.adamw_init(self.params), 0
-            self.best = {"valid_ce": math.inf, "step": None}
-            self.log.unlink(missing_ok=True)
+        self.opt = optim.adamw_init(self.params)
+
+    def valid_ce(self):
+        return heldout_losses(self.params, self.config, self.valid_examples, self.tokenizer.eos_id,
+                              batch_size=self.tcfg.eval_batch_size, device=self.device)[0]
 
     def save_last(self):
+        self.saved = self.step
         checkpoint.save_replacing(self.last, self.params, self.config, training_state={
             "optimizer": self.opt, "step": self.step, "best": self.best, "data": self.batches.state()})
 
-    def evaluate(self, valid_examples):
-        """Validation CE now; the best model is saved when it improves, the state always."""
-        valid_ce, _ = heldout_losses(self.params, self.config, valid_examples, self.tokenizer.eos_id,
-                                     batch_size=self.tcfg.eval_batch_size, device=self.device)
+    def evaluate(self):
+        """Validation CE now; the best model is saved when it improves, the state always (if finite)."""
+        valid_ce = self.valid_ce()
+        if not math.isfinite(valid_ce):
+            raise FloatingPointError(f"the validation loss is {valid_ce} at step {self.step}: the parameters "
+                                     f"diverged (nothing was saved; {self.last} holds the last finite state)")
         if valid_ce < self.best["valid_ce"]:
             self.best.update(valid_ce=valid_ce, step=self.step)
             checkpoint.save(self.out, self.params, self.config, config_extra=_eos_config(self.tokenizer))
@@ -184,62 +262,73 @@ class _Run:
         return valid_ce
 
 
-def _train_steps(run, valid_examples, teacher, stop, bar):
+def _train_steps(run, teacher, stop, bar):
     """Steps until ``tcfg.steps`` or Ctrl-C: loss and gradient, clipping, AdamW, logging, evaluation."""
-    tcfg, valid_ce = run.tcfg, math.nan
-    while run.step < tcfg.steps and not stop.set:
+    tcfg, valid_ce, last_loss = run.tcfg, math.nan, "no step finished in this session"
+    while run.step < tcfg.steps and not stop:
         idx, labels = next(run.batches)
         lr = optim.lr_at(run.step, lr=tcfg.lr, total_steps=tcfg.steps, warmup_steps=tcfg.warmup_steps,
                          min_lr=tcfg.min_lr)
-        total, ce, kd, grads = step_loss(run.params, run.config, idx, labels, tcfg, teacher)
-        if not math.isfinite(total):
-            run.save_last()
-            raise FloatingPointError(f"loss is {total} at step {run.step}; the last good state is in {run.last}")
-        norm = optim.clip_grad_norm(grads, tcfg.grad_clip)
+        with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is reported below
+            total, ce, kd, grads = step_loss(run.params, run.config, idx, labels, tcfg, teacher)
+            norm = optim.clip_grad_norm(grads, tcfg.grad_clip)
+        if not (math.isfinite(total) and math.isfinite(norm)):  # nothing non-finite is ever saved
+            if all(np.isfinite(to_numpy(p)).all() for p in run.params.values()):
+                run.save_last()  # the state before this step
+            cause = ("the teacher's logits" if kd is not None and math.isfinite(ce) and not math.isfinite(kd)
+                     else f"a learning rate too large for this model (lr {lr:g} at this step)")
+            raise FloatingPointError(
+                f"step {run.step}: the loss is {total}, the gradient norm {norm}; {last_loss}. Likely cause: "
+                f"{cause}. " + (f"{run.last} holds step {run.saved}, finite" if run.saved is not None else
+                                "No state was saved") + "; change the settings, then --restart or --from-best")
         optim.adamw_step(run.params, grads, run.opt, lr=lr, weight_decay=tcfg.weight_decay)
-        run.step += 1
+        run.step, last_loss = run.step + 1, f"the last finite loss was {total:.6g}"
         if run.step % tcfg.log_every == 0:
             _append_jsonl(run.log, {"step": run.step, "loss": total, "ce": ce, "kd": kd, "lr": lr,
                                     "grad_norm": norm})
         if run.step % tcfg.eval_every == 0 or run.step == tcfg.steps:
-            valid_ce = run.evaluate(valid_examples)
+            valid_ce = run.evaluate()
         bar.update(tokens=int(idx.size), loss=total, **({} if math.isnan(valid_ce) else {"valid": valid_ce}))
 
 
 def fit(out, model_config, tokenizer, train_examples, valid_examples, tcfg, *, teacher=None, device="cpu",
-        progress=True, label=None):
-    """Train a model into the run directory ``out`` (see the module docstring); resumes when it can.
+        progress=True, label=None, start="resume"):
+    """Train a model into the run directory ``out`` (see the module docstring).
 
+    ``start``: "resume" (continue ``out/last``, or begin in a new or empty directory), "restart" (begin
+    again at step 0, any settings), or "best" (begin at step 0 from the best model in ``out``, any settings).
     Returns a summary dict: steps, best validation CE and its step, seconds, and the validation curve.
     """
     out = Path(out)
+    if start not in ("resume", "restart", "best"):
+        raise ValueError(f"start must be 'resume', 'restart' or 'best', got {start!r}")
     _check_models(model_config, tokenizer, tcfg, teacher)
-    if tcfg.loss != SFT:
-        teacher.precompute(train_examples, device)
     run = {"train": asdict(tcfg), "model": asdict(model_config), "tokenizer": tokenizer.fingerprint(),
            "teacher": None if teacher is None else checkpoint.hf_config(teacher.config, tcfg.dtype)}
-    out.mkdir(parents=True, exist_ok=True)
-    run_file = out / "run.json"
-    if run_file.exists() and json.loads(run_file.read_text()) != json.loads(json.dumps(run)):
-        raise ValueError(f"{out} holds a run with other settings ({run_file}); choose another output "
-                         "directory or delete this one")
-    checkpoint.write_json(run_file, run)
-    tokenizer.save(out)
-
-    # rows are padded with the tokenizer's eos id (labels -100 there: no loss reads a padded position)
-    batches = BatchIterator(train_examples, tcfg.batch_size, pad_id=tokenizer.eos_id, seed=tcfg.seed, device=device)
-    state = _Run(out, model_config, tokenizer, tcfg, batches, device)
-    start = time.perf_counter()
-    with _StopFlag() as stop, Progress(tcfg.steps - state.step, label or tcfg.loss, enabled=progress) as bar:
-        _train_steps(state, valid_examples, teacher, stop, bar)
-        if stop.set and state.step < tcfg.steps:
-            state.save_last()
-            print(f"\ninterrupted at step {state.step}/{tcfg.steps}; state saved in {state.last}. "
-                  "Run the same command again to resume.")
-            raise KeyboardInterrupt
+    with _run_directory(out, start):
+        run_file = out / "run.json"
+        if start == "resume" and _is_run(run_file) and json.loads(run_file.read_text()) != json.loads(json.dumps(run)):
+            raise ValueError(f"{out} holds a run with other settings ({run_file}); choose another output "
+                             "directory, or --restart / --from-best to replace that run")
+        if tcfg.loss != SFT:
+            teacher.precompute(train_examples, device)
+        checkpoint.write_json(run_file, run)
+        tokenizer.save(out)
+        # rows are padded with the tokenizer's eos id (labels -100 there: no loss reads a padded position)
+        batches = BatchIterator(train_examples, tcfg.batch_size, pad_id=tokenizer.eos_id, seed=tcfg.seed,
+                                device=device)
+        state = _Run(out, model_config, tokenizer, tcfg, batches, valid_examples, start, device)
+        begin = time.perf_counter()
+        with _ctrl_c_flag() as stop, Progress(tcfg.steps - state.step, label or tcfg.loss, enabled=progress) as bar:
+            _train_steps(state, teacher, stop, bar)
+            if stop and state.step < tcfg.steps:
+                state.save_last()
+                print(f"\ninterrupted at step {state.step}/{tcfg.steps}; state saved in {state.last}. "
+                      "Run the same command again to resume.")
+                raise KeyboardInterrupt
     curve = [json.loads(line) for line in state.log.read_text().splitlines()]
     return {"steps": state.step, "best_valid_ce": state.best["valid_ce"], "best_step": state.best["step"],
-            "seconds": time.perf_counter() - start,
+            "seconds": time.perf_counter() - begin,
             "valid_curve": [(r["step"], r["valid_ce"]) for r in curve if "valid_ce" in r],
             "train_curve": [(r["step"], r["loss"]) for r in curve if "loss" in r]}
 

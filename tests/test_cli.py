@@ -1,6 +1,7 @@
 """Every subcommand, end to end, in a tiny configuration (seconds, not minutes)."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -87,3 +88,41 @@ def test_demo_writes_results_for_every_loss(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--quick", "--losses", "all", "--out", str(out), "--quiet"]) == 0
     assert "(cached)" in capsys.readouterr().out
     assert json.loads((out / "results.json").read_text())["students"] == results["students"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "nan"], "lr must be a finite number > 0"), (["--lr", "-1"], "lr must be"),
+    (["--lr", "inf"], "lr must be"), (["--temperature", "0"], "temperature must be"),
+    (["--option", "gamma=3"], "no option gamma; its options: beta"),
+])
+def test_bad_settings_are_one_line_and_write_nothing(runs, tmp_path, capsys, flags, message):
+    out = tmp_path / "s"
+    assert main(["distill", "--teacher", str(runs / "teacher"), "--out", str(out), *TINY, *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_unusable_out_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"say {w}", "response": w}) + "\n" for w in "abcdefghij"))
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        assert main(["train", "--out", str(out), "--data", str(data), *TINY]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot use {out} as a run directory" in err and err.count("\n") == 1
+
+
+def test_restart_flags(runs, tmp_path, capsys):
+    out = tmp_path / "t"
+    shutil.copytree(runs / "teacher", out)
+    shutil.rmtree(out / "last")
+    assert main(["train", "--out", str(out), *TINY]) == 2
+    assert "--restart" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--restart", *TINY]) == 0
+    assert (out / "metrics.jsonl").read_text() == (runs / "teacher" / "metrics.jsonl").read_text()
+
+
+def test_generate_refuses_bytes_that_are_not_utf8(runs, capsys):
+    instruction = b"caf\xe9".decode("utf-8", "surrogateescape")  # what Python makes of such bytes in argv
+    assert main(["generate", "--model", str(runs / "teacher"), "--instruction", instruction]) == 2
+    assert capsys.readouterr().err.strip().endswith("--instruction is not valid UTF-8 text")

@@ -263,3 +263,32 @@ def test_collate_pads_and_eval_batches_keep_order():
     assert [int(v) for b in batches for v in b[0][:, 0]] == list(range(7))
     with pytest.raises(ValueError, match="empty"):
         data.collate([], pad_id=0)
+
+
+def test_data_file_errors_name_the_file_and_the_line(tmp_path):
+    good = json.dumps({"instruction": "a", "response": "b"})
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(f"{good}\n{good}\n".encode() + b'{"instruction": "caf\xe9", "response": "b"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:3: not UTF-8"):
+        data.load_dataset(str(path))
+    long = tmp_path / "long.jsonl"  # blank lines: the record's index is not its line
+    long.write_text(f"{good}\n\n\n" * 5 + json.dumps({"instruction": "a", "response": "word " * 80}) + "\n")
+    tok = Tokenizer.train(["a b word"] * 3, 280)
+    dataset = data.load_dataset(str(long))
+    with pytest.raises(ValueError, match=r"long\.jsonl:16 \(user\): example needs"):
+        data.prepare(dataset, 32, tokenizer=tok)
+    (tmp_path / "texts").mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "texts" / name).write_text(" \n\t\n")
+    with pytest.raises(ValueError, match=r"a\.txt: no text"):
+        data.load_dataset(str(tmp_path / "texts"))
+
+
+def test_a_single_text_file_is_a_dataset(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_text("".join(f"line {i} of the book\n" for i in range(40)))
+    dataset = data.load_dataset(str(path))
+    assert dataset["train"][0].endswith("line 35 of the book\n") and dataset["valid"] == [
+        "".join(f"line {i} of the book\n" for i in range(36, 40))]
+    tok, examples = data.prepare(dataset, 16, vocab_size=280)
+    assert examples["train"] and examples["valid"]

@@ -2,11 +2,13 @@
 
 import json
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from minitodi import checkpoint, data, evaluation, layers, losses, optim
+from minitodi import checkpoint, data, evaluation, layers, losses, optim, train
 from minitodi.evaluation import evaluate, heldout_losses
 from minitodi.gradcheck import directional_check
 from minitodi.layers import IGNORE_INDEX
@@ -220,3 +222,85 @@ def test_cached_teacher_logits_equal_a_forward_pass_where_they_count(setup, teac
     assert np.array_equal(cached.batch_logits(unseen, unseen_labels), teacher.logits(unseen))
     monkeypatch.setattr(Teacher, "CACHE_BYTES", 1)  # too big to cache: precompute declines
     assert not Teacher(teacher.params, teacher.config, teacher.tokenizer).precompute(ex["train"])
+
+
+# ------------------------------------------------------------------------------- bad settings and run directories
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"lr": float("nan")}, "lr must be a finite number > 0"), ({"lr": float("inf")}, "lr must be"),
+    ({"lr": -1.0}, "lr must be"), ({"loss": "todi", "temperature": 0.0}, "temperature must be"),
+    ({"seed": -1}, "seed must be an int >= 0"), ({"weight_decay": float("nan")}, "weight_decay"),
+    ({"loss": "todi", "loss_options": {"gamma": 3.0}}, "no option gamma; its options: beta"),
+    ({"loss": "sfkl", "loss_options": {"lam": 3.0}}, "lam"),
+])
+def test_settings_are_checked_when_made(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**settings)
+
+
+def test_a_best_model_without_resumable_state_is_never_restarted_silently(setup, tmp_path):
+    _, tok, cfg, ex = setup
+    first = fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=8), progress=False)
+    best = (tmp_path / "model.safetensors").read_bytes()
+    log = (tmp_path / "metrics.jsonl").read_text()
+    (tmp_path / "last" / "training_state.json").unlink()
+    with pytest.raises(ValueError, match="best model but no resumable state.*--restart.*--from-best"):
+        fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=8), progress=False)
+    assert (tmp_path / "model.safetensors").read_bytes() == best and (tmp_path / "metrics.jsonl").read_text() == log
+    again = fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=8, lr=1e-9), progress=False, start="best")
+    assert again["best_valid_ce"] == pytest.approx(first["best_valid_ce"], rel=1e-5)  # the best, not a fresh init
+    restarted = fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=8), progress=False, start="restart")
+    assert restarted["valid_curve"] == first["valid_curve"]
+
+
+def test_a_directory_that_is_not_a_run_is_refused_and_left_alone(setup, tmp_path):
+    _, tok, cfg, ex = setup
+    (tmp_path / "config.json").write_text("mine")
+    with pytest.raises(ValueError, match="not a minitodi run"):
+        fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=4), progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"] and (tmp_path / "config.json").read_text() == "mine"
+
+
+@pytest.mark.parametrize("case", ["file", "under a file", "unwritable"])
+def test_unusable_run_directories_are_one_line_errors(setup, tmp_path, monkeypatch, case):
+    _, tok, cfg, ex = setup
+    (tmp_path / "f").write_text("x")
+    out = {"file": tmp_path / "f", "under a file": tmp_path / "f" / "run", "unwritable": tmp_path / "ro"}[case]
+    if case == "unwritable":  # also as root, who may write anywhere
+        monkeypatch.setattr(train.os, "access", lambda path, mode: False)
+    with pytest.raises(ValueError, match=f"cannot use {out} as a run directory: "):
+        fit(out, cfg, tok, ex["train"], ex["valid"], tiny(steps=4), progress=False)
+    assert (tmp_path / "f").read_text() == "x"
+
+
+def test_one_writer_per_run_directory_and_a_dead_one_never_blocks(setup, tmp_path):
+    _, tok, cfg, ex = setup
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
+                               "os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print(1, flush=True); time.sleep(60)",
+                               str(tmp_path)], stdout=subprocess.PIPE)
+    assert holder.stdout.readline() == b"1\n"
+    with pytest.raises(ValueError, match="in use by another minitodi process"):
+        fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=4), progress=False)
+    assert list(tmp_path.iterdir()) == []
+    holder.kill()  # killed while holding the lock: the OS releases it
+    holder.wait()
+    assert fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=4), progress=False)["steps"] == 4
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_finite_state(setup, tmp_path, monkeypatch):
+    _, tok, cfg, ex = setup
+    real, calls = optim.adamw_step, {"n": 0}
+
+    def poison_at_step_6(params, *args, **kwargs):
+        real(params, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 6:
+            params["transformer.wte.weight"][0, 0] = np.nan
+
+    monkeypatch.setattr(optim, "adamw_step", poison_at_step_6)
+    with pytest.raises(FloatingPointError, match=r"step 6: the loss is nan.* last finite loss was \d.*Likely cause"):
+        fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(), progress=False)
+    state = checkpoint.load_training_state(tmp_path / "last")
+    params, _ = checkpoint.load(tmp_path / "last")
+    assert state["step"] == 4 and all(np.isfinite(p).all() for p in params.values())
