@@ -180,7 +180,7 @@ def _common(p, *, training=False, seed=True):
         p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     if training:
-        p.add_argument("--out", required=True, help="run directory (resumed when it exists)")
+        p.add_argument("--out", required=True, help="run directory: new, empty, or a run to resume")
         p.add_argument("--data", default="synthetic", help="synthetic | pydoc | FILE.jsonl | FILE.txt | DIR")
         p.add_argument("--preset", choices=sorted(MODELS), default="teacher", help="model size")
         p.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one on the data)")

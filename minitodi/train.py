@@ -307,7 +307,8 @@ def fit(out, model_config, tokenizer, train_examples, valid_examples, tcfg, *, t
            "teacher": None if teacher is None else checkpoint.hf_config(teacher.config, tcfg.dtype)}
     with _run_directory(out, start):
         run_file = out / "run.json"
-        if start == "resume" and _is_run(run_file) and json.loads(run_file.read_text()) != json.loads(json.dumps(run)):
+        resumable = start == "resume" and checkpoint.has_training_state(checkpoint.recover(out / "last"))
+        if resumable and json.loads(run_file.read_text()) != json.loads(json.dumps(run)):
             raise ValueError(f"{out} holds a run with other settings ({run_file}); choose another output "
                              "directory, or --restart / --from-best to replace that run")
         if tcfg.loss != SFT:

@@ -1,6 +1,7 @@
 """Training loops: the combined loss and its gradient, learning, exact resume, the teacher's tokenizer."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,6 +167,9 @@ def test_other_settings_in_the_same_directory_are_refused(setup, tmp_path):
     fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=4), progress=False)
     with pytest.raises(ValueError, match="other settings"):
         fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=4, lr=1e-4), progress=False)
+    shutil.rmtree(tmp_path / "last")  # as if stopped before its first evaluation: the retry may differ
+    (tmp_path / "model.safetensors").unlink()
+    assert fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=4, lr=1e-4), progress=False)["steps"] == 4
 
 
 def test_teacher_with_another_tokenizer_is_refused(setup, teacher, tmp_path):
