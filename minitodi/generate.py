@@ -1,23 +1,20 @@
 """Text generation with a KV cache: greedy decoding and sampling (temperature, top-k, top-p, no-repeat n-grams).
 
-Decoding runs the prompt through the model once, keeps every layer's keys and values (the cache's
-``present``), then feeds one new token at a time, so step n costs O(n) attention instead of re-running
-the whole prefix. Prompts of equal length are decoded together as one batch (no padding, so a batched
-result is exactly the single-prompt result); a row stops at the end-of-text token, which is not returned.
+The prompt runs through the model once; its keys and values (the cache's ``present``) are kept and one new
+token at a time is fed, so step n costs O(n) attention. Prompts of equal length form one batch (no
+padding); a row stops at the end-of-text token, which is not returned.
 
-The next token follows transformers' ``generate``: first ``no_repeat_ngram_size`` = n bans (logit -inf)
-every token that would complete an n-gram already present in prompt + text so far (the tokens that
-followed an earlier occurrence of the last n-1 tokens); then greedy decoding takes the argmax, or sampling
-draws from softmax(logits / temperature) restricted to the ``top_k`` most likely tokens (0 or None: all)
-and then to the smallest set whose mass reaches ``top_p`` (1 or None: all). The paper's evaluation samples
-at temperature 1, top_k 0, top_p 1, no_repeat_ngram_size 6. A row with every token banned (possible only
-when its text is longer than the vocabulary) gets token 0, as transformers' argmax does.
+The next token follows transformers' ``generate``: ``no_repeat_ngram_size`` = n first bans (logit -inf)
+every token that would complete an n-gram already in prompt + text (the tokens that followed an earlier
+occurrence of the last n-1 tokens); then greedy decoding takes the argmax, or sampling draws from
+softmax(logits / temperature) cut to the ``top_k`` most likely tokens (0 or None: all), then to the
+smallest set whose mass reaches ``top_p`` (1 or None: all). A row whose every token is banned (only when
+its text is longer than the vocabulary) gets token 0, as transformers' argmax does.
 
-Sampling draws on the host with NumPy's generator: prompt i's draws come from ``default_rng([seed, i])``
-(one uniform per step, inverse CDF over the token ids). So the same seed gives the same text on NumPy and
-CuPy, a prompt's sample does not depend on the batch it is decoded in, and two models sampled with the same
-prompts and seed share their uniforms (common random numbers): the difference of their scores carries less
-sampling noise, while each model's own sampling law is unchanged.
+Sampling draws on the host: prompt i's uniforms (one per step, inverse CDF over the token ids) come from
+``default_rng([seed, i])``. So NumPy and CuPy give the same text, a sample does not depend on its batch, and
+two models sampled with one seed share their uniforms (common random numbers): their difference in score
+carries less sampling noise while each model's sampling law is unchanged.
 """
 
 import math
