@@ -124,8 +124,7 @@ def _todi_attached_extra(case, beta):
 def _teacher_entropy(case):
     """Mean over counted positions of H(p) = -sum_v p_v log p_v (0 log 0 = 0)."""
     lp = log_softmax(case.teacher / case.temperature)
-    plogp = np.exp(lp) * np.where(np.isneginf(lp), 0.0, lp)
-    return -float(plogp.sum(axis=-1)[case.mask].mean())
+    return -float((np.exp(lp) * np.where(np.isneginf(lp), 0.0, lp)).sum(axis=-1)[case.mask].mean())
 
 
 def _variants(loss, options, reduction, t_squared):
@@ -247,6 +246,8 @@ class Row:
 
 @dataclass
 class Report:
+    """The outcome: a Row per case, ``passed``, the ``diagnosis``; ``str(report)`` is the table."""
+
     loss: str
     settings: str
     tol: float
