@@ -271,8 +271,9 @@ class Report:
 
 def check(fn, loss, *, framework="torch", reduction="mean", t_squared=False, tol=DEFAULT_TOL, seed=0,
           **options):
-    """Run ``fn`` over :func:`battery` and compare it with ``LOSSES[loss]`` (``**options``: the loss's
-    options, passed to both). ``reduction`` and ``t_squared`` declare ``fn``'s convention. -> Report."""
+    """Run ``fn`` over :func:`battery` (``seed``) and compare it with ``LOSSES[loss]`` (``**options``: the
+    loss's options, passed to both). ``reduction`` and ``t_squared`` declare ``fn``'s convention; ``tol``:
+    the largest relative error that passes. -> Report."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; known: {', '.join(sorted(LOSSES))}")
     if reduction not in REDUCTIONS:
@@ -312,8 +313,7 @@ def _diagnose(rows, got, reference, scales, variants, tol):
     matches = [name for name, want in distinct.items() if worst(want) < tol]
     if matches:
         return "diagnosis: likely bug: " + "; or ".join(matches) + "." + nan_note
-    values_ok = all(rows[i].value_error < tol for i in judged)
-    grads_ok = all(rows[i].grad_error < tol for i in judged)
+    values_ok, grads_ok = (all(getattr(rows[i], e) < tol for i in judged) for e in ("value_error", "grad_error"))
     hint = ("the value agrees but the gradient does not (a stop-gradient missing or extra, or a hand-written "
             "backward)" if values_ok else "the gradient agrees but the value does not (a constant added?)"
             if grads_ok else "no single known bug matches")

@@ -221,6 +221,21 @@ def test_losses_conform_to_themselves():
         assert report.passed and max(max(r.value_error, r.grad_error) for r in report.rows) < 1e-12, report
 
 
+def test_value_wrong_gradient_right_is_said():
+    def cross_entropy(s, t, mask, T):  # -sum p log q: FKL plus the teacher's entropy, FKL's gradient
+        lp, lq = log_softmax(t / T), log_softmax(s / T)
+        value = -(np.exp(lp) * np.where(np.isneginf(lq), 0, lq)).sum(-1)[mask].mean()
+        return value, LOSSES["fkl"](s, t, mask, temperature=T)[1]
+    report = check(cross_entropy, "fkl", framework="numpy")
+    assert not report.passed and "likely bug: cross-entropy" in report.diagnosis, report.diagnosis
+
+    def shifted(s, t, mask, T):
+        value, grad = LOSSES["rkl"](s, t, mask, temperature=T)
+        return value + 0.5, grad
+    report = check(shifted, "rkl", framework="numpy")
+    assert not report.passed and "the gradient agrees but the value does not" in report.diagnosis
+
+
 def test_value_right_gradient_wrong_is_said():
     def wrong_grad(s, t, mask, T):
         value, grad = LOSSES["fkl"](s, t, mask, temperature=T)
