@@ -192,20 +192,9 @@ eight seeds, worst relative error: second order 1.1e-5 at eps 1e-3, 2.5e-6 at 1e
 Entries whose gradient is small by cancellation set the worst case; the fourth-order stencil
 removes their truncation error."""
 
-GRADCHECK_CASES = [
-    ("fkl", {}),
-    ("rkl", {}),
-    ("todi", {}),
-    ("todi", {"beta": 2.0}),
-    ("todi", {"beta": 0.0}),
-    ("jsd", {}),
-    ("tvd", {}),
-    ("sfkl", {}),
-    ("sfkl", {"lam": 0.3}),
-    ("srkl", {}),
-    ("srkl", {"lam": 0.3}),
-    ("akl", {}),
-]
+GRADCHECK_CASES = [("fkl", {}), ("rkl", {}), ("todi", {}), ("todi", {"beta": 2.0}), ("todi", {"beta": 0.0}),
+                   ("jsd", {}), ("tvd", {}), ("sfkl", {}), ("sfkl", {"lam": 0.3}), ("srkl", {}),
+                   ("srkl", {"lam": 0.3}), ("akl", {})]
 """(loss, options) rows of :func:`gradcheck_table`: every loss with its defaults, plus options that
 change the gradient (a sharper ToDi weight, a constant one a = 1/2, other skews)."""
 

@@ -270,16 +270,7 @@ def akl(student_logits, teacher_logits, mask=None, *, temperature=1.0, mu=0.5, s
                                 infinite_where=("q=0<p", "p=0<q"))
 
 
-LOSSES = {
-    "fkl": fkl,
-    "rkl": rkl,
-    "todi": todi,
-    "jsd": jsd,
-    "tvd": tvd,
-    "sfkl": sfkl,
-    "srkl": srkl,
-    "akl": akl,
-}
+LOSSES = {f.__name__: f for f in (fkl, rkl, todi, jsd, tvd, sfkl, srkl, akl)}
 """Name -> ``loss, grad = f(student_logits, teacher_logits, mask=None, *, temperature=1.0, **options)``."""
 
 STOPGRAD_LOSSES = {"todi", "akl"}
