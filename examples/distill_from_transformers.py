@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from minitodi import checkpoint, data, demo  # noqa: E402
-from minitodi.evaluation import evaluate  # noqa: E402
+from minitodi import checkpoint, data  # noqa: E402
+from minitodi.evaluation import Protocol, evaluate  # noqa: E402
 from minitodi.losses import LOSSES  # noqa: E402
 from minitodi.model import n_params  # noqa: E402
 from minitodi.presets import PRESETS  # noqa: E402
@@ -99,10 +99,14 @@ def distil(parser, args, teacher_dir, preset):
         print(f"student ({args.loss}): {n_params(student_config):,} parameters, {tcfg.steps} steps in "
               f"{time.perf_counter() - start:.1f} s, best validation CE {summary['best_valid_ce']:.3f}")
         params, config = checkpoint.load(out)
-        test = dict(records=records["test"], examples=split["test"], max_new_tokens=preset.max_new_tokens)
+        test = dict(records=records["test"], examples=split["test"], max_new_tokens=preset.max_new_tokens,
+                    protocol=Protocol(decoding="greedy"))
         rows = {"teacher": evaluate(teacher.params, teacher.config, tokenizer, **test),
                 args.loss: evaluate(params, config, tokenizer, teacher=teacher, **test)}
-        print("\n" + demo.table({"teacher": rows["teacher"], "students": {args.loss: rows[args.loss]}}))
+        print()
+        for name, r in rows.items():  # greedy answers; KL(teacher || teacher) = 0
+            print(f"{name:<8} ROUGE-L {r['rouge_l']:5.1f}   exact match {r['exact_match']:5.1f}   perplexity "
+                  f"{r['perplexity']:7.3f}   KL(teacher || model) {r['divergence'] or 0.0:.4f}")
         if args.out:
             print(f"student in {out} (the same transformers layout as the teacher)")
     return 0

@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from minitodi import checkpoint, data, demo  # noqa: E402
-from minitodi.evaluation import evaluate  # noqa: E402
+from minitodi import checkpoint, data  # noqa: E402
+from minitodi.evaluation import Protocol, evaluate  # noqa: E402
 from minitodi.losses import LOSSES  # noqa: E402
 from minitodi.presets import PRESETS  # noqa: E402
 from minitodi.teacher import Teacher  # noqa: E402
@@ -43,7 +43,8 @@ def main(argv=None):
     tokenizer, split = data.prepare(suite, preset.seq_len, vocab_size=preset.vocab_size)
     teacher_config, student_config = preset.models(tokenizer.vocab_size)
     teacher_steps, student_steps = preset.teacher_train.steps, preset.student_train.steps
-    test = dict(records=suite["test"], examples=split["test"], max_new_tokens=preset.max_new_tokens)
+    test = dict(records=suite["test"], examples=split["test"], max_new_tokens=preset.max_new_tokens,
+                protocol=Protocol(decoding="greedy"))
 
     with tempfile.TemporaryDirectory(prefix="minitodi-distill-") as tmp:
         out = Path(args.out or tmp)
@@ -63,7 +64,10 @@ def main(argv=None):
 
         rows = {"teacher": evaluate(teacher.params, teacher.config, tokenizer, **test),
                 args.loss: evaluate(params, config, tokenizer, teacher=teacher, **test)}
-        print("\n" + demo.table({"teacher": rows["teacher"], "students": {args.loss: rows[args.loss]}}))
+        print()
+        for name, r in rows.items():  # greedy answers; KL(teacher || teacher) = 0
+            print(f"{name:<8} ROUGE-L {r['rouge_l']:5.1f}   exact match {r['exact_match']:5.1f}   perplexity "
+                  f"{r['perplexity']:7.3f}   KL(teacher || model) {r['divergence'] or 0.0:.4f}")
         sample = rows[args.loss]["samples"][0]
         question = " / ".join(line for line in sample["prompt"].splitlines() if line and not line.startswith("###"))
         print(f"\nexample: {question!r} -> {sample['output']!r} "
