@@ -14,22 +14,20 @@ the divergence summed over the vocabulary, no T^2. Another is declared: ``reduct
 positions), ``t_squared=True`` (times T^2); the reference is scaled to match.
 
 **Errors.** Per case, value error |v - r| / |r| and gradient error max|g - dr| / max(max|dr|, 0.01 u),
-normwise (an entry small by cancellation weighs no more than its size), u = 1/(N T) the gradient's unit
-(|q - p| <= 1: FKL's rows are at most u), times the declared convention's factor. The floor matters only
-where distributions saturate (JSD, TVD at large logits: gradients ~1e-4 u, all float32 cancellation).
-A case passes when both are below ``tol``. The default, 1e-3, is 100 times the worst error of FKL, RKL
-and ToDi computed in float32 as the official code does (7.4e-6; JSD, TVD, skew KLs, AKL: 7.2e-5), and
-every single-bug variant of them misses it by more than 0.18 (measured over seeds 0 to 5).
+normwise, u = 1/(N T) the gradient's unit (FKL's |q - p| <= 1) times the convention's factor; the floor
+matters only where distributions saturate (JSD, TVD at large logits: gradients ~1e-4 u, float32
+cancellation). A case passes when both are below ``tol``. The default, 1e-3, is 100 times the worst
+error of FKL, RKL and ToDi computed in float32 as the official code does (7.4e-6; its JSD, TVD, skew
+KLs, AKL: 7.2e-5); every single-bug variant of them misses by more than 0.18 (seeds 0 to 5).
 
 **-inf entries.** One case has -inf in both logits at the same entries (p = q = 0, every divergence
 finite). The official ToDi code's gradient is NaN there (sigmoid(-inf - -inf), and 0 * NaN passes
 masked_fill's backward): a non-finite result on that case is reported ("nan"), not failed.
 
-**Diagnosis.** Every known wrong variant that matches ``fn`` on all cases is named; each is computed in
-float64 from LOSSES: T^2 applied or missing, sum for mean (or the reverse), a mean over all positions,
-the mask ignored, the temperature on one side only, FKL and RKL swapped, cross-entropy for FKL; for ToDi
-the weight reversed (ToDi is linear in its detached weight, so 1 - a gives FKL + RKL - ToDi, value and
-gradient), the weight not detached, beta ignored.
+**Diagnosis.** The known wrong variants matching ``fn`` on every case are named (float64, from LOSSES):
+T^2 applied or missing, sum for mean or back, a mean over all positions or also over V, the mask ignored,
+the temperature on one side only, FKL and RKL swapped, cross-entropy for FKL; ToDi's weight reversed
+(FKL + RKL - ToDi: ToDi is linear in its detached weight), not detached, beta ignored.
 
 **ToDi's weight not detached.** D = sum_v (a_v p_v - (1 - a_v) q_v) d_v, d_v = log p_v - log q_v,
 a_v = sigmoid(beta d_v). Detached, g_v = dD/d(log q_v) = -a_v p_v + (1 - a_v) q_v (1 - d_v). Through the
@@ -144,6 +142,8 @@ def _variants(loss, options, reduction, t_squared):
            "mask ignored (every position counted)": (call(masked=False), k(positions=lambda c: c.mask.size)),
            "temperature on the student only": (call(teacher=lambda c: c.teacher * c.temperature), k()),
            "temperature on the teacher only": (call(teacher=lambda c: c.teacher / c.temperature, T=1.0), k())}
+    out["divided by V too (F.kl_div's reduction='mean' averages over every element)"] = (
+        call(), lambda c: k()(c) / c.student.shape[-1])
     if reduction == "mean":
         out["mean over all positions, masked ones in the count"] = (
             call(), lambda c: c.mask.sum() / c.mask.size * k()(c))

@@ -153,6 +153,21 @@ def test_torch_other_convention_is_declared():
     assert "T^2 factor missing" in check(torch_loss("rkl"), "rkl", t_squared=True).diagnosis
 
 
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")  # PyTorch's own warning of this pitfall
+def test_torch_kl_div_reduction_mean():
+    """F.kl_div(..., reduction="mean") averages over positions and the vocabulary: said, and declared
+    with "batchmean" (per row, here per counted position) it passes."""
+    torch = pytest.importorskip("torch")
+
+    def fkl(s, t, mask, temperature, reduction):
+        log_q = torch.log_softmax(s[mask] / temperature, -1)
+        log_p = torch.log_softmax(t[mask] / temperature, -1)
+        return torch.nn.functional.kl_div(log_q, log_p, reduction=reduction, log_target=True)
+    report = check(lambda *args: fkl(*args, "mean"), "fkl")
+    assert not report.passed and "divided by V too" in report.diagnosis, report.diagnosis
+    assert check(lambda *args: fkl(*args, "batchmean"), "fkl").passed
+
+
 def test_torch_neginf_safe_and_nan_elsewhere():
     torch = pytest.importorskip("torch")
     official = torch_loss("todi")
