@@ -4,7 +4,7 @@ import argparse
 import sys
 
 from . import gradcheck, losses
-from .presets import MODELS
+from .presets import ARCHS, MODELS
 
 
 def cmd_gradcheck(args):
@@ -60,7 +60,7 @@ def _fit(args, loss, teacher=None):
     tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else getattr(teacher, "tokenizer", None)
     tokenizer, examples = prepare(dataset, args.seq_len, tokenizer=tokenizer, vocab_size=args.vocab_size,
                                   splits=("train", "valid"))
-    config = model_config(args.preset, tokenizer.vocab_size, args.seq_len + args.max_new_tokens)
+    config = model_config(args.preset, tokenizer.vocab_size, args.seq_len + args.max_new_tokens, args.arch)
     summary = fit(args.out, config, tokenizer, examples["train"], examples["valid"], tcfg, teacher=teacher,
                   device=device, progress=not args.quiet, start=args.start)
     print(f"{loss}: {summary['steps']} steps, best validation CE {summary['best_valid_ce']:.4f} at step "
@@ -154,7 +154,8 @@ def cmd_demo(args):
     names = sorted(LOSSES) if args.losses == ["all"] else args.losses
     protocol = Protocol(decoding=args.decoding, eval_seeds=tuple(args.eval_seeds))
     results = demo.run(args.out, preset="quick" if args.quick else "full", loss_names=names, seeds=args.seeds,
-                       protocol=protocol, device=resolve_device(args.device), progress=not args.quiet)
+                       protocol=protocol, device=resolve_device(args.device), progress=not args.quiet,
+                       arch=args.arch)
     print()
     print(demo.table(results))
     print(f"\nresults: {args.out}/results.json", end="")
@@ -183,6 +184,7 @@ def _common(p, *, training=False, seed=True):
         p.add_argument("--out", required=True, help="run directory: new, empty, or a run to resume")
         p.add_argument("--data", default="synthetic", help="synthetic | pydoc | FILE.jsonl | FILE.txt | DIR")
         p.add_argument("--preset", choices=sorted(MODELS), default="teacher", help="model size")
+        p.add_argument("--arch", choices=ARCHS, default="gpt2", help="gpt2, or llama of the same size")
         p.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one on the data)")
         p.add_argument("--vocab-size", type=int, default=1024)
         p.add_argument("--seq-len", type=int, default=64)
@@ -260,6 +262,7 @@ def build_parser():
     p = sub.add_parser("demo", help="teacher, then students with each loss, compared on the built-in suite")
     _common(p, seed=False)
     p.add_argument("--quick", action="store_true", help="a smaller budget (minutes on a laptop)")
+    p.add_argument("--arch", choices=ARCHS, default="gpt2", help="teacher and students: gpt2 or llama")
     p.add_argument("--losses", nargs="+", default=["fkl", "rkl", "todi"],
                    help="divergences to distil with besides sft, or 'all'")
     p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: 0 1 2, quick: 0)")

@@ -116,9 +116,10 @@ def efficiency(config, tokenizer, examples, teacher, names, tcfg, device, steps=
 
 
 def run(out, *, preset="full", loss_names=DEFAULT_LOSSES, seeds=None, protocol=PAPER, device="cpu",
-        progress=True, log=print):
-    """Run the demo into ``out``; returns the results dict also written to ``out/results.json``."""
-    cfg = PRESETS[preset]
+        arch="gpt2", progress=True, log=print):
+    """Run the demo into ``out`` with models of ``arch`` (gpt2 or llama); returns the results dict also
+    written to ``out/results.json``."""
+    cfg = replace(PRESETS[preset], arch=arch)
     if seeds is not None:
         cfg = replace(cfg, seeds=tuple(seeds))
     unknown = [n for n in loss_names if n not in LOSSES]

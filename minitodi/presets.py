@@ -1,14 +1,15 @@
 """The one table of model sizes and training budgets that the demo, the command line and the examples share.
 
 :data:`MODELS` names GPT-2 sizes (width, depth, heads; the vocabulary comes from the tokenizer and the
-context from the task). A :class:`Preset` is a whole experiment at one budget: the synthetic suite's
-size, the tokenizer, both models and both training budgets, the seeds and the generation room.
+context from the task); each size is also a Llama (``arch="llama"``, see :func:`model_config`). A
+:class:`Preset` is a whole experiment at one budget: the synthetic suite's size, the tokenizer, both
+models and both training budgets, the seeds and the generation room.
 """
 
 from dataclasses import dataclass, replace
 
 from . import data
-from .model import GPTConfig
+from .model import GPTConfig, LlamaConfig
 from .train import TrainConfig
 
 MODELS = {
@@ -19,9 +20,21 @@ MODELS = {
 }
 
 
-def model_config(size, vocab_size, n_positions):
-    """The GPT-2 configuration of a size in :data:`MODELS`."""
-    return GPTConfig(vocab_size=vocab_size, n_positions=n_positions, **MODELS[size])
+ARCHS = ("gpt2", "llama")
+
+
+def model_config(size, vocab_size, n_positions, arch="gpt2"):
+    """The configuration of a size in :data:`MODELS`: a GPT-2, or a Llama of the same width, depth and query
+    heads with half as many key/value heads and a SwiGLU width I = 8C/3 rounded up to a multiple of 8
+    (its three C x I matrices hold about GPT-2's 8 C^2 MLP weights)."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if arch == "gpt2":
+        return GPTConfig(vocab_size=vocab_size, n_positions=n_positions, **MODELS[size])
+    C, L, H = (MODELS[size][k] for k in ("n_embd", "n_layer", "n_head"))
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=C, intermediate_size=-(-8 * C // 24) * 8,
+                       num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=max(1, H // 2),
+                       max_position_embeddings=n_positions)
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,7 @@ class Preset:
     student_train: TrainConfig = TrainConfig(steps=800, eval_every=200)
     seeds: tuple = (0, 1, 2)
     max_new_tokens: int = 24
+    arch: str = "gpt2"  # both models' architecture, one of ARCHS
 
     def dataset(self):
         """The suite as :func:`minitodi.data.load_dataset` returns datasets."""
@@ -48,9 +62,9 @@ class Preset:
                                                                n_test=self.n_test, families=self.families)}
 
     def models(self, vocab_size):
-        """``(teacher, student)`` GPT-2 configurations for a tokenizer's vocabulary."""
-        return (model_config(self.teacher, vocab_size, self.n_positions),
-                model_config(self.student, vocab_size, self.n_positions))
+        """``(teacher, student)`` configurations of ``arch`` for a tokenizer's vocabulary."""
+        return (model_config(self.teacher, vocab_size, self.n_positions, self.arch),
+                model_config(self.student, vocab_size, self.n_positions, self.arch))
 
 
 _TINY_TRAIN = TrainConfig(batch_size=16, lr=3e-3, warmup_steps=20)

@@ -382,3 +382,30 @@ def test_transformers_tied_head(tmp_path, monkeypatch):
     back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "mine", dtype=torch.float64).eval()
     with torch.no_grad():
         np.testing.assert_allclose(back(torch.tensor(idx)).logits.numpy(), want, rtol=0, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def test_cli_trains_and_distils_across_architectures(tmp_path):
+    """`--arch llama`: a Llama student of a GPT-2 teacher and a GPT-2 student of a Llama teacher (one
+    tokenizer), each a run directory that loads, generates and has the preset's shape."""
+    from minitodi import presets
+    from minitodi.cli import main
+
+    tiny = ["--preset", "tiny", "--steps", "4", "--batch-size", "8", "--eval-every", "2", "--vocab-size", "300",
+            "--seq-len", "48", "--max-new-tokens", "8", "--quiet"]
+    assert main(["train", "--out", str(tmp_path / "gpt2"), *tiny]) == 0
+    assert main(["distill", "--arch", "llama", "--teacher", str(tmp_path / "gpt2"), "--loss", "todi",
+                 "--out", str(tmp_path / "llama"), *tiny]) == 0
+    assert main(["distill", "--teacher", str(tmp_path / "llama"), "--loss", "fkl", "--out", str(tmp_path / "back"),
+                 *tiny]) == 0
+    params, config = checkpoint.load(tmp_path / "llama")
+    assert config == presets.model_config("tiny", config.vocab_size, 56, "llama")
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (32, 1, 2)
+    assert (config.num_key_value_heads, config.intermediate_size) == (1, 88)  # 8 * 32 / 3 = 85.3 -> 88
+    assert checkpoint.load(tmp_path / "back")[1].model_type == "gpt2"
+    assert main(["generate", "--model", str(tmp_path / "llama"), "--instruction", "Name a fruit.",
+                 "--max-new-tokens", "4"]) == 0
+    with pytest.raises(ValueError, match="arch must be one of"):
+        presets.model_config("tiny", 300, 56, "mamba")
