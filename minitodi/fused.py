@@ -3,11 +3,11 @@ r"""Fused CuPy kernels for FKL, RKL and ToDi: value and gradient in five passes 
 The array path of :mod:`minitodi.losses` builds log p, log q, p, q, the terms and g as arrays, block by
 block; on a GPU each of those is a round trip through memory. Here, for logits flattened to (M, V):
 
-1. per row, max and log-sum-exp of s / T and of t / T            (2 reads of each logit array)
+1. per row, max and log-sum-exp of s / temperature and of t / temperature   (2 reads of each)
 2. per row, D = sum_v term_v and G = sum_v g_v                     (2 reads; nothing is stored)
 3. per entry, dloss/ds = (g_v - q_v G) * w_row                      (1 read, the one full-size write)
 
-with w_row = 1 / (N T) on counted rows and 0 elsewhere. Every per-entry quantity (log q, log p, q, p,
+with w_row = 1 / (N temperature) on counted rows and 0 elsewhere. Every per-entry quantity (log q, log p, q, p,
 ToDi's weight a, the term, g) is recomputed in registers from s and t where it is needed. The formulas
 are those of ``fkl_rows``, ``rkl_rows`` and ``todi_rows`` in :mod:`minitodi.losses`, whose
 :func:`~minitodi.losses._mean_over_positions` takes this path when the arrays are CuPy, no logit is -inf
