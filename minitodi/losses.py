@@ -51,6 +51,7 @@ import os
 import numpy as np
 
 from .backend import array_module, log_softmax, to_numpy
+from .fused import loss_and_grad as fused_loss_and_grad
 
 BLOCK_ELEMENTS = 1 << 16  # entries per block of rows: see _mean_over_positions
 THREADS = None  # threads the blocks of rows run on; None: the cores available to this process. CuPy: 1
@@ -215,10 +216,7 @@ def rkl(student_logits, teacher_logits, mask=None, *, temperature=1.0):
 
 
 def todi(student_logits, teacher_logits, mask=None, *, temperature=1.0, beta=1.0, stopgrad_at=None):
-    """ToDi, :func:`todi_rows`, with a = sigmoid(beta log(p/q)) held constant (beta >= 0, default 1).
-
-    ``stopgrad_at``: logits at which a is evaluated (default: the student's own, as in training).
-    """
+    """ToDi, :func:`todi_rows`, a = sigmoid(beta log(p/q)) held constant at ``stopgrad_at`` (beta >= 0)."""
     _check_option("beta", beta, lambda x: x >= 0, "a finite number >= 0")
     return _mean_over_positions("todi", todi_rows, student_logits, teacher_logits, mask, temperature,
                                 weights=lambda *rows: todi_weights(*rows, beta), stopgrad_at=stopgrad_at,
@@ -229,7 +227,7 @@ def todi_weight(student_logits, teacher_logits, *, temperature=1.0, beta=1.0):
     """ToDi's weight a = sigmoid(beta * (log p - log q)) at every position and vocabulary entry, (..., V)."""
     _check_option("beta", beta, lambda x: x >= 0, "a finite number >= 0")
     xp, s, t, _, _ = _check_inputs(student_logits, teacher_logits, None, temperature, None)
-    _check_no_empty_rows({"student_logits": s, "teacher_logits": t}, None, s.shape)
+    _check_neginf("todi_weight", {"student_logits": s, "teacher_logits": t}, None, s.shape)
     lq, q = _log_probs(s, temperature, True)
     lp, p = _log_probs(t, temperature, True)
     return todi_weights(lp, lq, p, q, beta)[0]
@@ -260,10 +258,7 @@ def srkl(student_logits, teacher_logits, mask=None, *, temperature=1.0, lam=0.1)
 
 
 def akl(student_logits, teacher_logits, mask=None, *, temperature=1.0, mu=0.5, stopgrad_at=None):
-    """Adaptive KL, :func:`akl_rows`, head/tail split at teacher mass mu (0 <= mu <= 1).
-
-    ``stopgrad_at``: logits at which the weights are evaluated (default: the student's own).
-    """
+    """Adaptive KL, :func:`akl_rows`, split at teacher mass mu (0 <= mu <= 1), weights at ``stopgrad_at``."""
     _check_option("mu", mu, lambda x: 0 <= x <= 1, "0 <= mu <= 1")
     return _mean_over_positions("akl", akl_rows, student_logits, teacher_logits, mask, temperature,
                                 weights=lambda *rows: akl_weights(*rows, mu), stopgrad_at=stopgrad_at,
@@ -286,10 +281,9 @@ def _mean_over_positions(name, divergence, student_logits, teacher_logits, mask,
     """loss = (1/N) sum_counted max(D, 0) and its gradient (1/(N temperature)) (g - q sum_v g), blocked.
 
     ``divergence(lp, lq, p, q, *weights(lp, lq_w, p, q_w))`` -> (D (n,), g (n, V)) for a block of rows,
-    the weights computed at ``stopgrad_at``'s rows (lq_w, q_w; default the student's). D is clamped at 0
-    where rounding makes it negative. ``infinite_where``: "q=0<p" (the teacher has mass on a student -inf
-    logit) and/or "p=0<q", the supports on which D is +inf, an error. ``fused``: options of
-    :func:`minitodi.fused.loss_and_grad`, used on CuPy arrays without -inf (None: never).
+    the weights computed at ``stopgrad_at``'s rows (lq_w, q_w; default the student's). ``infinite_where``:
+    "q=0<p" (the teacher has mass on a student -inf logit) and/or "p=0<q", where D is +inf, an error.
+    ``fused``: options of :func:`minitodi.fused.loss_and_grad`, on CuPy arrays without -inf (None: never).
 
     Positions are processed in blocks of about ``BLOCK_ELEMENTS / V`` rows, so temporaries are
     O(block x V) and only the output gradient is full size; only counted positions are computed.
@@ -308,12 +302,9 @@ def _mean_over_positions(name, divergence, student_logits, teacher_logits, mask,
     named = {"student_logits": s, "teacher_logits": t, "stopgrad_at": w}
     has_neginf = any(float(x.min()) == -math.inf for x in named.values() if x is not None)
     if has_neginf:
-        _check_no_empty_rows(named, rows, shape)
-        _check_support(name, s, t, rows, shape, infinite_where)
+        _check_neginf(name, named, rows, shape, infinite_where)
     if fused is not None and USE_FUSED and xp is not np and w is None and not has_neginf:
-        from .fused import loss_and_grad
-
-        loss, grad = loss_and_grad(name, s, t, rows, temperature, **fused)
+        loss, grad = fused_loss_and_grad(name, s, t, rows, temperature, **fused)
         return loss, grad.reshape(shape)
 
     grad = xp.zeros(s.shape, dtype=s.dtype)
@@ -426,32 +417,24 @@ def _check_option(name, value, ok, requirement):
         raise ValueError(f"{name} must be {requirement}, got {value!r}")
 
 
-def _first_counted(bad, rows, shape):
-    """The position (tuple) of the first counted row flagged in ``bad`` (positions,), or None."""
-    if rows is not None:
-        bad = bad[rows]
-    hits = to_numpy(array_module(bad).flatnonzero(bad))
-    if hits.size == 0:
-        return None
-    flat = int(hits[0]) if rows is None else int(to_numpy(rows)[hits[0]])
-    return tuple(int(i) for i in np.unravel_index(flat, shape[:-1]))
+def _check_neginf(name, named, rows, shape, infinite_where=()):
+    """Raise at the first counted position where a row of logits is -inf throughout (no distribution),
+    then where D is +inf (``infinite_where``: one side's logit is -inf where the other side's is finite)."""
+    def first(bad):  # the position (tuple) of the first counted row flagged in bad (positions,), or None
+        hits = to_numpy(array_module(bad).flatnonzero(bad if rows is None else bad[rows]))
+        if hits.size:
+            flat = int(hits[0]) if rows is None else int(to_numpy(rows)[hits[0]])
+            return tuple(int(i) for i in np.unravel_index(flat, shape[:-1]))
 
-
-def _check_no_empty_rows(named, rows, shape):
     for what, x in named.items():
-        pos = None if x is None else _first_counted(x.reshape(-1, x.shape[-1]).max(axis=-1) == -math.inf,
-                                                    rows, shape)
+        pos = None if x is None else first(x.reshape(-1, x.shape[-1]).max(axis=-1) == -math.inf)
         if pos is not None:
             raise ValueError(f"{what} are -inf for every vocabulary entry at position {pos}: "
                              f"that is no distribution")
-
-
-def _check_support(name, s, t, rows, shape, infinite_where):
-    """Raise where D is +inf: one side's logit is -inf where the other side's is finite (has mass)."""
+    s, t = named["student_logits"], named["teacher_logits"]
     for where in infinite_where:
         zero, mass = (s, t) if where == "q=0<p" else (t, s)
-        pos = _first_counted(((zero == -math.inf) & (mass > -math.inf)).any(axis=-1), rows, shape)
-        if pos is not None:
+        if (pos := first(((zero == -math.inf) & (mass > -math.inf)).any(axis=-1))) is not None:
             raise InfiniteDivergenceError(
                 f"{name} is infinite at position {pos}: one distribution has mass on a vocabulary entry "
                 f"where the other's logits are -inf (mask that entry in both, or drop the position)")
