@@ -119,12 +119,6 @@ def _todi_attached_extra(case, beta):
     return np.where(case.mask[..., None], dz, 0.0) / (case.mask.sum() * T)
 
 
-def _teacher_entropy(case):
-    """Mean over counted positions of H(p) = -sum_v p_v log p_v (0 log 0 = 0)."""
-    lp = log_softmax(case.teacher / case.temperature)
-    return -float((np.exp(lp) * np.where(np.isneginf(lp), 0.0, lp)).sum(axis=-1)[case.mask].mean())
-
-
 def _variants(loss, options, reduction, t_squared):
     """{description: (f, k)}: f(case) -> (value, grad) in minitodi's convention and k(case) the factor to
     the declared one (N for a sum, T^2); "reference" first, then the known wrong variants."""
@@ -150,27 +144,24 @@ def _variants(loss, options, reduction, t_squared):
     if swap := {"fkl": "rkl", "rkl": "fkl"}.get(loss):
         out[f"FKL and RKL swapped ({swap} computed)"] = (call(swap, {}), k())
     if loss == "fkl":
-        def plus_entropy(c):
-            v, g = call()(c)
-            return v + _teacher_entropy(c), g
-        out["cross-entropy -sum p log q instead of KL (value off by the teacher's entropy)"] = (plus_entropy, k())
+        def plus_entropy(c):  # KL + H(p), H(p) = -sum_v p_v log p_v (0 log 0 = 0), mean over counted rows
+            (v, g), lp = call()(c), log_softmax(c.teacher / c.temperature)
+            return v - float((np.exp(lp) * np.where(np.isneginf(lp), 0.0, lp)).sum(axis=-1)[c.mask].mean()), g
+        out["cross-entropy -sum p log q instead of KL (value off by the teacher's entropy)"] = (
+            plus_entropy, k())
     if loss == "todi":
-        out.update({name: (f, k()) for name, f in _todi_variants(call, options).items()})
+        def reversed_weight(c):  # (1 - a) on FKL's term, a on RKL's: FKL + RKL - ToDi (weight detached)
+            (vf, gf), (vr, gr), (vt, gt) = call("fkl", {})(c), call("rkl", {})(c), call()(c)
+            return vf + vr - vt, gf + gr - gt
+
+        def attached(c):
+            v, g = call()(c)
+            return v, g + _todi_attached_extra(c, options.get("beta", 1.0))
+
+        out["ToDi's weight reversed (a on RKL's term, 1 - a on FKL's)"] = (reversed_weight, k())
+        out["ToDi's weight not detached (gradient flows through a)"] = (attached, k())
+        out["beta ignored (beta = 1 used)"] = (call(opts={**options, "beta": 1.0}), k())
     return out
-
-
-def _todi_variants(call, options):
-    def reversed_weight(c):  # (1 - a) on FKL's term, a on RKL's: FKL + RKL - ToDi (weight detached)
-        (vf, gf), (vr, gr), (vt, gt) = call("fkl", {})(c), call("rkl", {})(c), call()(c)
-        return vf + vr - vt, gf + gr - gt
-
-    def attached(c):
-        v, g = call()(c)
-        return v, g + _todi_attached_extra(c, options.get("beta", 1.0))
-
-    return {"ToDi's weight reversed (a on RKL's term, 1 - a on FKL's)": reversed_weight,
-            "ToDi's weight not detached (gradient flows through a)": attached,
-            "beta ignored (beta = 1 used)": call(opts={**options, "beta": 1.0})}
 
 
 # --------------------------------------------------------------------------------------------------
