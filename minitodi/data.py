@@ -165,21 +165,10 @@ def _rhyme():
     return [(t.format(w=w), "", tuple(x for x in group if x != w)) for t in templates for group in RHYMES for w in group]
 
 
-FAMILIES = {
-    "reverse": _reverse,
-    "add": _add,
-    "next": _next_item,
-    "count": _count,
-    "starts_with": _starts_with,
-    "number_between": _number_between,
-    "other_color": _other_color,
-    "rhyme": _rhyme,
-}
+FAMILIES = {"reverse": _reverse, "add": _add, "next": _next_item, "count": _count,
+            "starts_with": _starts_with, "number_between": _number_between, "other_color": _other_color,
+            "rhyme": _rhyme}
 MULTI_ANSWER = ("starts_with", "number_between", "other_color", "rhyme")
-
-
-def _split_counts(total, k):
-    return [total // k + (i < total % k) for i in range(k)]
 
 
 def synthetic_suite(seed: int = 0, n_train: int = 4000, n_valid: int = 160, n_test: int = 320,
@@ -202,7 +191,8 @@ def synthetic_suite(seed: int = 0, n_train: int = 4000, n_valid: int = 160, n_te
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     rng = np.random.default_rng(seed)
     splits = {"train": [], "valid": [], "test": []}
-    counts = zip(_split_counts(n_train, len(names)), _split_counts(n_valid, len(names)), _split_counts(n_test, len(names)))
+    k = len(names)  # each split's count spread evenly over the families, the first ones taking the remainder
+    counts = zip(*([n // k + (i < n % k) for i in range(k)] for n in (n_train, n_valid, n_test)))
     for name, (k_train, k_valid, k_test) in zip(names, counts):
         pool = FAMILIES[name](rng) if name == "count" else FAMILIES[name]()
         order = rng.permutation(len(pool))
@@ -232,18 +222,22 @@ def synthetic_suite(seed: int = 0, n_train: int = 4000, n_valid: int = 160, n_te
 # the real-text corpus
 
 
+def _unit_hash(text: str) -> float:
+    """The sha256 of ``text`` read as a number in [0, 1): a split by it is deterministic and independent of
+    what else there is."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
 def lm_corpus(valid_fraction: float = 0.1) -> dict:
     """Python's help topics as ``{"train": [str, ...], "valid": [str, ...]}``, split by topic.
 
-    A topic goes to valid when the sha256 of its name, read as a number, falls in the lowest
-    ``valid_fraction`` of the range: deterministic, and independent of which other topics exist.
+    A topic goes to valid when the :func:`_unit_hash` of its name is below ``valid_fraction``.
     """
     if not 0.0 < valid_fraction < 1.0:
         raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
     split = {"train": [], "valid": []}
     for name in sorted(topics):
-        h = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2.0**64
-        split["valid" if h < valid_fraction else "train"].append(topics[name])
+        split["valid" if _unit_hash(name) < valid_fraction else "train"].append(topics[name])
     return split
 
 
@@ -464,11 +458,6 @@ def eval_batches(examples, batch_size: int, pad_id: int, device: str | None = No
 # choosing a dataset by name
 
 
-def _held_out(i: int, fraction: float = 0.1) -> bool:
-    h = int.from_bytes(hashlib.sha256(str(i).encode()).digest()[:8], "big") / 2.0**64
-    return h < fraction
-
-
 def load_dataset(spec: str) -> dict:
     """A dataset by name or path, as ``{"kind", "train", "valid", "test"}``.
 
@@ -498,7 +487,7 @@ def load_dataset(spec: str) -> dict:
             items = ["".join(lines[:cut]), "".join(lines[cut:])] if cut > 0 else items
     if len(items) < 2:
         raise ValueError(f"{path}: at least two records, files or lines are needed (one to train, one to validate)")
-    held = {i for i in range(len(items)) if _held_out(i)} or {len(items) - 1}
+    held = {i for i in range(len(items)) if _unit_hash(str(i)) < 0.1} or {len(items) - 1}
 
     def split(xs, valid):
         return [x for i, x in enumerate(xs) if (i in held) == valid]
@@ -516,20 +505,16 @@ def examples_for(dataset: dict, split: str, tokenizer: Tokenizer, seq_len: int) 
     return lm_examples(dataset[split], tokenizer, seq_len)
 
 
-def training_texts(dataset: dict) -> list[str]:
-    """The texts a tokenizer for this dataset is trained on (its training split)."""
-    if dataset["kind"] == "instructions":
-        return [record_text(r) for r in dataset["train"]]
-    return list(dataset["train"])
-
-
 def prepare(dataset: dict, seq_len: int, *, tokenizer: Tokenizer | None = None, vocab_size: int = 1024,
             splits=("train", "valid", "test")) -> tuple[Tokenizer, dict]:
     """The pipeline data -> tokenizer -> examples: ``(tokenizer, {split: examples})`` for a dataset of
     :func:`load_dataset`'s form; a byte-level BPE of ``vocab_size`` is trained on the training texts
     unless ``tokenizer`` is given (a teacher's, say)."""
-    if tokenizer is None:
-        tokenizer = Tokenizer.train(training_texts(dataset), vocab_size)
+    if tokenizer is None:  # trained on the training split, each record as prompt + response
+        texts = dataset["train"]
+        if dataset["kind"] == "instructions":
+            texts = [record_text(r) for r in texts]
+        tokenizer = Tokenizer.train(texts, vocab_size)
     examples = {split: examples_for(dataset, split, tokenizer, seq_len) for split in splits}
     for split, rows in examples.items():
         if not rows:
