@@ -51,10 +51,9 @@ def resolve_device(device: str | None = None) -> str:
     if device == "auto":
         return "gpu" if gpu_available() else "cpu"
     if device == "gpu" and not gpu_available():
-        raise RuntimeError(
-            "device 'gpu' was requested but no usable GPU was found: install the CuPy extra "
-            "(pip install 'minitodi[cuda]') on a machine with a CUDA device, or use device='cpu'"
-        )
+        raise RuntimeError("device 'gpu' was requested but no usable GPU was found: install the CuPy "
+                           "extra (pip install 'minitodi[cuda]') on a machine with a CUDA device, or use "
+                           "device='cpu'")
     return device
 
 
@@ -92,9 +91,7 @@ def to_numpy(x) -> np.ndarray:
 def to_device(x, device: str | None = None):
     """``x`` as an array of ``device``'s module (no copy when it already lives there)."""
     xp = get_xp(device)
-    if xp is np:
-        return to_numpy(x)
-    return xp.asarray(x)
+    return to_numpy(x) if xp is np else xp.asarray(x)
 
 
 def to_float(x) -> float:
