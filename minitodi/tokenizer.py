@@ -59,13 +59,9 @@ class Tokenizer:
         tok = _HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            min_frequency=2,
-            special_tokens=[EOS],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok)
 
@@ -81,9 +77,8 @@ class Tokenizer:
 
     def save(self, directory) -> Path:
         """Write ``directory/tokenizer.json`` (creating the directory) and return the file's path."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / FILENAME
+        path = Path(directory) / FILENAME
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self._tok.to_str(pretty=True), encoding="utf-8")
         return path
 
