@@ -34,8 +34,7 @@ def decays(x):
 def adamw_step(params, grads, state, *, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
     """One AdamW update of ``params`` in place; ``state`` is advanced in place too."""
     b1, b2 = betas
-    state["step"] += 1
-    t = state["step"]
+    t = state["step"] = state["step"] + 1
     step_size = lr / (1.0 - b1 ** t)
     bias2 = math.sqrt(1.0 - b2 ** t)
     xp = array_module(*params.values())
