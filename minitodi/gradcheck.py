@@ -165,17 +165,17 @@ def directional_check(f, arrays: dict, grads: dict, *, eps=DEFAULT_EPS, rng=None
     u = {k: xp.asarray(v / norm) for k, v in u.items()}
     analytic = sum(to_float(xp.sum(grads[k] * u[k])) for k in arrays)
     saved = {k: x.copy() for k, x in arrays.items()}
+
+    def at(step):  # f at x + step u
+        for k, x in arrays.items():
+            x[...] = saved[k] + step * u[k]
+        return to_float(f())
+
     try:
-        for k, x in arrays.items():
-            x += eps * u[k]
-        plus = to_float(f())
-        for k, x in arrays.items():
-            x[...] = saved[k] - eps * u[k]
-        minus = to_float(f())
+        numeric = (at(eps) - at(-eps)) / (2 * eps)
     finally:
         for k, x in arrays.items():
             x[...] = saved[k]
-    numeric = (plus - minus) / (2 * eps)
     return analytic, numeric, float(rel_error(analytic, numeric))
 
 
@@ -199,12 +199,8 @@ change the gradient (a sharper ToDi weight, a constant one a = 1/2, other skews)
 
 def check_loss(name, student_logits, teacher_logits, mask=None, *, temperature=1.0, eps=LOSS_CHECK_EPS,
                order=LOSS_CHECK_ORDER, max_entries=None, rng=None, **options):
-    """Check ``LOSSES[name]``'s gradient against central differences of its value, in float64.
-
-    Stop-gradient weights (ToDi, AKL) are frozen at the base point by passing ``stopgrad_at`` = the
-    base student logits to every evaluation: finite differences then measure exactly the gradient
-    training uses. Returns a :class:`CheckResult`.
-    """
+    """Check ``LOSSES[name]``'s gradient against central differences of its value, in float64, with the
+    stop-gradient weights (ToDi, AKL) held at the base logits (``stopgrad_at``, see losses). -> CheckResult"""
     fn = losses.LOSSES[name]
     student = student_logits.copy()
     if name in losses.STOPGRAD_LOSSES:
