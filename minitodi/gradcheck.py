@@ -107,9 +107,7 @@ def check_array(f, x, analytic, *, eps=DEFAULT_EPS, order=2, max_entries=None, r
                 skip_nonfinite=True) -> CheckResult:
     """Compare ``analytic`` (d f / d x) with central differences of ``f`` over entries of ``x``.
 
-    Args:
-        f: zero-argument callable returning the scalar loss; it must read ``x``.
-        x: float64 array (NumPy or CuPy), perturbed in place and restored.
+    Args (``f`` and ``x`` as in the module docstring; ``x`` float64, NumPy or CuPy):
         analytic: the gradient to check, same shape as ``x``.
         max_entries: check every entry when ``x.size <= max_entries`` (or None), else a random sample.
         rows: only these indices along axis 0 (e.g. embedding rows that the batch uses).
