@@ -52,4 +52,3 @@ class Progress:
     def __exit__(self, *exc):
         if self.enabled and self.live:
             self.stream.write("\n")
-        return False
