@@ -68,9 +68,7 @@ class Tokenizer:
     @classmethod
     def load(cls, path) -> "Tokenizer":
         """Read ``tokenizer.json``: ``path`` is the file or the directory holding it."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / FILENAME
+        path = Path(path) / FILENAME if Path(path).is_dir() else Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer file at {path}")
         return cls(_HFTokenizer.from_file(str(path)))
