@@ -4,7 +4,8 @@ import argparse
 import sys
 
 from . import gradcheck, losses
-from .presets import ARCHS, MODELS
+from .backend import resolve_device
+from .presets import ARCHS, MODELS, model_config
 
 
 def cmd_gradcheck(args):
@@ -37,25 +38,18 @@ def _parse_options(pairs):
     return options
 
 
-def _train_config(args, loss):
-    from .train import TrainConfig
-
-    fields = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-              "eval_every": args.eval_every}
-    if loss != "sft":
-        fields.update(loss=loss, kd_rate=args.kd_rate, temperature=args.temperature,
-                      loss_options=_parse_options(args.option))
-    return TrainConfig(**{k: v for k, v in fields.items() if v is not None})
-
-
-def _fit(args, loss, teacher=None):
-    from .backend import resolve_device
+def _fit(args, teacher=None):
+    """``minitodi train`` (``args.loss`` is "sft") and, given the teacher, ``minitodi distill``."""
     from .data import load_dataset, prepare
-    from .presets import model_config
     from .tokenizer import Tokenizer
-    from .train import fit
+    from .train import TrainConfig, fit
 
-    tcfg, device = _train_config(args, loss), resolve_device(args.device)
+    fields = {name: getattr(args, name) for name in ("steps", "batch_size", "lr", "seed", "eval_every")}
+    if args.loss != "sft":
+        fields.update(loss=args.loss, kd_rate=args.kd_rate, temperature=args.temperature,
+                      loss_options=_parse_options(args.option))
+    tcfg = TrainConfig(**{k: v for k, v in fields.items() if v is not None})
+    device = resolve_device(args.device)
     dataset = load_dataset(args.data)
     tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else getattr(teacher, "tokenizer", None)
     tokenizer, examples = prepare(dataset, args.seq_len, tokenizer=tokenizer, vocab_size=args.vocab_size,
@@ -63,28 +57,21 @@ def _fit(args, loss, teacher=None):
     config = model_config(args.preset, tokenizer.vocab_size, args.seq_len + args.max_new_tokens, args.arch)
     summary = fit(args.out, config, tokenizer, examples["train"], examples["valid"], tcfg, teacher=teacher,
                   device=device, progress=not args.quiet, start=args.start)
-    print(f"{loss}: {summary['steps']} steps, best validation CE {summary['best_valid_ce']:.4f} at step "
+    print(f"{args.loss}: {summary['steps']} steps, best validation CE {summary['best_valid_ce']:.4f} at step "
           f"{summary['best_step']}; model in {args.out}, log in {args.out}/metrics.jsonl")
     return 0
 
 
-def cmd_train(args):
-    return _fit(args, "sft")
-
-
 def cmd_distill(args):
-    from .backend import resolve_device
     from .teacher import Teacher
 
-    teacher = Teacher.load(args.teacher, device=resolve_device(args.device))
-    return _fit(args, args.loss, teacher)
+    return _fit(args, Teacher.load(args.teacher, device=resolve_device(args.device)))
 
 
 def cmd_evaluate(args):
     import json
 
     from . import checkpoint
-    from .backend import resolve_device
     from .data import examples_for, load_dataset
     from .evaluation import Protocol, evaluate, heldout_losses
     from .teacher import Teacher, require_same_tokenizer
@@ -117,7 +104,6 @@ def cmd_evaluate(args):
 
 def cmd_generate(args):
     from . import checkpoint
-    from .backend import resolve_device
     from .data import format_prompt
     from .generate import check_settings, generate
     from .tokenizer import Tokenizer
@@ -147,11 +133,9 @@ def cmd_generate(args):
 
 def cmd_demo(args):
     from . import demo
-    from .backend import resolve_device
     from .evaluation import Protocol
-    from .losses import LOSSES
 
-    names = sorted(LOSSES) if args.losses == ["all"] else args.losses
+    names = sorted(losses.LOSSES) if args.losses == ["all"] else args.losses
     protocol = Protocol(decoding=args.decoding, eval_seeds=tuple(args.eval_seeds))
     results = demo.run(args.out, preset="quick" if args.quick else "full", loss_names=names, seeds=args.seeds,
                        protocol=protocol, device=resolve_device(args.device), progress=not args.quiet,
@@ -189,10 +173,8 @@ def _common(p, *, training=False, seed=True):
         p.add_argument("--vocab-size", type=int, default=1024)
         p.add_argument("--seq-len", type=int, default=64)
         p.add_argument("--max-new-tokens", type=int, default=32, help="room kept in the context for generation")
-        p.add_argument("--steps", type=int)
-        p.add_argument("--batch-size", type=int)
-        p.add_argument("--lr", type=float)
-        p.add_argument("--eval-every", type=int)
+        for flag, kind in (("--steps", int), ("--batch-size", int), ("--lr", float), ("--eval-every", int)):
+            p.add_argument(flag, type=kind)  # default: TrainConfig's
         start = p.add_mutually_exclusive_group()
         start.add_argument("--restart", dest="start", action="store_const", const="restart", default="resume",
                            help="begin the run in --out again (its best model is replaced)")
@@ -203,7 +185,7 @@ def _common(p, *, training=False, seed=True):
 def _add_training_commands(sub):
     p = sub.add_parser("train", help="train a model (a teacher) with cross-entropy")
     _common(p, training=True)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=_fit, loss="sft")
 
     p = sub.add_parser("distill", help="distil a student from a teacher with a divergence")
     _common(p, training=True)
