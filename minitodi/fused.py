@@ -7,12 +7,10 @@ block; on a GPU each of those is a round trip through memory. Here, for logits f
 2. per row, D = sum_v term_v and G = sum_v g_v                     (2 reads; nothing is stored)
 3. per entry, dloss/ds = (g_v - q_v G) * w_row                      (1 read, the one full-size write)
 
-with w_row = 1 / (N temperature) on counted rows and 0 elsewhere. Every per-entry quantity (log q, log p, q, p,
-ToDi's weight a, the term, g) is recomputed in registers from s and t where it is needed. The formulas
-are those of ``fkl_rows``, ``rkl_rows`` and ``todi_rows`` in :mod:`minitodi.losses`, whose
-:func:`~minitodi.losses._mean_over_positions` takes this path when the arrays are CuPy, no logit is -inf
-(0 * log 0 and infinite divergences stay with the array path) and ToDi's weight is evaluated at the
-student's own logits (no ``stopgrad_at``). As there, D is clamped at 0 where rounding makes it negative.
+with w_row = 1 / (N temperature) on counted rows and 0 elsewhere. Every per-entry quantity (log q,
+log p, q, p, ToDi's weight a, the term, g) is recomputed in registers from s and t where it is needed.
+The formulas, and D clamped at 0, are those of :mod:`minitodi.losses`, whose ``_mean_over_positions``
+comes here for CuPy arrays without -inf (0 log 0 and +inf stay with the array path) or ``stopgrad_at``.
 """
 
 import functools
