@@ -177,7 +177,8 @@ def _check_models(model_config, tokenizer, tcfg, teacher):
 
 @contextmanager
 def _run_directory(out, start):
-    """Hold ``out`` for this process alone (see the module docstring): created, or empty, or a run."""
+    """Hold ``out`` for this process alone (see the module docstring): created, or empty, or a run.
+    Yields whether ``out/last`` is a state to resume (after finishing an interrupted replacement of it)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out, os.O_RDONLY)
@@ -194,14 +195,14 @@ def _run_directory(out, start):
         if any(out.iterdir()) and not _is_run(out / "run.json"):
             raise ValueError(f"{out} holds files that are not a minitodi run (no run.json of minitodi): "
                              "choose a new or empty directory")
-        if (start == "resume" and (out / checkpoint.MODEL_FILE).exists()
-                and not checkpoint.has_training_state(checkpoint.recover(out / "last"))):
+        resumable = start == "resume" and checkpoint.has_training_state(checkpoint.recover(out / "last"))
+        if start == "resume" and not resumable and (out / checkpoint.MODEL_FILE).exists():
             raise ValueError(f"{out} holds a best model but no resumable state ({out / 'last'} is missing or "
                              "incomplete); nothing was changed: --restart starts over (replacing the best "
                              "model), --from-best continues from the best model")
         if start == "best" and not (out / checkpoint.MODEL_FILE).exists():
             raise ValueError(f"{out} holds no best model to continue from")
-        yield
+        yield resumable
     finally:
         os.close(fd)
 
@@ -221,7 +222,7 @@ class _Run:
         self.out, self.config, self.tokenizer, self.tcfg = out, model_config, tokenizer, tcfg
         self.batches, self.valid_examples, self.device = batches, valid_examples, device
         self.last, self.log = out / "last", out / "metrics.jsonl"
-        if start == "resume" and checkpoint.has_training_state(checkpoint.recover(self.last)):
+        if start == "resume" and checkpoint.has_training_state(self.last):  # recovered by _run_directory
             self.params, _ = checkpoint.load(self.last, dtype=tcfg.dtype, device=device)
             state = checkpoint.load_training_state(self.last, device=device)
             self.opt, self.step, self.best = state["optimizer"], state["step"], state["best"]
@@ -256,7 +257,8 @@ class _Run:
                                      f"diverged (nothing was saved; {self.last} holds the last finite state)")
         if valid_ce < self.best["valid_ce"]:
             self.best.update(valid_ce=valid_ce, step=self.step)
-            checkpoint.save(self.out, self.params, self.config, config_extra=_eos_config(self.tokenizer))
+            eos = {"bos_token_id": self.tokenizer.eos_id, "eos_token_id": self.tokenizer.eos_id}
+            checkpoint.save(self.out, self.params, self.config, config_extra=eos)
         _append_jsonl(self.log, {"step": self.step, "valid_ce": valid_ce})
         self.save_last()
         return valid_ce
@@ -305,9 +307,8 @@ def fit(out, model_config, tokenizer, train_examples, valid_examples, tcfg, *, t
     _check_models(model_config, tokenizer, tcfg, teacher)
     run = {"train": asdict(tcfg), "model": asdict(model_config), "tokenizer": tokenizer.fingerprint(),
            "teacher": None if teacher is None else checkpoint.hf_config(teacher.config, tcfg.dtype)}
-    with _run_directory(out, start):
+    with _run_directory(out, start) as resumable:
         run_file = out / "run.json"
-        resumable = start == "resume" and checkpoint.has_training_state(checkpoint.recover(out / "last"))
         if resumable and json.loads(run_file.read_text()) != json.loads(json.dumps(run)):
             raise ValueError(f"{out} holds a run with other settings ({run_file}); choose another output "
                              "directory, or --restart / --from-best to replace that run")
@@ -332,7 +333,3 @@ def fit(out, model_config, tokenizer, train_examples, valid_examples, tcfg, *, t
             "seconds": time.perf_counter() - begin,
             "valid_curve": [(r["step"], r["valid_ce"]) for r in curve if "valid_ce" in r],
             "train_curve": [(r["step"], r["loss"]) for r in curve if "loss" in r]}
-
-
-def _eos_config(tokenizer):
-    return {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id}
