@@ -119,22 +119,18 @@ def _count(rng):
 
 
 def _starts_with():
+    asked = ("Name {a} {c} that starts with the letter {x}.", "Give me {a} {c} beginning with {x}.",
+             "Which {c} starts with {x}?", "Tell me {a} {c} whose name begins with {x}.")
+    given = ("Name {a} {c} that starts with the given letter.", "Give me {a} {c} starting with this letter.")
     prompts = []
-    for article, category, names in (("a", "fruit", FRUITS), ("an", "animal", ANIMALS)):
+    for a, c, names in (("a", "fruit", FRUITS), ("an", "animal", ANIMALS)):
         by_letter = {}
         for name in names:
             by_letter.setdefault(name[0], []).append(name)
-        for letter, answers in sorted(by_letter.items()):
-            if len(answers) < 2:
-                continue
-            prompts += [
-                (f"Name {article} {category} that starts with the letter {letter}.", "", tuple(answers)),
-                (f"Give me {article} {category} beginning with {letter}.", "", tuple(answers)),
-                (f"Which {category} starts with {letter}?", "", tuple(answers)),
-                (f"Tell me {article} {category} whose name begins with {letter}.", "", tuple(answers)),
-                (f"Name {article} {category} that starts with the given letter.", letter, tuple(answers)),
-                (f"Give me {article} {category} starting with this letter.", letter, tuple(answers)),
-            ]
+        for x, answers in sorted(by_letter.items()):
+            if len(answers) >= 2:  # the letter in the instruction, then as the context
+                prompts += [(t.format(a=a, c=c, x=x), "", tuple(answers)) for t in asked]
+                prompts += [(t.format(a=a, c=c), x, tuple(answers)) for t in given]
     return prompts
 
 
