@@ -18,8 +18,6 @@ MODELS = {
     "small": {"n_embd": 32, "n_layer": 2, "n_head": 2},
     "tiny": {"n_embd": 32, "n_layer": 1, "n_head": 2},
 }
-
-
 ARCHS = ("gpt2", "llama")
 
 
