@@ -158,11 +158,13 @@ def cmd_conformance(args):
                       t_squared=args.t_squared, tol=args.tol, **_parse_options(args.option))
 
 
-def _common(p, *, training=False, seed=True):
+def _common(p, *, training=False, generation=True):
     p.add_argument("--device", choices=["cpu", "gpu", "auto"], default=None,
                    help="where to compute (default: $MINITODI_DEVICE, else auto)")
-    if seed:
+    if generation:  # every command but the demo, which has its own seeds and budgets
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--max-new-tokens", type=int, default=32,
+                       help="tokens to generate (train, distill: the room kept for them in the context)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     if training:
         p.add_argument("--out", required=True, help="run directory: new, empty, or a run to resume")
@@ -172,7 +174,6 @@ def _common(p, *, training=False, seed=True):
         p.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one on the data)")
         p.add_argument("--vocab-size", type=int, default=1024)
         p.add_argument("--seq-len", type=int, default=64)
-        p.add_argument("--max-new-tokens", type=int, default=32, help="room kept in the context for generation")
         for flag, kind in (("--steps", int), ("--batch-size", int), ("--lr", float), ("--eval-every", int)):
             p.add_argument(flag, type=kind)  # default: TrainConfig's
         start = p.add_mutually_exclusive_group()
@@ -223,7 +224,6 @@ def build_parser():
     p.add_argument("--teacher", help="also report KL(teacher || model) per response token")
     p.add_argument("--data", default="synthetic")
     p.add_argument("--split", default="test", choices=["valid", "test"])
-    p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--log", help="JSONL file the result is appended to (default MODEL/eval.jsonl)")
     _protocol_arguments(p)
     p.set_defaults(func=cmd_evaluate)
@@ -234,7 +234,6 @@ def build_parser():
     p.add_argument("--instruction", help="an instruction, formatted with the training prompt template")
     p.add_argument("--input", help="the instruction's context")
     p.add_argument("--prompt", help="raw text to continue instead of an instruction")
-    p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
@@ -242,7 +241,7 @@ def build_parser():
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="teacher, then students with each loss, compared on the built-in suite")
-    _common(p, seed=False)
+    _common(p, generation=False)
     p.add_argument("--quick", action="store_true", help="a smaller budget (minutes on a laptop)")
     p.add_argument("--arch", choices=ARCHS, default="gpt2", help="teacher and students: gpt2 or llama")
     p.add_argument("--losses", nargs="+", default=["fkl", "rkl", "todi"],
