@@ -1,4 +1,4 @@
-r"""The layers of a GPT, each as a pure forward/backward pair.
+r"""The layers of GPT-2 and Llama, each as a pure forward/backward pair.
 
     y, cache = x_forward(inputs...)        grads = x_backward(dy, cache)
 
@@ -18,26 +18,27 @@ IGNORE_INDEX = -100
 
 # ---- token + position embedding ------------------------------------------------------------------
 def embedding_forward(wte, wpe, idx, pos0=0):
-    """x[b, t] = wte[idx[b, t]] + wpe[pos0 + t].
+    """x[b, t] = wte[idx[b, t]] + wpe[pos0 + t]; without wpe (None: a Llama, whose positions enter later,
+    as rotations of q and k), x[b, t] = wte[idx[b, t]].
 
     wte (V, C), wpe (n_positions, C), idx (B, T) integer ids, already validated -> x (B, T, C).
     """
-    T = idx.shape[1]
-    x = wte[idx] + wpe[pos0:pos0 + T]  # (B, T, C)
-    return x, (idx, wte.shape, wpe.shape, pos0)
+    x = wte[idx] if wpe is None else wte[idx] + wpe[pos0:pos0 + idx.shape[1]]  # (B, T, C)
+    return x, (idx, wte.shape, None if wpe is None else wpe.shape, pos0)
 
 
 def embedding_backward(dx, cache):
     """forward was: x[b, t] = wte[idx[b, t]] + wpe[pos0 + t], so
 
     dwte[v] = sum of dx[b, t] over every (b, t) with idx[b, t] = v (a token seen twice adds twice:
-    a scatter-add, not an assignment), and dwpe[pos0 + t] = sum_b dx[b, t].
+    a scatter-add, not an assignment), and dwpe[pos0 + t] = sum_b dx[b, t] (None without wpe).
     """
     idx, wte_shape, wpe_shape, pos0 = cache
     xp = array_module(dx)
-    C = dx.shape[-1]
     dwte = xp.zeros(wte_shape, dtype=dx.dtype)
-    xp.add.at(dwte, idx.reshape(-1), dx.reshape(-1, C))
+    xp.add.at(dwte, idx.reshape(-1), dx.reshape(-1, dx.shape[-1]))
+    if wpe_shape is None:
+        return dwte, None
     dwpe = xp.zeros(wpe_shape, dtype=dx.dtype)
     dwpe[pos0:pos0 + dx.shape[1]] = dx.sum(axis=0)
     return dwte, dwpe
@@ -45,10 +46,8 @@ def embedding_backward(dx, cache):
 
 # ---- layer norm ----------------------------------------------------------------------------------
 def layernorm_forward(x, w, b, eps=1e-5):
-    """y = (x - mean) * rstd * w + b over the last axis, rstd = 1 / sqrt(var + eps) (biased variance).
-
-    x (..., C), w (C,), b (C,) -> y (..., C).
-    """
+    """y = (x - mean) * rstd * w + b over the last axis, rstd = 1 / sqrt(var + eps) (biased variance):
+    x (..., C), w (C,), b (C,) -> y (..., C)."""
     xp = array_module(x)
     xc = x - x.mean(axis=-1, keepdims=True)
     rstd = 1.0 / xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
@@ -154,11 +153,8 @@ def _merge_heads(x):
 
 def attention_forward(qkv, n_head, past=None):
     """GPT-2's causal self-attention from its fused projection qkv = [q | k | v] (c_attn's output):
-    :func:`grouped_attention_forward` (below) with every query head its own key/value head,
-
-        att = softmax(q k^T / sqrt(hs) + causal mask),   y = att v,   per head, heads then merged.
-
-    qkv (B, T, 3C) -> y (B, T, C). ``past``, for decoding with a KV cache, is ``(k, v)`` of the earlier
+    :func:`grouped_attention_forward` (below, the formula there) with every query head its own key/value
+    head. qkv (B, T, 3C) -> y (B, T, C). ``past``, for decoding with a KV cache, is ``(k, v)`` of the earlier
     positions, each (B, H, P, hs): the T new queries sit at positions P..P+T-1 and attend to all P + T
     keys up to their own. The cache's ``"present"`` is the ``(k, v)`` to pass next time.
     """
@@ -173,10 +169,8 @@ def attention_backward(dy, cache):
 
 # ---- softmax cross-entropy with an ignore index --------------------------------------------------
 def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX):
-    """loss = mean over positions with targets != ignore_index of -log softmax(logits)[target].
-
-    logits (..., V), targets (...) integer -> (loss as a 0-d array, cache). At least one position must
-    count.
+    """loss = mean over positions with targets != ignore_index of -log softmax(logits)[target]:
+    logits (..., V), targets (...) integer -> (loss as a 0-d array, cache). At least one position must count.
     """
     xp = array_module(logits)
     V = logits.shape[-1]
@@ -209,10 +203,8 @@ def cross_entropy_backward(dloss, cache):
 
 # ---- RMSNorm (Llama's norm: layer norm without the mean and the bias) ----------------------------
 def rmsnorm_forward(x, w, eps=1e-6):
-    """y = x * rstd * w over the last axis, rstd = 1 / sqrt(mean(x^2) + eps).
-
-    x (..., C), w (C,) -> y (..., C).
-    """
+    """y = x * rstd * w over the last axis, rstd = 1 / sqrt(mean(x^2) + eps):
+    x (..., C), w (C,) -> y (..., C)."""
     xp = array_module(x)
     rstd = 1.0 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
     xhat = x * rstd
@@ -249,7 +241,7 @@ def rope_tables(pos0, T, hs, theta, like):
 
 
 def _rotate_half(x):
-    """[x1, x2] -> [-x2, x1] over the last axis (hs/2 channels each): each pair (x1_i, x2_i) turned 90 degrees."""
+    """[x1, x2] -> [-x2, x1] on the last axis (hs/2 channels each): each pair (x1_i, x2_i) turned by pi/2."""
     half = x.shape[-1] // 2
     return array_module(x).concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
@@ -281,10 +273,8 @@ def rotary_backward(dy, cache):
 
 # ---- SwiGLU: Llama's gated unit between gate_proj / up_proj and down_proj ------------------------
 def swiglu_forward(g, u):
-    """y = silu(g) * u, silu(g) = g * sigmoid(g).   g, u (..., I) -> y (..., I).
-
-    sigmoid(g) is computed as (1 + tanh(g / 2)) / 2, which never overflows.
-    """
+    """y = silu(g) * u, silu(g) = g * sigmoid(g):   g, u (..., I) -> y (..., I). sigmoid(g) is computed as
+    (1 + tanh(g / 2)) / 2, which never overflows."""
     s = array_module(g).tanh(0.5 * g)
     s += 1.0
     s *= 0.5  # sigmoid(g)
@@ -338,7 +328,7 @@ def grouped_attention_backward(dy, cache):
         datt = dy v^T,   dpre = att * (datt - sum_j datt_j att_j),   dq = dpre k * scale,
 
     (the softmax's Jacobian row by row: d att_j / d pre_i = att_j (delta_ij - att_i); a masked entry
-    has att = 0 and gets no gradient), and a key/value head, read by G query heads, gets the sum of their gradients:
+    has att = 0 and gets no gradient), and a key/value head, read by G query heads, gets their gradients' sum:
 
         dv = sum over the group of att^T dy,    dk = sum over the group of dpre^T q * scale.
 
