@@ -35,7 +35,7 @@ A Llama (:class:`LlamaConfig`) is named as transformers' ``LlamaForCausalLM``, i
 :func:`forward` and :func:`backward` serve every model type: ``ARCHITECTURES[config.model_type]``.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -63,9 +63,6 @@ class GPTConfig:
             raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not self.layer_norm_epsilon > 0:
             raise ValueError(f"GPTConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
-
-    def to_dict(self):
-        return asdict(self)
 
 
 def gpt2_param_shapes(config):
@@ -167,15 +164,6 @@ def block_backward(dx, c):
     da, d["attn.c_attn.weight"], d["attn.c_attn.bias"] = layers.linear_backward(da, c["c_attn"])
     da, d["ln_1.weight"], d["ln_1.bias"] = layers.layernorm_backward(da, c["ln_1"])
     return dx + da, d
-
-
-def gpt2_embed_forward(params, idx, config, pos0):
-    """x = wte[idx] + wpe[pos0 + t]: (B, T) ids -> (B, T, C)."""
-    return layers.embedding_forward(params["transformer.wte.weight"], params["transformer.wpe.weight"], idx, pos0)
-
-
-def gpt2_embed_backward(dx, cache):
-    return dict(zip(("transformer.wte.weight", "transformer.wpe.weight"), layers.embedding_backward(dx, cache)))
 
 
 def gpt2_head_forward(x, params, config):
@@ -308,21 +296,6 @@ def llama_block_backward(dx, c):
     return dx + da, d
 
 
-def llama_embed_forward(params, idx, config, pos0):
-    """x = embed_tokens[idx]: (B, T) ids -> (B, T, C). Positions enter later, as rotations of q and k."""
-    w = params["model.embed_tokens.weight"]
-    return w[idx], (idx, w.shape)
-
-
-def llama_embed_backward(dx, cache):
-    """forward was: x[b, t] = embed_tokens[idx[b, t]], so dx is scatter-added into the rows of the ids."""
-    idx, shape = cache
-    xp = array_module(dx)
-    dw = xp.zeros(shape, dtype=dx.dtype)
-    xp.add.at(dw, idx.reshape(-1), dx.reshape(-1, dx.shape[-1]))
-    return {"model.embed_tokens.weight": dw}
-
-
 def llama_head_forward(x, params, config):
     """logits = norm(x) @ W^T, W = lm_head.weight or, when tie_word_embeddings, the token embedding:
     (B, T, C) -> (B, T, V)."""
@@ -342,12 +315,11 @@ def llama_head_backward(dlogits, c):
 @dataclass(frozen=True)
 class Architecture:
     """What one model type defines; :func:`forward` and :func:`backward` chain it. Signatures as GPT-2's:
-    the embedding's and head's backward return {name: grad}, the block's {name within the block: grad}."""
+    the head's backward returns {name: grad}, the block's {name within the block: grad}."""
     param_shapes: Callable
     block_prefix: str  # block l's tensors are named block_prefix.format(l) + name within the block
     residual_out: tuple  # suffixes of the projections into the residual stream (scaled at init)
-    embed_forward: Callable
-    embed_backward: Callable
+    embeddings: tuple  # the token embedding's name, the position embedding's (None: a Llama has none)
     block_forward: Callable
     block_backward: Callable
     head_forward: Callable
@@ -355,11 +327,12 @@ class Architecture:
 
 
 ARCHITECTURES = {
-    "gpt2": Architecture(gpt2_param_shapes, "transformer.h.{}.", ("c_proj.weight",), gpt2_embed_forward,
-                         gpt2_embed_backward, block_forward, block_backward, gpt2_head_forward, gpt2_head_backward),
+    "gpt2": Architecture(gpt2_param_shapes, "transformer.h.{}.", ("c_proj.weight",),
+                         ("transformer.wte.weight", "transformer.wpe.weight"),
+                         block_forward, block_backward, gpt2_head_forward, gpt2_head_backward),
     "llama": Architecture(llama_param_shapes, "model.layers.{}.", ("o_proj.weight", "down_proj.weight"),
-                          llama_embed_forward, llama_embed_backward, llama_block_forward, llama_block_backward,
-                          llama_head_forward, llama_head_backward),
+                          ("model.embed_tokens.weight", None),
+                          llama_block_forward, llama_block_backward, llama_head_forward, llama_head_backward),
 }
 
 
@@ -377,7 +350,8 @@ def forward(params, idx, config, *, past=None):
     idx = xp.asarray(idx)
     pos0 = 0 if past is None else past[0][0].shape[2]
     check_ids(idx, config, pos0)
-    x, c_embed = arch.embed_forward(params, idx, config, pos0)
+    wte, wpe = (params.get(name) for name in arch.embeddings)  # wpe None for a Llama
+    x, c_embed = layers.embedding_forward(wte, wpe, idx, pos0)
     blocks = []
     for l in range(config.n_layer):
         prefix = arch.block_prefix.format(l)
@@ -402,8 +376,9 @@ def backward(dlogits, cache):
     for l in reversed(range(len(cache["blocks"]))):
         dx, block_grads = arch.block_backward(dx, cache["blocks"][l])
         grads.update({arch.block_prefix.format(l) + name: g for name, g in block_grads.items()})
-    for name, g in arch.embed_backward(dx, cache["embed"]).items():
-        grads[name] = grads[name] + g if name in grads else g  # a tied tensor: gradient from both ends
+    for name, g in zip(arch.embeddings, layers.embedding_backward(dx, cache["embed"])):
+        if name is not None:  # a tied tensor gets gradient from both ends
+            grads[name] = grads[name] + g if name in grads else g
     return {name: grads[name] for name in cache["names"]}
 
 
