@@ -70,20 +70,9 @@ def hf_config(config, dtype, extra=None):
 
 
 def _gpt2_hf_config(config):
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": config.vocab_size,
-        "n_positions": config.n_positions,
-        "n_embd": config.n_embd,
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "n_inner": None,
-        "layer_norm_epsilon": config.layer_norm_epsilon,
-        "activation_function": "gelu_new",
-        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,  # minitodi trains without dropout
-        "tie_word_embeddings": True,
-    }
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **asdict(config), "n_inner": None,
+            "activation_function": "gelu_new", "tie_word_embeddings": True,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # minitodi trains without dropout
 
 
 def _llama_hf_config(config):
@@ -122,10 +111,6 @@ def save(directory, params, config, *, training_state=None, config_extra=None):
     return directory
 
 
-def _aside(directory, tag):
-    return directory.with_name(f"{directory.name}.{tag}")
-
-
 def save_replacing(directory, params, config, **kwargs):
     """:func:`save` into ``directory`` as a whole: either the old checkpoint or the new one is there, whole.
 
@@ -133,7 +118,7 @@ def save_replacing(directory, params, config, **kwargs):
     ``<directory>.old``, ``.new`` to ``directory``, and ``.old`` is removed.
     """
     directory = Path(directory)
-    new, old = _aside(directory, "new"), _aside(directory, "old")
+    new, old = (directory.with_name(f"{directory.name}.{tag}") for tag in ("new", "old"))
     recover(directory)
     shutil.rmtree(new, ignore_errors=True)
     save(new, params, config, **kwargs)
@@ -150,7 +135,7 @@ def recover(directory):
     """Finish a :func:`save_replacing` that was interrupted: afterwards ``directory`` is the newest whole
     checkpoint there is (or absent if there never was one)."""
     directory = Path(directory)
-    new, old = _aside(directory, "new"), _aside(directory, "old")
+    new, old = (directory.with_name(f"{directory.name}.{tag}") for tag in ("new", "old"))
     if old.exists():
         if directory.exists():  # interrupted after the swap: only the clean-up was left
             shutil.rmtree(old)
