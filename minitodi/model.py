@@ -145,7 +145,6 @@ def block_forward(x, p, config, past=None):
     m, c["c_fc"] = layers.linear_forward(m, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])  # (B, T, 4C)
     m, c["gelu"] = layers.gelu_forward(m)
     m, c["mlp_proj"] = layers.linear_forward(m, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])  # (B, T, C)
-    c["present"] = c["attn"]["present"]
     return x + m, c
 
 
@@ -275,7 +274,6 @@ def llama_block_forward(x, p, config, past=None):
     m, c["norm_2"] = layers.rmsnorm_forward(x, p["post_attention_layernorm.weight"], eps)
     m, c["swiglu"] = layers.swiglu_forward(_proj_forward(m, p, "mlp.gate_proj", c),
                                            _proj_forward(m, p, "mlp.up_proj", c))  # (B, T, I)
-    c["present"] = c["attn"]["present"]
     return x + _proj_forward(m, p, "mlp.down_proj", c), c
 
 
@@ -360,7 +358,7 @@ def forward(params, idx, config, *, past=None):
         blocks.append(c)
     logits, c_head = arch.head_forward(x, params, config)
     cache = {"config": config, "names": list(params), "embed": c_embed, "blocks": blocks, "head": c_head,
-             "present": [c["present"] for c in blocks], "has_past": past is not None}
+             "present": [c["attn"]["present"] for c in blocks], "has_past": past is not None}
     return logits, cache
 
 
