@@ -18,11 +18,9 @@ IGNORE_INDEX = -100
 
 # ---- token + position embedding ------------------------------------------------------------------
 def embedding_forward(wte, wpe, idx, pos0=0):
-    """x[b, t] = wte[idx[b, t]] + wpe[pos0 + t]; without wpe (None: a Llama, whose positions enter later,
-    as rotations of q and k), x[b, t] = wte[idx[b, t]].
-
-    wte (V, C), wpe (n_positions, C), idx (B, T) integer ids, already validated -> x (B, T, C).
-    """
+    """x[b, t] = wte[idx[b, t]] + wpe[pos0 + t], or without wpe (None: a Llama, whose positions enter later,
+    as rotations of q and k) x[b, t] = wte[idx[b, t]]. wte (V, C), wpe (n_positions, C), idx (B, T) integer
+    ids, already validated -> x (B, T, C)."""
     x = wte[idx] if wpe is None else wte[idx] + wpe[pos0:pos0 + idx.shape[1]]  # (B, T, C)
     return x, (idx, wte.shape, None if wpe is None else wpe.shape, pos0)
 
@@ -77,10 +75,8 @@ def layernorm_backward(dy, cache):
 
 # ---- linear (GPT-2's Conv1D: the weight is stored (in, out)) -------------------------------------
 def linear_forward(x, w, b):
-    """y = x @ w + b.   x (..., in), w (in, out), b (out,) -> y (..., out).
-
-    The product runs on x flattened to (N, in): one matrix product instead of a batch of small ones.
-    """
+    """y = x @ w + b:   x (..., in), w (in, out), b (out,) -> y (..., out). The product runs on x
+    flattened to (N, in): one matrix product instead of a batch of small ones."""
     y = x.reshape(-1, x.shape[-1]) @ w  # (N, in) @ (in, out)
     y += b
     return y.reshape(*x.shape[:-1], w.shape[1]), (x, w)
@@ -247,10 +243,8 @@ def _rotate_half(x):
 
 
 def rotary_forward(x, cos, sin, n_head):
-    """y = x cos + rotate_half(x) sin per head: the pair (x_i, x_{i+hs/2}) at position t turned by its angle.
-
-    x (B, T, n_head hs), cos and sin (T, hs) from :func:`rope_tables` -> y (B, T, n_head hs).
-    """
+    """y = x cos + rotate_half(x) sin per head: the pair (x_i, x_{i+hs/2}) at position t turned by its angle:
+    x (B, T, n_head hs), cos and sin (T, hs) from :func:`rope_tables` -> y (B, T, n_head hs)."""
     B, T, C = x.shape
     xh = x.reshape(B, T, n_head, C // n_head)  # (B, T, C) -> (B, T, nh, hs)
     cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, hs): the same angles for every head
