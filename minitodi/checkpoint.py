@@ -43,8 +43,6 @@ CONFIG_FILE = "config.json"
 STATE_FILE = "training_state.safetensors"
 STATE_JSON = "training_state.json"
 
-_GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are GPT-2's tanh approximation
-
 
 def _atomic_write(path, write):
     """Call ``write(tmp_path)``, then rename ``tmp_path`` over ``path`` (atomic on one file system)."""
@@ -185,7 +183,7 @@ def config_from_hf(hf, where="config.json"):
 
 def _gpt2_config_from_hf(hf, where):
     activation = hf.get("activation_function", "gelu_new")
-    if activation not in _GPT2_ACTIVATIONS:
+    if activation not in ("gelu_new", "gelu_pytorch_tanh"):  # both are GPT-2's tanh approximation
         raise ValueError(f"{where}: activation_function {activation!r} is not GPT-2's tanh GELU")
     if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 0)):
         raise ValueError(f"{where}: n_inner = {hf['n_inner']} is not 4 * n_embd")
