@@ -344,8 +344,7 @@ def forward(params, idx, config, *, past=None):
     :func:`backward` needs. For decoding with a KV cache, ``past`` is ``cache["present"]`` of the previous
     call (per layer ``(k, v)``) and ``idx`` holds only the new tokens."""
     arch = ARCHITECTURES[config.model_type]
-    xp = array_module(*params.values())
-    idx = xp.asarray(idx)
+    idx = array_module(*params.values()).asarray(idx)
     pos0 = 0 if past is None else past[0][0].shape[2]
     check_ids(idx, config, pos0)
     wte, wpe = (params.get(name) for name in arch.embeddings)  # wpe None for a Llama
@@ -363,10 +362,8 @@ def forward(params, idx, config, *, past=None):
 
 
 def backward(dlogits, cache):
-    """Gradients of the loss w.r.t. every parameter, from dlogits = dloss / dlogits (B, T, V).
-
-    Returns a dict with exactly the keys of the parameters. The forward must have run without ``past``.
-    """
+    """Gradients of the loss w.r.t. every parameter, from dlogits = dloss / dlogits (B, T, V): a dict with
+    exactly the keys of the parameters. The forward must have run without ``past``."""
     if cache["has_past"]:
         raise ValueError("backward needs a forward over the whole sequence (it ran with a KV cache)")
     arch = ARCHITECTURES[cache["config"].model_type]
