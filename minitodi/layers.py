@@ -226,9 +226,7 @@ def rmsnorm_backward(dy, cache):
 def rope_tables(pos0, T, hs, theta, like):
     """cos and sin (T, hs) of the angles (pos0 + t) theta^(-2i / hs), i < hs / 2, each frequency written
     twice ([f_0 .. f_{hs/2 - 1}, f_0 .. f_{hs/2 - 1}]: channel i is paired with channel i + hs/2).
-
-    Angles are computed in float64, then cast to the dtype (and module) of the array ``like``.
-    """
+    Angles are computed in float64, then cast to the dtype (and module) of the array ``like``."""
     xp = array_module(like)
     inv_freq = 1.0 / theta ** (xp.arange(0, hs, 2, dtype=xp.float64) / hs)  # (hs/2,)
     angles = xp.arange(pos0, pos0 + T, dtype=xp.float64)[:, None] * inv_freq  # (T, hs/2)
