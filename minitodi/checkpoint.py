@@ -101,8 +101,7 @@ def save(directory, params, config, *, training_state=None, config_extra=None):
                   for moment in ("m", "v") for name, x in optimizer[moment].items()}
         _atomic_write(directory / STATE_FILE, lambda tmp: save_file(arrays, str(tmp), {"save_id": save_id}))
         write_json(directory / STATE_JSON, {"save_id": save_id, "optimizer_step": optimizer["step"], **state})
-    dtype = next(iter(params.values())).dtype
-    write_json(directory / CONFIG_FILE, hf_config(config, dtype, config_extra))
+    write_json(directory / CONFIG_FILE, hf_config(config, next(iter(params.values())).dtype, config_extra))
     tensors = {name: np.ascontiguousarray(to_numpy(x)) for name, x in params.items()}
     _atomic_write(directory / MODEL_FILE,
                   lambda tmp: save_file(tensors, str(tmp), {"format": "pt", "save_id": save_id}))
