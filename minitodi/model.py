@@ -347,7 +347,7 @@ def forward(params, idx, config, *, past=None):
     idx = array_module(*params.values()).asarray(idx)
     pos0 = 0 if past is None else past[0][0].shape[2]
     check_ids(idx, config, pos0)
-    wte, wpe = (params.get(name) for name in arch.embeddings)  # wpe None for a Llama
+    wte, wpe = (None if name is None else params[name] for name in arch.embeddings)  # a Llama: wpe None
     x, c_embed = layers.embedding_forward(wte, wpe, idx, pos0)
     blocks = []
     for l in range(config.n_layer):
