@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from minitodi import model
+from minitodi import layers, model
 
 
 def small_config(**overrides):
@@ -23,3 +23,22 @@ def perturbed_params(config, seed=0, dtype=np.float64):
 def fake_loss(forward, dy, out=0):
     """L = sum(forward()[out] * dy): the scalar whose gradient w.r.t. that output of a layer is dy."""
     return lambda: float(np.sum(forward()[out] * dy))
+
+
+def cross_entropy_both(params, config, hf, torch, seed=0):
+    """One cross-entropy batch (V 37, the first three targets of row 0 ignored) through minitodi by hand
+    and through a transformers model ``hf`` by autograd: the ids, then (logits, loss, grads) of each."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, 37, size=(2, 9))
+    targets = rng.integers(0, 37, size=(2, 9))
+    targets[0, :3] = layers.IGNORE_INDEX
+    logits, cache = model.forward(params, idx, config)
+    loss, ce_cache = layers.cross_entropy_forward(logits, targets)
+    grads = model.backward(layers.cross_entropy_backward(1.0, ce_cache), cache)
+    hf.zero_grad()
+    hf_logits = hf(torch.tensor(idx)).logits
+    hf_loss = torch.nn.functional.cross_entropy(hf_logits.reshape(-1, 37), torch.tensor(targets).reshape(-1),
+                                                ignore_index=layers.IGNORE_INDEX)
+    hf_loss.backward()
+    hf_grads = {name: p.grad.numpy() for name, p in hf.named_parameters()}
+    return idx, (logits, float(loss), grads), (hf_logits.detach().numpy(), hf_loss.item(), hf_grads)

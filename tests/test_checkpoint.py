@@ -1,25 +1,18 @@
 """Checkpoints: exact round trips, atomic saves, clear errors, original GPT-2 files, transformers."""
 
+import functools
 import json
 
 import numpy as np
 import pytest
+from conftest import cross_entropy_both, perturbed_params, small_config
 from safetensors.numpy import load_file, save_file
 
-from minitodi import checkpoint, layers, model, optim
+from minitodi import checkpoint, optim
 from minitodi.checkpoint import CONFIG_FILE, MODEL_FILE, STATE_FILE, STATE_JSON
 
 
-def small_config():
-    return model.GPTConfig(vocab_size=37, n_positions=16, n_embd=16, n_layer=2, n_head=2)
-
-
-def make_params(config, seed=0, dtype=np.float32):
-    params = model.init_params(config, seed, dtype=dtype)
-    rng = np.random.default_rng(seed + 1)
-    for x in params.values():
-        x += (0.1 * rng.standard_normal(x.shape)).astype(dtype)
-    return params
+make_params = functools.partial(perturbed_params, dtype=np.float32)
 
 
 def make_training_state(params, seed=0):
@@ -338,23 +331,10 @@ def test_transformers_round_trip(tmp_path):
     assert config == small_config()
     assert all(x.dtype == np.float64 for x in params.values())
 
-    rng = np.random.default_rng(0)
-    idx = rng.integers(0, 37, size=(2, 9))
-    targets = rng.integers(0, 37, size=(2, 9))
-    targets[0, :3] = layers.IGNORE_INDEX
-    logits, cache = model.forward(params, idx, config)
-    loss, ce_cache = layers.cross_entropy_forward(logits, targets)
-    grads = model.backward(layers.cross_entropy_backward(1.0, ce_cache), cache)
-
-    hf.zero_grad()
-    hf_logits = hf(torch.tensor(idx)).logits
-    hf_loss = torch.nn.functional.cross_entropy(hf_logits.reshape(-1, 37), torch.tensor(targets).reshape(-1),
-                                                ignore_index=layers.IGNORE_INDEX)
-    hf_loss.backward()
-    np.testing.assert_allclose(logits, hf_logits.detach().numpy(), rtol=0, atol=1e-8)
-    assert float(loss) == pytest.approx(hf_loss.item(), abs=1e-8)
-    hf_grads = {name: p.grad.numpy() for name, p in hf.named_parameters()}  # lm_head is tied: not listed
-    assert set(hf_grads) == set(grads)
+    idx, (logits, loss, grads), (hf_logits, hf_loss, hf_grads) = cross_entropy_both(params, config, hf, torch)
+    np.testing.assert_allclose(logits, hf_logits, rtol=0, atol=1e-8)
+    assert loss == pytest.approx(hf_loss, abs=1e-8)
+    assert set(hf_grads) == set(grads)  # lm_head is tied: not listed
     for name, g in grads.items():
         np.testing.assert_allclose(g, hf_grads[name], rtol=0, atol=1e-8, err_msg=name)
 

@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import fake_loss
+from conftest import cross_entropy_both, fake_loss
 from safetensors.numpy import save_file
 
 from minitodi import backend, checkpoint, layers, model
@@ -343,21 +343,9 @@ def test_transformers_logits_gradients_and_round_trip(tmp_path, monkeypatch, sha
     assert config == small_config(attention_bias=True)
     assert all(x.dtype == np.float64 for x in params.values())
 
-    rng = np.random.default_rng(0)
-    idx = rng.integers(0, 37, size=(2, 9))
-    targets = rng.integers(0, 37, size=(2, 9))
-    targets[0, :3] = layers.IGNORE_INDEX
-    logits, cache = model.forward(params, idx, config)
-    loss, ce_cache = layers.cross_entropy_forward(logits, targets)
-    grads = model.backward(layers.cross_entropy_backward(1.0, ce_cache), cache)
-
-    hf_logits = hf(torch.tensor(idx)).logits
-    hf_loss = torch.nn.functional.cross_entropy(hf_logits.reshape(-1, 37), torch.tensor(targets).reshape(-1),
-                                                ignore_index=layers.IGNORE_INDEX)
-    hf_loss.backward()
-    np.testing.assert_allclose(logits, hf_logits.detach().numpy(), rtol=0, atol=1e-9)
-    assert float(loss) == pytest.approx(hf_loss.item(), abs=1e-9)
-    hf_grads = {name: p.grad.numpy() for name, p in hf.named_parameters()}
+    idx, (logits, loss, grads), (hf_logits, hf_loss, hf_grads) = cross_entropy_both(params, config, hf, torch)
+    np.testing.assert_allclose(logits, hf_logits, rtol=0, atol=1e-9)
+    assert loss == pytest.approx(hf_loss, abs=1e-9)
     assert set(hf_grads) == set(grads)
     for name, g in grads.items():
         np.testing.assert_allclose(g, hf_grads[name], rtol=0, atol=1e-8, err_msg=name)
