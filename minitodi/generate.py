@@ -24,7 +24,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from .backend import array_module, to_numpy
+from .backend import array_module, log_softmax, to_numpy
 from .model import forward
 
 
@@ -58,8 +58,7 @@ def next_token(logits, rng=None, *, temperature=0.0, top_k=None, top_p=None, ban
     if top_k and top_k < z.shape[-1]:
         kth = np.partition(z, -top_k, axis=-1)[:, -top_k][:, None]
         z = np.where(z < kth, -np.inf, z)
-    probs = np.exp(z - z.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
+    probs = np.exp(log_softmax(z))
     if top_p is not None and top_p < 1.0:
         order = np.argsort(-probs, axis=-1, kind="stable")
         sorted_probs = np.take_along_axis(probs, order, axis=-1)
