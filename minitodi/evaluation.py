@@ -69,12 +69,13 @@ def heldout_losses(params, config, examples, pad_id, *, batch_size=64, device="c
     id; padding follows every counted token, so causal attention never lets it change a counted one."""
     nll = kl = count = 0.0
     for idx, labels in eval_batches(examples, batch_size, pad_id=pad_id, device=device):
-        logits, _ = forward(params, idx, config)
-        ce, cache = layers.cross_entropy_forward(logits, labels)
+        counted = labels != layers.IGNORE_INDEX
+        logits, _ = forward(params, idx, config, rows=counted)
+        ce, cache = layers.cross_entropy_forward(logits, labels[counted])
         n = cache[3]
         nll += to_float(ce) * n
         if teacher is not None:
-            kl += losses.fkl(logits, teacher.logits(idx), labels != layers.IGNORE_INDEX, temperature=1.0)[0] * n
+            kl += losses.fkl(logits, teacher.logits(idx, counted), temperature=1.0)[0] * n
         count += n
     return nll / count, (None if teacher is None else kl / count)
 

@@ -339,10 +339,12 @@ def param_shapes(config):
     return ARCHITECTURES[config.model_type].param_shapes(config)
 
 
-def forward(params, idx, config, *, past=None):
+def forward(params, idx, config, *, past=None, rows=None):
     """Logits (B, T, V) for token ids ``idx`` (B, T) on the parameters' device, and the cache that
     :func:`backward` needs. For decoding with a KV cache, ``past`` is ``cache["present"]`` of the previous
-    call (per layer ``(k, v)``) and ``idx`` holds only the new tokens."""
+    call (per layer ``(k, v)``) and ``idx`` holds only the new tokens. ``rows``, a boolean (B, T) mask, runs
+    the head only at those positions: logits (n, V), in row-major order. A training loss reads only the
+    positions it counts, and the head, as wide as the vocabulary, is the costliest layer of a small model."""
     arch = ARCHITECTURES[config.model_type]
     idx = array_module(*params.values()).asarray(idx)
     pos0 = 0 if past is None else past[0][0].shape[2]
@@ -355,9 +357,10 @@ def forward(params, idx, config, *, past=None):
         p = {name[len(prefix):]: w for name, w in params.items() if name.startswith(prefix)}
         x, c = arch.block_forward(x, p, config, None if past is None else past[l])
         blocks.append(c)
-    logits, c_head = arch.head_forward(x, params, config)
+    logits, c_head = arch.head_forward(x if rows is None else x[rows], params, config)
     cache = {"config": config, "names": list(params), "embed": c_embed, "blocks": blocks, "head": c_head,
-             "present": [c["attn"]["present"] for c in blocks], "has_past": past is not None}
+             "present": [c["attn"]["present"] for c in blocks], "has_past": past is not None,
+             "rows": rows, "shape": x.shape}
     return logits, cache
 
 
@@ -368,6 +371,9 @@ def backward(dlogits, cache):
         raise ValueError("backward needs a forward over the whole sequence (it ran with a KV cache)")
     arch = ARCHITECTURES[cache["config"].model_type]
     dx, grads = arch.head_backward(dlogits, cache["head"])
+    if cache["rows"] is not None:  # forward was: logits = head(x[rows]); the other positions get no gradient
+        dx_rows, dx = dx, array_module(dx).zeros(cache["shape"], dtype=dx.dtype)
+        dx[cache["rows"]] = dx_rows
     for l in reversed(range(len(cache["blocks"]))):
         dx, block_grads = arch.block_backward(dx, cache["blocks"][l])
         grads.update({arch.block_prefix.format(l) + name: g for name, g in block_grads.items()})

@@ -4,8 +4,8 @@ The teacher never changes, so its logits for a training example are the same at 
 every student. :meth:`Teacher.precompute` runs it once over the distinct training examples (in a fixed
 order and batch size, so every process gets the same numbers, which keeps resume exact) and keeps the
 logits at their counted positions only: for instruction data that is a few response tokens per
-example. :meth:`Teacher.batch_logits` then assembles a batch's teacher logits from that cache instead
-of a forward pass (zeros at uncounted positions, which no loss reads). Causal attention makes an
+example. :meth:`Teacher.batch_logits` then gathers a batch's teacher logits at its counted positions
+from that cache instead of a forward pass. Causal attention makes an
 example's logits independent of the padding that follows it in a batch, so the cache holds what a
 forward pass would give, up to float rounding.
 """
@@ -35,9 +35,9 @@ class Teacher:
         params, config = checkpoint.load(directory, dtype=dtype, device=device)
         return cls(params, config, Tokenizer.load(directory))
 
-    def logits(self, idx):
-        """(B, T) token ids -> (B, T, V) logits."""
-        return forward(self.params, idx, self.config)[0]
+    def logits(self, idx, rows=None):
+        """(B, T) token ids -> (B, T, V) logits, or (n, V) at the positions of a boolean mask ``rows``."""
+        return forward(self.params, idx, self.config, rows=rows)[0]
 
     def precompute(self, examples, device="cpu"):
         """Cache the logits at counted positions of every distinct example; False if it would not fit."""
@@ -56,31 +56,25 @@ class Teacher:
             chunk = items[start:start + self.CACHE_BATCH]
             # padding (the tokenizer's eos id) follows every counted position: causal attention ignores it
             idx, labels = collate([example for _, example in chunk], pad_id=self.tokenizer.eos_id, device=device)
-            logits = self.logits(idx)
-            for b, (key, _) in enumerate(chunk):
-                self._cache[key] = logits[b][labels[b] != IGNORE_INDEX]  # (n_b, V), a copy
+            counted = labels != IGNORE_INDEX
+            ends = np.cumsum(to_numpy(counted).sum(axis=1))[:-1]  # where each example's rows end
+            for (key, _), rows in zip(chunk, array_module(idx).split(self.logits(idx, counted), ends)):
+                self._cache[key] = rows  # (n_b, V)
         return True
 
     def batch_logits(self, idx, labels):
-        """The teacher's logits for a training batch: from the cache when every row is in it (values at
-        counted positions, zeros elsewhere), else a forward pass."""
-        if not self._cache:
-            return self.logits(idx)
-        host_idx, host_counted = to_numpy(idx), to_numpy(labels) != IGNORE_INDEX
+        """The teacher's logits at a training batch's counted positions, (n, V) in row-major order: from the
+        cache when every row is in it, else a forward pass."""
+        counted = labels != IGNORE_INDEX
+        host_idx, host_counted = to_numpy(idx), to_numpy(counted)
         rows = []
-        for b in range(host_idx.shape[0]):
+        for b in range(host_idx.shape[0] if self._cache else 0):
             positions = np.flatnonzero(host_counted[b])
-            if positions.size == 0:
-                return self.logits(idx)
-            length = int(positions[-1]) + 1  # an example ends with a counted token (its eos)
-            cached = self._cache.get(host_idx[b, :length].tobytes())
-            if cached is None:
-                return self.logits(idx)
-            rows.append(cached)
-        xp = array_module(idx)
-        out = xp.zeros((*host_idx.shape, self.config.vocab_size), dtype=rows[0].dtype)
-        out[labels != IGNORE_INDEX] = xp.concatenate(rows)  # row-major order: row by row, position by position
-        return out
+            length = int(positions[-1]) + 1 if positions.size else 0  # an example ends with its eos, counted
+            rows.append(self._cache.get(host_idx[b, :length].tobytes()))
+        if not rows or any(r is None for r in rows):
+            return self.logits(idx, counted)
+        return array_module(idx).concatenate(rows)
 
 
 def require_same_tokenizer(teacher, tokenizer):

@@ -114,14 +114,14 @@ def step_loss(params, config, idx, labels, tcfg, teacher=None):
 
     ``kd`` is None for an SFT run. The loss's parts are floats; grads is a dict like params.
     """
-    logits, cache = forward(params, idx, config)
-    ce, ce_cache = layers.cross_entropy_forward(logits, labels)
+    counted = labels != layers.IGNORE_INDEX  # logits only where the losses read them: (n, V)
+    logits, cache = forward(params, idx, config, rows=counted)
+    ce, ce_cache = layers.cross_entropy_forward(logits, labels[counted])
     ce = to_float(ce)
     if teacher is None or tcfg.loss == SFT:
         return ce, ce, None, backward(layers.cross_entropy_backward(1.0, ce_cache), cache)
-    mask = labels != layers.IGNORE_INDEX
-    kd, dkd = losses.LOSSES[tcfg.loss](logits, teacher.batch_logits(idx, labels), mask,
-                                       temperature=tcfg.temperature, **tcfg.loss_options)
+    kd, dkd = losses.LOSSES[tcfg.loss](logits, teacher.batch_logits(idx, labels), temperature=tcfg.temperature,
+                                       **tcfg.loss_options)
     dlogits = layers.cross_entropy_backward(1.0 - tcfg.kd_rate, ce_cache)
     dlogits += tcfg.kd_rate * dkd
     total = (1.0 - tcfg.kd_rate) * ce + tcfg.kd_rate * kd

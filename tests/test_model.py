@@ -113,6 +113,28 @@ def test_wrong_gradient_is_caught(setup):
     assert results["transformer.h.1.ln_1.bias"].max_rel_error < TOL
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_head_at_selected_rows_equals_the_full_head_there(arch):
+    """forward(rows=mask) gives the full logits at the masked positions, and backward from them gives the
+    gradients of the full backward with dlogits zero elsewhere (float64, to rounding)."""
+    config = small_config() if arch == "gpt2" else model.LlamaConfig(
+        vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=16)
+    params = perturbed_params(config)
+    rng = np.random.default_rng(1)
+    idx = rng.integers(0, 37, size=(3, 10))
+    rows = rng.random((3, 10)) < 0.4
+    full, full_cache = model.forward(params, idx, config)
+    some, some_cache = model.forward(params, idx, config, rows=rows)
+    assert some.shape == (rows.sum(), 37)
+    np.testing.assert_allclose(some, full[rows], rtol=1e-13, atol=1e-13)
+    dlogits = np.zeros_like(full)
+    dlogits[rows] = rng.standard_normal((rows.sum(), 37))
+    want, got = model.backward(dlogits, full_cache), model.backward(dlogits[rows], some_cache)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-12, atol=1e-13, err_msg=name)
+
+
 # ------------------------------------------------------------------------------------------ API errors
 
 
