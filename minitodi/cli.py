@@ -1,6 +1,7 @@
 """The ``minitodi`` command line (also ``python -m minitodi``)."""
 
 import argparse
+import os
 import sys
 
 from . import gradcheck, losses
@@ -139,7 +140,7 @@ def cmd_demo(args):
     protocol = Protocol(decoding=args.decoding, eval_seeds=tuple(args.eval_seeds))
     results = demo.run(args.out, preset="quick" if args.quick else "full", loss_names=names, seeds=args.seeds,
                        protocol=protocol, device=resolve_device(args.device), progress=not args.quiet,
-                       arch=args.arch)
+                       arch=args.arch, jobs=args.jobs)
     print()
     print(demo.table(results))
     print(f"\nresults: {args.out}/results.json", end="")
@@ -248,6 +249,8 @@ def build_parser():
                    help="divergences to distil with besides sft, or 'all'")
     p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: 0 1 2, quick: 0)")
     p.add_argument("--out", default="minitodi-demo", help="where results.json and demo.png go")
+    p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                   help="students trained at once, each in its own process (default: the cores available)")
     _protocol_arguments(p)
     p.set_defaults(func=cmd_demo)
 

@@ -19,25 +19,30 @@ an interrupted demo picks up where it stopped.
 import hashlib
 import json
 import math
+import multiprocessing
 import os
+import signal
 import time
 import tracemalloc
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, data, metrics, optim
+from . import checkpoint, data, losses, metrics, optim
 from .backend import to_numpy
 from .evaluation import PAPER, evaluate
 from .layers import IGNORE_INDEX
-from .losses import LOSSES
 from .model import forward, init_params
 from .presets import PRESETS
+from .progress import Progress
 from .teacher import Teacher
 from .train import SFT, fit, step_loss
 
 DEFAULT_LOSSES = ("fkl", "rkl", "todi")
+BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 METRICS = ("rouge_l", "exact_match", "validity", "coverage", "perplexity", "divergence")
 
 
@@ -89,7 +94,9 @@ def comparisons(students):
 def efficiency(config, tokenizer, examples, teacher, names, tcfg, device, steps=6):
     """Per loss: ms per training step (forward, CE + KD, backward, clipping, AdamW; median of ``steps`` after
     one warm-up, the same batches for every loss) and, per divergence, the peak memory of the KD loss and
-    its gradient alone in MB (tracemalloc, on the host), at the training batch's shape."""
+    its gradient alone in MB (tracemalloc, on the host) at ``kd_shape``, the counted positions of a training
+    batch by the vocabulary (the logits a training step computes)."""
+    teacher.precompute(examples, device)  # as training does: the teacher's logits come from its cache
     batches = data.BatchIterator(examples, tcfg.batch_size, pad_id=tokenizer.eos_id, seed=0, device=device)
     batches = [next(batches) for _ in range(steps + 1)]
     result = {"ms_per_step": {}, "kd_peak_mb": {}}
@@ -106,25 +113,106 @@ def efficiency(config, tokenizer, examples, teacher, names, tcfg, device, steps=
         result["ms_per_step"][name] = float(np.median(times[1:]))
         if name != SFT:
             idx, labels = batches[0]
-            s, t = to_numpy(forward(params, idx, config)[0]), to_numpy(teacher.batch_logits(idx, labels))
+            s = to_numpy(forward(params, idx, config, rows=labels != IGNORE_INDEX)[0])
+            t = to_numpy(teacher.batch_logits(idx, labels))
             tracemalloc.start()
-            LOSSES[name](s, t, to_numpy(labels) != IGNORE_INDEX, temperature=run.temperature, **run.loss_options)
+            losses.LOSSES[name](s, t, temperature=run.temperature, **run.loss_options)
             result["kd_peak_mb"][name] = tracemalloc.get_traced_memory()[1] / 2**20
             tracemalloc.stop()
-    result["batch_shape"] = [*batches[0][0].shape, config.vocab_size]
+    result["kd_shape"] = [int((to_numpy(batches[0][1]) != IGNORE_INDEX).sum()), config.vocab_size]
     return result
 
 
+class _Students:
+    """Trains and evaluates one student, ``(name, seed)`` -> (its scores, its validation curve): the work of
+    the demo's student phase, the same in this process or in a worker of :func:`_in_workers`."""
+
+    def __init__(self, out, config, tcfg, tokenizer, split, teacher, test, device, progress):
+        self.__dict__.update(out=out, config=config, tcfg=tcfg, tokenizer=tokenizer, split=split, teacher=teacher,
+                             test=test, device=device, progress=progress)
+
+    def __call__(self, name, seed):
+        run_dir, device = self.out / "students" / f"{name}-seed{seed}", self.device
+        summary = _train_once(run_dir, self.config, self.tokenizer, self.split["train"], self.split["valid"],
+                              replace(self.tcfg, loss=name, seed=seed), device=device,
+                              teacher=None if name == SFT else self.teacher, progress=self.progress,
+                              label=f"{name} seed {seed}")
+        params, config = checkpoint.load(run_dir, device=device)
+        row = _row(evaluate(params, config, self.tokenizer, teacher=self.teacher, **self.test))
+        return {"seed": seed, **row}, summary["valid_curve"]
+
+
+_WORKER = {}  # a worker process's _Students
+
+
+def _start_worker(students, threads):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches a worker only inside fit, which saves and stops
+    losses.THREADS = threads
+    _WORKER["students"] = students
+
+
+def _work(name, seed):
+    return _WORKER["students"](name, seed)
+
+
+@contextmanager
+def _environment(values):
+    """``os.environ`` updated with ``values`` inside the block, as it was after."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
+def _in_workers(students, runs, jobs, progress):
+    """``{run: students(*run)}`` from ``jobs`` processes, each on cores / jobs threads (BLAS and the losses);
+    a run's numbers do not depend on the thread count. On Ctrl-C the runs in progress save their state and
+    the rest are cancelled."""
+    threads = max(1, len(os.sched_getaffinity(0)) // jobs)
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                               initargs=(students, threads))
+    queue, running, results = iter(runs), {}, {}
+
+    def start_next():  # one run per worker at a time: on Ctrl-C no run is left queued to start
+        run = next(queue, None)
+        if run is not None:
+            running[pool.submit(_work, *run)] = run
+
+    with pool, Progress(len(runs), f"students, {jobs} at a time", every=1, enabled=progress) as bar:
+        with _environment(dict.fromkeys(BLAS_THREADS, str(threads))):  # read as a worker, spawned, imports NumPy
+            for _ in range(jobs):
+                start_next()
+        try:
+            while running:
+                for future in wait(running, return_when=FIRST_COMPLETED).done:
+                    (name, seed), (row, curve) = running.pop(future), future.result()
+                    results[name, seed] = row, curve
+                    bar.update(**{f"{name} seed {seed}: ROUGE-L": row["rouge_l"]})
+                    start_next()
+        except KeyboardInterrupt:
+            pool.shutdown(cancel_futures=True)
+            raise
+    return results
+
+
 def run(out, *, preset="full", loss_names=DEFAULT_LOSSES, seeds=None, protocol=PAPER, device="cpu",
-        arch="gpt2", progress=True, log=print):
-    """Run the demo into ``out`` with models of ``arch`` (gpt2 or llama); returns the results dict also
-    written to ``out/results.json``."""
+        arch="gpt2", jobs=1, progress=True, log=print):
+    """Run the demo into ``out`` with models of ``arch`` (gpt2 or llama), training ``jobs`` students at once
+    (in as many processes; 1 on a GPU); returns the results dict also written to ``out/results.json``."""
     cfg = replace(PRESETS[preset], arch=arch)
     if seeds is not None:
         cfg = replace(cfg, seeds=tuple(seeds))
-    unknown = [n for n in loss_names if n not in LOSSES]
+    unknown = [n for n in loss_names if n not in losses.LOSSES]
     if unknown:
-        raise ValueError(f"unknown losses {unknown}: choose from {sorted(LOSSES)}")
+        raise ValueError(f"unknown losses {unknown}: choose from {sorted(losses.LOSSES)}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
     out = Path(out)
     start, cpu_start = time.perf_counter(), time.process_time()
     suite = cfg.dataset()
@@ -144,23 +232,19 @@ def run(out, *, preset="full", loss_names=DEFAULT_LOSSES, seeds=None, protocol=P
                                                                         tokenizer, **test)),
                "students": {}, "curves": {"teacher": teacher_summary["valid_curve"]}}
     results["teacher"]["divergence"] = 0.0
+    runs = [(name, seed) for name in (SFT, *loss_names) for seed in cfg.seeds]
+    jobs = 1 if device != "cpu" else min(jobs, len(runs))
+    students = _Students(out, student_cfg, cfg.student_train, tokenizer, split, teacher, test, device,
+                         progress and jobs == 1)
+    done = _in_workers(students, runs, jobs, progress) if jobs > 1 else {run: students(*run) for run in runs}
     for name in (SFT, *loss_names):
-        per_seed = []
-        for seed in cfg.seeds:
-            run_dir = out / "students" / f"{name}-seed{seed}"
-            summary = _train_once(run_dir, student_cfg, tokenizer, split["train"], split["valid"],
-                                  replace(cfg.student_train, loss=name, seed=seed), device=device,
-                                  teacher=None if name == SFT else teacher, progress=progress,
-                                  label=f"{name} seed {seed}")
-            params, config = checkpoint.load(run_dir, device=device)
-            per_seed.append({"seed": seed, **_row(evaluate(params, config, tokenizer, teacher=teacher, **test))})
-            results["curves"][f"{name}-seed{seed}"] = summary["valid_curve"]
-        results["students"][name] = _summarise(per_seed)
+        results["students"][name] = _summarise([done[name, seed][0] for seed in cfg.seeds])
+        results["curves"].update({f"{name}-seed{seed}": done[name, seed][1] for seed in cfg.seeds})
         log(f"{name:>5}: ROUGE-L {results['students'][name]['rouge_l']:.1f}")
     results["comparisons"] = comparisons(results["students"])
     results["efficiency"] = efficiency(student_cfg, tokenizer, split["train"], teacher, (SFT, *loss_names),
                                        cfg.student_train, device)
-    results["config"] = {"preset": preset, "device": device, "seeds": list(cfg.seeds),
+    results["config"] = {"preset": preset, "device": device, "seeds": list(cfg.seeds), "jobs": jobs,
                          "losses": [SFT, *loss_names], "demo": json.loads(json.dumps(asdict(cfg), default=str)),
                          "teacher_dir": str(teacher_dir), "seconds": time.perf_counter() - start,
                          "cpu_seconds": time.process_time() - cpu_start}

@@ -1,5 +1,6 @@
 """The demo's results.json: the protocol, every model's scores, paired comparisons, efficiency."""
 
+import json
 import math
 
 import pytest
@@ -10,7 +11,8 @@ from minitodi.train import TrainConfig
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def runs(tmp_path_factory):
+    """The demo on a micro preset, students one at a time and, with the same cached teacher, two at a time."""
     root = tmp_path_factory.mktemp("demo")
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(presets.MODELS, "micro", {"n_embd": 16, "n_layer": 1, "n_head": 2})
@@ -19,8 +21,27 @@ def results(tmp_path_factory):
             student="micro", teacher_train=TrainConfig(steps=8, batch_size=8, eval_every=4),
             student_train=TrainConfig(steps=4, batch_size=8, eval_every=2), seeds=(0, 1, 2), max_new_tokens=8))
         mp.setenv("MINITODI_CACHE", str(root / "cache"))
-        return demo.run(root / "out", preset="micro", loss_names=("fkl", "rkl", "todi"), progress=False,
-                        log=lambda *_: None)
+        return [demo.run(root / f"out{jobs}", preset="micro", loss_names=("fkl", "rkl", "todi"), jobs=jobs,
+                         progress=False, log=lambda *_: None) for jobs in (1, 2)]
+
+
+@pytest.fixture(scope="module")
+def results(runs):
+    return runs[0]
+
+
+def test_students_in_parallel_processes_give_the_same_numbers(runs):
+    serial, parallel = runs
+    assert (serial["config"]["jobs"], parallel["config"]["jobs"]) == (1, 2)
+    for key in ("teacher", "students", "comparisons", "curves"):  # as results.json holds them
+        assert json.loads(json.dumps(parallel[key])) == json.loads(json.dumps(serial[key]))
+
+
+@pytest.mark.parametrize("jobs", [0, -1, 1.5, True])
+def test_jobs_must_be_a_positive_integer(jobs, tmp_path):
+    with pytest.raises(ValueError, match="jobs"):
+        demo.run(tmp_path / "out", preset="quick", jobs=jobs, progress=False, log=lambda *_: None)
+    assert not (tmp_path / "out").exists()
 
 
 def test_results_carry_the_protocol_and_every_metric(results):
@@ -59,9 +80,9 @@ def test_efficiency_per_divergence(results):
     assert set(eff["ms_per_step"]) == {"sft", "fkl", "rkl", "todi"}
     assert set(eff["kd_peak_mb"]) == {"fkl", "rkl", "todi"}
     assert all(v > 0 for v in [*eff["ms_per_step"].values(), *eff["kd_peak_mb"].values()])
-    batch, positions, vocab = eff["batch_shape"]
-    # the KD loss keeps at least its float32 gradient: B * T * V * 4 bytes
-    assert min(eff["kd_peak_mb"].values()) >= batch * positions * vocab * 4 / 2**20
+    positions, vocab = eff["kd_shape"]
+    # the KD loss keeps at least its float32 gradient: counted positions * V * 4 bytes
+    assert min(eff["kd_peak_mb"].values()) >= positions * vocab * 4 / 2**20
 
 
 def test_table_prints_intervals(results):
