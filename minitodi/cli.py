@@ -247,7 +247,7 @@ def build_parser():
     p.add_argument("--arch", choices=ARCHS, default="gpt2", help="teacher and students: gpt2 or llama")
     p.add_argument("--losses", nargs="+", default=["fkl", "rkl", "todi"],
                    help="divergences to distil with besides sft, or 'all'")
-    p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: 0 1 2, quick: 0)")
+    p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: 0-15, quick: 0)")
     p.add_argument("--out", default="minitodi-demo", help="where results.json and demo.png go")
     p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
                    help="students trained at once, each in its own process (default: the cores available)")
