@@ -91,35 +91,34 @@ def comparisons(students):
             for name, row in students.items() if name != "todi"}
 
 
-def efficiency(config, tokenizer, examples, teacher, names, tcfg, device, steps=6):
-    """Per loss: ms per training step (forward, CE + KD, backward, clipping, AdamW; median of ``steps`` after
-    one warm-up, the same batches for every loss) and, per divergence, the peak memory of the KD loss and
-    its gradient alone in MB (tracemalloc, on the host) at ``kd_shape``, the counted positions of a training
+def efficiency(config, tokenizer, examples, teacher, names, tcfg, device, steps=30):
+    """Per loss: ms per training step (forward, CE + KD, backward, clipping, AdamW; the median of ``steps``
+    after one warm-up, the same batches for every loss, the losses taking turns step by step so that a
+    change of machine load reaches them all) and, per divergence, the peak memory of the KD loss and its
+    gradient alone in MB (tracemalloc, on the host) at ``kd_shape``, the counted positions of a training
     batch by the vocabulary (the logits a training step computes)."""
     teacher.precompute(examples, device)  # as training does: the teacher's logits come from its cache
     batches = data.BatchIterator(examples, tcfg.batch_size, pad_id=tokenizer.eos_id, seed=0, device=device)
-    batches = [next(batches) for _ in range(steps + 1)]
-    result = {"ms_per_step": {}, "kd_peak_mb": {}}
-    for name in names:
-        params = init_params(config, 0, dtype=np.dtype(tcfg.dtype), device=device)
-        run = replace(tcfg, loss=name)
-        opt, times = optim.adamw_init(params), []
-        for idx, labels in batches:
+    runs = {name: replace(tcfg, loss=name) for name in names}
+    params = {name: init_params(config, 0, dtype=np.dtype(tcfg.dtype), device=device) for name in names}
+    opts, times = {name: optim.adamw_init(params[name]) for name in names}, {name: [] for name in names}
+    for _ in range(steps + 1):
+        idx, labels = next(batches)
+        for name, run in runs.items():
             start = time.perf_counter()
-            grads = step_loss(params, config, idx, labels, run, None if name == SFT else teacher)[3]
+            grads = step_loss(params[name], config, idx, labels, run, None if name == SFT else teacher)[3]
             optim.clip_grad_norm(grads, run.grad_clip)
-            optim.adamw_step(params, grads, opt, lr=1e-4, weight_decay=run.weight_decay)
-            times.append(1000 * (time.perf_counter() - start))
-        result["ms_per_step"][name] = float(np.median(times[1:]))
-        if name != SFT:
-            idx, labels = batches[0]
-            s = to_numpy(forward(params, idx, config, rows=labels != IGNORE_INDEX)[0])
-            t = to_numpy(teacher.batch_logits(idx, labels))
-            tracemalloc.start()
-            losses.LOSSES[name](s, t, temperature=run.temperature, **run.loss_options)
-            result["kd_peak_mb"][name] = tracemalloc.get_traced_memory()[1] / 2**20
-            tracemalloc.stop()
-    result["kd_shape"] = [int((to_numpy(batches[0][1]) != IGNORE_INDEX).sum()), config.vocab_size]
+            optim.adamw_step(params[name], grads, opts[name], lr=1e-4, weight_decay=run.weight_decay)
+            times[name].append(1000 * (time.perf_counter() - start))
+    result = {"ms_per_step": {name: float(np.median(t[1:])) for name, t in times.items()}, "kd_peak_mb": {},
+              "kd_shape": [int((to_numpy(labels) != IGNORE_INDEX).sum()), config.vocab_size]}
+    for name in [n for n in names if n != SFT]:  # on the last batch
+        s = to_numpy(forward(params[name], idx, config, rows=labels != IGNORE_INDEX)[0])
+        t = to_numpy(teacher.batch_logits(idx, labels))
+        tracemalloc.start()
+        losses.LOSSES[name](s, t, temperature=runs[name].temperature, **runs[name].loss_options)
+        result["kd_peak_mb"][name] = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
     return result
 
 
@@ -158,22 +157,18 @@ def _work(name, seed):
 @contextmanager
 def _environment(values):
     """``os.environ`` updated with ``values`` inside the block, as it was after."""
-    saved = {name: os.environ.get(name) for name in values}
+    saved = dict(os.environ)
     os.environ.update(values)
     try:
         yield
     finally:
-        for name, value in saved.items():
-            if value is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = value
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _in_workers(students, runs, jobs, progress):
     """``{run: students(*run)}`` from ``jobs`` processes, each on cores / jobs threads (BLAS and the losses);
-    a run's numbers do not depend on the thread count. On Ctrl-C the runs in progress save their state and
-    the rest are cancelled."""
+    a run's numbers do not depend on the thread count. On Ctrl-C the runs in progress save their state."""
     threads = max(1, len(os.sched_getaffinity(0)) // jobs)
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                                initargs=(students, threads))
@@ -188,16 +183,12 @@ def _in_workers(students, runs, jobs, progress):
         with _environment(dict.fromkeys(BLAS_THREADS, str(threads))):  # read as a worker, spawned, imports NumPy
             for _ in range(jobs):
                 start_next()
-        try:
-            while running:
-                for future in wait(running, return_when=FIRST_COMPLETED).done:
-                    (name, seed), (row, curve) = running.pop(future), future.result()
-                    results[name, seed] = row, curve
-                    bar.update(**{f"{name} seed {seed}: ROUGE-L": row["rouge_l"]})
-                    start_next()
-        except KeyboardInterrupt:
-            pool.shutdown(cancel_futures=True)
-            raise
+        while running:  # on Ctrl-C, leaving the block waits for the running ones to save their state
+            for future in wait(running, return_when=FIRST_COMPLETED).done:
+                (name, seed), (row, curve) = running.pop(future), future.result()
+                results[name, seed] = row, curve
+                bar.update(**{f"{name} seed {seed}: ROUGE-L": row["rouge_l"]})
+                start_next()
     return results
 
 
