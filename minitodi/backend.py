@@ -24,13 +24,10 @@ DEVICES = ("cpu", "gpu", "auto")
 
 
 def _reuse_freed_memory():
-    """Let glibc's malloc keep freed memory for the next allocation instead of handing it back to the system.
-
-    By default a block of 128 KiB or more is mapped fresh on every allocation and unmapped when freed, so
-    each of the hundreds of NumPy temporaries in a training step faults its pages in again: 1.0 million
-    page faults in 120 steps of the demo's teacher, against 36 thousand with the thresholds below (32 MiB
-    to map, 256 MiB to trim), and 25% less time per step on the 2-core machine of benchmarks/README.md.
-    Linux with glibc only; elsewhere nothing changes. Called once, when minitodi is imported."""
+    """Let glibc's malloc keep freed memory for the next allocation instead of handing it back to the system:
+    by default every block of 128 KiB or more is mapped fresh and unmapped when freed, so each of a training
+    step's NumPy temporaries faults its pages in again (1.0 million page faults in 120 steps of the demo's
+    teacher, 36 thousand with these thresholds; see benchmarks/README.md). Linux with glibc only."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if os.name == "posix" else None
     if mallopt is not None:
         mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD

@@ -84,9 +84,8 @@ def save(directory, params, config, *, training_state=None, config_extra=None):
     """Write a checkpoint of ``params`` (and, optionally, the training state) into ``directory``.
 
     Args:
-        training_state: None, or a dict with an ``"optimizer"`` entry (the state of
-            :func:`minitodi.optim.adamw_init`) and any JSON-serialisable entries (step, RNG state, data
-            position, ...).
+        training_state: None, or a dict with an ``"optimizer"`` entry (the state of :func:`minitodi.optim.adamw_init`)
+            and any JSON-serialisable entries (step, RNG state, data position, ...).
         config_extra: extra ``config.json`` entries, e.g. ``{"eos_token_id": 0}``.
     Returns the directory as a Path.
     """
@@ -110,20 +109,17 @@ def save(directory, params, config, *, training_state=None, config_extra=None):
 
 def save_replacing(directory, params, config, **kwargs):
     """:func:`save` into ``directory`` as a whole: either the old checkpoint or the new one is there, whole.
-
-    The new checkpoint is written to ``<directory>.new``; then ``directory`` is renamed to
-    ``<directory>.old``, ``.new`` to ``directory``, and ``.old`` is removed.
-    """
+    It is written to ``<directory>.new``; then ``directory`` is renamed to ``<directory>.old``, ``.new`` to
+    ``directory``, and ``.old`` is removed."""
     directory = Path(directory)
     new, old = (directory.with_name(f"{directory.name}.{tag}") for tag in ("new", "old"))
     recover(directory)
     shutil.rmtree(new, ignore_errors=True)
     save(new, params, config, **kwargs)
-    had_old = directory.exists()
-    if had_old:
+    if directory.exists():
         os.replace(directory, old)
     os.replace(new, directory)
-    if had_old:
+    if old.exists():  # recover() left no .old behind, so this is the one just moved aside
         shutil.rmtree(old)
     return directory
 
@@ -242,18 +238,14 @@ def _canonical(tensors, config, where):
     """Map a state dict's keys to minitodi's names: add a missing prefix, drop buffers and a tied head."""
     fmt, shapes = FORMATS[config.model_type], param_shapes(config)
     tensors = {k if k.startswith((fmt.prefix, "lm_head.")) else fmt.prefix + k: v for k, v in tensors.items()}
-    params = {}
     for name, value in tensors.items():
-        if name in shapes:
-            params[name] = value
-        elif name.endswith(fmt.buffers):
+        if name in shapes or name.endswith(fmt.buffers):
             continue
-        elif name == "lm_head.weight":
-            if not np.array_equal(value, tensors.get(fmt.embedding)):
-                raise ValueError(f"{where}: lm_head.weight differs from the token embedding (untied head)")
-        else:
+        if name != "lm_head.weight":
             raise ValueError(f"{where}: unexpected tensor {name!r}")
-    return params
+        if not np.array_equal(value, tensors.get(fmt.embedding)):
+            raise ValueError(f"{where}: lm_head.weight differs from the token embedding (untied head)")
+    return {name: value for name, value in tensors.items() if name in shapes}
 
 
 def _read_weights(directory):
@@ -267,10 +259,8 @@ def _read_weights(directory):
 
 
 def load(directory, *, dtype=None, device="cpu"):
-    """Read ``(params, config)`` from a checkpoint directory (minitodi's, a transformers GPT-2 or Llama one).
-
-    ``dtype``: the parameters' dtype (default: as stored; float16 is widened to float32).
-    """
+    """Read ``(params, config)`` from a checkpoint directory (minitodi's, a transformers GPT-2 or Llama one);
+    ``dtype``: the parameters' dtype (default: as stored; float16 is widened to float32)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
@@ -292,8 +282,7 @@ def load(directory, *, dtype=None, device="cpu"):
 
 
 def has_training_state(directory):
-    directory = Path(directory)
-    return (directory / STATE_FILE).is_file() and (directory / STATE_JSON).is_file()
+    return all((Path(directory) / name).is_file() for name in (STATE_FILE, STATE_JSON))
 
 
 def load_training_state(directory, *, device="cpu"):

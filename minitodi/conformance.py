@@ -104,8 +104,6 @@ def battery(seed=0):
 
 # --------------------------------------------------------------------------------------------------
 # the reference and its known wrong variants, in float64
-
-
 def _todi_attached_extra(case, beta):
     """What autograd adds to ToDi's gradient when the weight is not detached (module docstring)."""
     T = case.temperature
@@ -147,8 +145,7 @@ def _variants(loss, options, reduction, t_squared):
         def plus_entropy(c):  # KL + H(p), H(p) = -sum_v p_v log p_v (0 log 0 = 0), mean over counted rows
             (v, g), lp = call()(c), log_softmax(c.teacher / c.temperature)
             return v - float((np.exp(lp) * np.where(np.isneginf(lp), 0.0, lp)).sum(axis=-1)[c.mask].mean()), g
-        out["cross-entropy -sum p log q instead of KL (value off by the teacher's entropy)"] = (
-            plus_entropy, k())
+        out["cross-entropy -sum p log q instead of KL (value off by the teacher's entropy)"] = (plus_entropy, k())
     if loss == "todi":
         def reversed_weight(c):  # (1 - a) on FKL's term, a on RKL's: FKL + RKL - ToDi (weight detached)
             (vf, gf), (vr, gr), (vt, gt) = call("fkl", {})(c), call("rkl", {})(c), call()(c)
@@ -166,8 +163,6 @@ def _variants(loss, options, reduction, t_squared):
 
 # --------------------------------------------------------------------------------------------------
 # running the function under test
-
-
 def _adapter(fn, framework):
     """f(case, options) -> (value, grad as float64 array), calling ``fn`` the framework's way."""
     if framework not in FRAMEWORKS:
@@ -296,11 +291,10 @@ def _diagnose(rows, got, reference, scales, variants, tol):
     if all(rows[i].status == "ok" for i in judged):
         return "diagnosis: conforms: the same value and gradient as minitodi's on every case." + nan_note
 
-    def worst(want):
-        return max(max(_errors(got[i], want[i], scales[i])) for i in judged)
+    def worst(want, against=got):  # the largest error of `against` relative to `want` over the judged cases
+        return max(max(_errors(against[i], want[i], scales[i])) for i in judged)
 
-    distinct = {name: want for name, want in variants.items()
-                if max(max(_errors(want[i], reference[i], scales[i])) for i in judged) >= tol}
+    distinct = {name: want for name, want in variants.items() if worst(reference, want) >= tol}
     matches = [name for name, want in distinct.items() if worst(want) < tol]
     if matches:
         return "diagnosis: likely bug: " + "; or ".join(matches) + "." + nan_note

@@ -28,13 +28,7 @@ tokens from the left (its start), keeping at least one prompt token; when even t
 not fit behind one prompt token, :func:`encode_example` raises (``truncation="error"`` raises as soon as
 anything would be cut). A response is never silently shortened or dropped.
 
-**Batches** are NumPy int64 arrays ``idx`` (B, T) and ``labels`` (B, T), right-padded with the eos id,
-T = the longest row in the batch (<= seq_len). :class:`BatchIterator` draws them endlessly from seeded
-per-epoch permutations; its position (epoch, offset) is a dict of ints, so a run resumes exactly.
-
-**The language-modelling corpus** (:func:`lm_corpus`) is the text of Python's help topics
-(``pydoc_data.topics``, in the standard library: nothing to download). :func:`lm_examples` cuts the token
-stream into chunks of ``seq_len + 1`` tokens, every label counted.
+**Batches** (:func:`collate`, :class:`BatchIterator`) are right-padded with the eos id.
 """
 
 import hashlib
@@ -135,14 +129,9 @@ def _starts_with():
 
 
 def _number_between():
-    prompts = []
-    for lo in range(0, 31):
-        for width in (6, 8, 10):
-            hi = lo + width
-            for parity, word in ((0, "even"), (1, "odd")):
-                answers = tuple(str(k) for k in range(lo + 1, hi) if k % 2 == parity)
-                prompts.append((f"Name an {word} number between {lo} and {hi}.", "", answers))
-    return prompts
+    return [(f"Name an {word} number between {lo} and {hi}.", "",
+             tuple(str(k) for k in range(lo + 1, hi) if k % 2 == parity))
+            for lo in range(31) for hi in (lo + 6, lo + 8, lo + 10) for parity, word in ((0, "even"), (1, "odd"))]
 
 
 def _other_color():
@@ -161,9 +150,8 @@ def _rhyme():
     return [(t.format(w=w), "", tuple(x for x in group if x != w)) for t in templates for group in RHYMES for w in group]
 
 
-FAMILIES = {"reverse": _reverse, "add": _add, "next": _next_item, "count": _count,
-            "starts_with": _starts_with, "number_between": _number_between, "other_color": _other_color,
-            "rhyme": _rhyme}
+FAMILIES = {"reverse": _reverse, "add": _add, "next": _next_item, "count": _count, "starts_with": _starts_with,
+            "number_between": _number_between, "other_color": _other_color, "rhyme": _rhyme}
 MULTI_ANSWER = ("starts_with", "number_between", "other_color", "rhyme")
 
 
@@ -209,26 +197,21 @@ def synthetic_suite(seed: int = 0, n_train: int = 4000, n_valid: int = 160, n_te
             prompt = train_pool[i % len(train_pool)]
             answer = prompt[2][int(rng.integers(len(prompt[2])))] if name in MULTI_ANSWER else prompt[2][0]
             splits["train"].append(record(prompt, answer))
-    order = rng.permutation(len(splits["train"]))
-    splits["train"] = [splits["train"][i] for i in order]
+    splits["train"] = [splits["train"][i] for i in rng.permutation(len(splits["train"]))]
     return splits
 
 
 # --------------------------------------------------------------------------------------------------
 # the real-text corpus
-
-
 def _unit_hash(text: str) -> float:
-    """The sha256 of ``text`` read as a number in [0, 1): a split by it is deterministic and independent of
-    what else there is."""
+    """The sha256 of ``text`` read as a number in [0, 1): a split by it is deterministic and ignores the other items."""
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
 def lm_corpus(valid_fraction: float = 0.1) -> dict:
-    """Python's help topics as ``{"train": [str, ...], "valid": [str, ...]}``, split by topic.
-
-    A topic goes to valid when the :func:`_unit_hash` of its name is below ``valid_fraction``.
-    """
+    """Python's help topics (``pydoc_data.topics``, in the standard library: nothing to download) as
+    ``{"train": [str, ...], "valid": [str, ...]}``; a topic is valid when the :func:`_unit_hash` of its name
+    is below ``valid_fraction``."""
     if not 0.0 < valid_fraction < 1.0:
         raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
     split = {"train": [], "valid": []}
@@ -239,8 +222,6 @@ def lm_corpus(valid_fraction: float = 0.1) -> dict:
 
 # --------------------------------------------------------------------------------------------------
 # the user's own data
-
-
 def validate_record(obj, where: str = "record") -> dict:
     """A normalized copy of a Dolly-format record; ValueError naming ``where`` when it is malformed.
 
@@ -268,11 +249,9 @@ def validate_record(obj, where: str = "record") -> dict:
 
 
 def load_jsonl(path) -> list[dict]:
-    """Records from a JSONL file in Dolly format, one object a line (blank lines are skipped).
-
-    Raises ValueError "<path>:<line>: <what is wrong>" for bytes that are not UTF-8, bad JSON, a
-    non-object or a missing or ill-typed field.
-    """
+    """Records from a JSONL file in Dolly format, one object a line (blank lines are skipped). Raises
+    ValueError "<path>:<line>: <what is wrong>" for bytes that are not UTF-8, bad JSON, a non-object or a
+    missing or ill-typed field."""
     return [record for _, record in _numbered_records(path)]
 
 
@@ -321,13 +300,10 @@ def load_texts(paths) -> list[str]:
 
 # --------------------------------------------------------------------------------------------------
 # prompts, examples, batches
-
-
 def format_prompt(record) -> str:
     """The prompt text of a record (see the module docstring); the response follows it directly."""
-    if record.get("context"):
-        return f"### Instruction:\n{record['instruction']}\n\n### Input:\n{record['context']}\n\n### Response:\n"
-    return f"### Instruction:\n{record['instruction']}\n\n### Response:\n"
+    context = f"### Input:\n{record['context']}\n\n" if record.get("context") else ""
+    return f"### Instruction:\n{record['instruction']}\n\n{context}### Response:\n"
 
 
 def record_text(record) -> str:
@@ -336,8 +312,7 @@ def record_text(record) -> str:
 
 
 def encode_example(tokenizer: Tokenizer, record, seq_len: int, truncation: str = "left") -> tuple[list, list]:
-    """``(idx, labels)``: two int lists of equal length <= seq_len for one record (masking and truncation
-    as in the module docstring)."""
+    """``(idx, labels)`` of one record: int lists of equal length <= seq_len (masking, truncation: module docstring)."""
     if truncation not in ("left", "error"):
         raise ValueError(f"truncation must be 'left' or 'error', got {truncation!r}")
     prompt = tokenizer.encode(format_prompt(record))
@@ -452,8 +427,6 @@ def eval_batches(examples, batch_size: int, pad_id: int, device: str | None = No
 
 # --------------------------------------------------------------------------------------------------
 # choosing a dataset by name
-
-
 def load_dataset(spec: str) -> dict:
     """A dataset by name or path, as ``{"kind", "train", "valid", "test"}``.
 

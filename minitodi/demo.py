@@ -25,7 +25,6 @@ import signal
 import time
 import tracemalloc
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -154,18 +153,6 @@ def _work(name, seed):
     return _WORKER["students"](name, seed)
 
 
-@contextmanager
-def _environment(values):
-    """``os.environ`` updated with ``values`` inside the block, as it was after."""
-    saved = dict(os.environ)
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
 def _in_workers(students, runs, jobs, progress):
     """``{run: students(*run)}`` from ``jobs`` processes, each on cores / jobs threads (BLAS and the losses);
     a run's numbers do not depend on the thread count. On Ctrl-C the runs in progress save their state."""
@@ -180,9 +167,14 @@ def _in_workers(students, runs, jobs, progress):
             running[pool.submit(_work, *run)] = run
 
     with pool, Progress(len(runs), f"students, {jobs} at a time", every=1, enabled=progress) as bar:
-        with _environment(dict.fromkeys(BLAS_THREADS, str(threads))):  # read as a worker, spawned, imports NumPy
+        saved = dict(os.environ)
+        os.environ.update(dict.fromkeys(BLAS_THREADS, str(threads)))  # read as a spawned worker imports NumPy
+        try:
             for _ in range(jobs):
                 start_next()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
         while running:  # on Ctrl-C, leaving the block waits for the running ones to save their state
             for future in wait(running, return_when=FIRST_COMPLETED).done:
                 (name, seed), (row, curve) = running.pop(future), future.result()

@@ -43,7 +43,6 @@ _ARGS = "T s, T t, T lse_s, T lse_t, T inv_t, T beta"
 @functools.lru_cache(maxsize=None)
 def _kernels(name):
     import cupy
-
     term, g = TERMS[name]
     functions = _PREAMBLE + "".join(
         f"template <typename T> __device__ T {name}_{part}({_ARGS}) {{\n"
@@ -63,7 +62,6 @@ def _kernels(name):
 @functools.lru_cache(maxsize=None)
 def _sumexp():
     import cupy
-
     return cupy.ReductionKernel("T x, T m, T inv_t", "T y", "exp((x - m) * inv_t)", "a + b", "y = a", "0",
                                 "minitodi_sumexp")
 
@@ -71,18 +69,14 @@ def _sumexp():
 def _log_sum_exp(x, inv_t):
     """(M, 1) log-sum-exp of x * inv_t over each row."""
     import cupy
-
     m = x.max(axis=1, keepdims=True)
     return m * inv_t + cupy.log(_sumexp()(x, m, inv_t, axis=1, keepdims=True))
 
 
 def loss_and_grad(name, s2, t2, rows, temperature, beta=1.0):
-    """Mean divergence over counted rows and its gradient, for CuPy logits (M, V) with no -inf.
-
-    ``rows``: indices of the counted rows, or None when all count.
-    """
+    """Mean divergence over counted rows and its gradient, for CuPy logits (M, V) with no -inf;
+    ``rows``: indices of the counted rows, or None when all count."""
     import cupy
-
     term_sum, g_sum, grad_kernel = _kernels(name)
     dtype = s2.dtype
     inv_t = cupy.asarray(1.0 / temperature, dtype=dtype)
@@ -90,10 +84,8 @@ def loss_and_grad(name, s2, t2, rows, temperature, beta=1.0):
     lse_s, lse_t = _log_sum_exp(s2, inv_t), _log_sum_exp(t2, inv_t)
     values = cupy.maximum(term_sum(s2, t2, lse_s, lse_t, inv_t, b, axis=1), 0)  # (M,)
     G = g_sum(s2, t2, lse_s, lse_t, inv_t, b, axis=1, keepdims=True)  # (M, 1)
-    counted = cupy.ones(s2.shape[0], dtype=dtype)
-    if rows is not None:
-        counted = cupy.zeros(s2.shape[0], dtype=dtype)
-        counted[rows] = 1
+    counted = cupy.zeros(s2.shape[0], dtype=dtype)
+    counted[slice(None) if rows is None else rows] = 1
     n = s2.shape[0] if rows is None else int(rows.size)
     w = (counted * (1.0 / (n * temperature)))[:, None]
     grad = grad_kernel(s2, t2, lse_s, lse_t, inv_t, b, G, w)

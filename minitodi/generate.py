@@ -67,10 +67,7 @@ def next_token(logits, rng=None, *, temperature=0.0, top_k=None, top_p=None, ban
         np.put_along_axis(keep, order, before < top_p, axis=-1)  # the most likely token is always kept
         probs = np.where(keep, probs, 0.0)
         probs /= probs.sum(axis=-1, keepdims=True)
-    if isinstance(rng, np.random.Generator):
-        u = rng.random((len(z), 1))
-    else:
-        u = np.array([[g.random()] for g in rng])
+    u = rng.random((len(z), 1)) if isinstance(rng, np.random.Generator) else np.array([[g.random()] for g in rng])
     return np.minimum((np.cumsum(probs, axis=-1) < u).sum(axis=-1), probs.shape[-1] - 1)
 
 
@@ -108,11 +105,9 @@ def _decode_batch(params, config, prompts, max_new_tokens, eos_id, rngs, samplin
         for b, token in enumerate(tokens):
             if ngrams:
                 ngrams[b].append(int(token))
+            done[b] |= token == eos_id  # a row ends at its eos, which is not returned
             if not done[b]:
-                if token == eos_id:
-                    done[b] = True
-                else:
-                    out[b].append(int(token))
+                out[b].append(int(token))
         if done.all():
             break
         past = cache["present"]
@@ -148,8 +143,7 @@ def generate(params, config, prompts, *, max_new_tokens=32, eos_id=None, tempera
     for i, p in enumerate(prompts):
         by_length[len(p)].append(i)
     results, truncated = [None] * len(prompts), False
-    for length in sorted(by_length):
-        rows = by_length[length]
+    for _, rows in sorted(by_length.items()):
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             outs, ran_out = _decode_batch(params, config, [prompts[i] for i in chunk], max_new_tokens, eos_id,

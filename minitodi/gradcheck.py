@@ -16,14 +16,6 @@ in float32 the rounding term alone is ~1e-2 and a check says nothing.
 
 Functions take a zero-argument callable ``f`` that returns the scalar loss and reads the array being
 perturbed: the array is modified in place, one entry at a time, and always restored.
-
-- :func:`check_array`: every entry of a small array, or a random sample of a large one (optionally
-  restricted to some rows, e.g. the embedding rows a batch actually uses);
-- :func:`check_arrays`: the same for a dict of parameters, never skipping a tensor;
-- :func:`directional_check`: one number for a whole model, <grad, u> against the difference quotient
-  along a random direction u (two loss evaluations instead of two per entry);
-- :func:`check_loss` and :func:`gradcheck_table`: every divergence of :mod:`minitodi.losses`, the
-  table ``minitodi gradcheck`` prints.
 """
 
 from dataclasses import dataclass
@@ -38,8 +30,7 @@ DEFAULT_EPS = 1e-5
 
 def rel_error(analytic, numeric):
     """Elementwise |a - n| / max(|a| + |n|, 1e-12) (NumPy arrays or floats)."""
-    a = np.asarray(analytic, dtype=np.float64)
-    n = np.asarray(numeric, dtype=np.float64)
+    a, n = np.asarray(analytic, dtype=np.float64), np.asarray(numeric, dtype=np.float64)
     return np.abs(a - n) / np.maximum(np.abs(a) + np.abs(n), 1e-12)
 
 
@@ -144,12 +135,11 @@ def check_arrays(f, arrays: dict, grads: dict, *, eps=DEFAULT_EPS, order=2, max_
         raise KeyError(f"arrays and gradients have different keys: {sorted(missing)}")
     rng = np.random.default_rng(0) if rng is None else rng
     return {name: check_array(f, arrays[name], grads[name], eps=eps, order=order, max_entries=max_entries,
-                              rows=(rows or {}).get(name), rng=rng)
-            for name in arrays}
+                              rows=(rows or {}).get(name), rng=rng) for name in arrays}
 
 
 def directional_check(f, arrays: dict, grads: dict, *, eps=DEFAULT_EPS, rng=None):
-    """Check a whole gradient at once along a random unit direction u.
+    """Check a whole gradient at once along a random unit direction u (two evaluations of f, not two per entry).
 
     Returns ``(analytic, numeric, rel_error)`` with analytic = sum_k <grads[k], u_k> and
     numeric = (f(x + eps u) - f(x - eps u)) / (2 eps). Arrays are restored afterwards.
@@ -209,7 +199,7 @@ def check_loss(name, student_logits, teacher_logits, mask=None, *, temperature=1
 
 
 def gradcheck_table(seed=0, temperatures=(1.0, 2.0), names=None, eps=LOSS_CHECK_EPS):
-    """Rows (name, options, temperature, entries checked, max relative error) in float64.
+    """Rows (name, options, temperature, entries checked, max relative error) in float64 (``minitodi gradcheck``).
 
     Logits (2, 3, 11) ~ N(0, 1) (an untrained model's scale), a mask that turns off two of the six
     positions; every entry of the student's logits is checked with :func:`check_loss`.

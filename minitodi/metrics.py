@@ -31,7 +31,6 @@ _PUNCTUATION = str.maketrans("", "", string.punctuation)
 @functools.lru_cache(maxsize=1)
 def _rouge_tokenizer():
     from rouge_score.tokenizers import DefaultTokenizer  # imports NLTK (~1 s): only when text is scored
-
     return DefaultTokenizer(use_stemmer=True)
 
 

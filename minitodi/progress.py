@@ -38,17 +38,15 @@ class Progress:
     def update(self, n: int = 1, *, tokens: int = 0, **values):
         self.done += n
         self.tokens += tokens
-        if not self.enabled:
-            return
         if self.live:
             self.stream.write("\r" + self.line(**values) + "\033[K")
             self.stream.flush()
-        elif self.done % self.every == 0 or self.done == self.total:
+        elif self.enabled and (self.done % self.every == 0 or self.done == self.total):
             self.stream.write(self.line(**values) + "\n")
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        if self.enabled and self.live:
+        if self.live:  # live implies enabled
             self.stream.write("\n")

@@ -29,11 +29,8 @@ MIN_VOCAB_SIZE = 257  # 256 bytes + the end-of-text token
 
 
 class Tokenizer:
-    """A byte-level BPE tokenizer with one end-of-text token.
-
-    Build one with :meth:`train` or :meth:`load`; the constructor wraps an existing
-    ``tokenizers.Tokenizer`` that already contains :data:`EOS`.
-    """
+    """A byte-level BPE tokenizer with one end-of-text token. Build one with :meth:`train` or :meth:`load`;
+    the constructor wraps an existing ``tokenizers.Tokenizer`` that already contains :data:`EOS`."""
 
     def __init__(self, hf_tokenizer: _HFTokenizer):
         eos_id = hf_tokenizer.token_to_id(EOS)
@@ -45,11 +42,9 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts, vocab_size: int) -> "Tokenizer":
-        """Learn BPE merges from ``texts`` (an iterable of str) up to ``vocab_size`` tokens in all.
-
-        The vocabulary holds the end-of-text token (id 0), the 256 bytes, then merges in the order
-        learned; it can end up smaller than ``vocab_size`` when the texts offer no more pairs to merge.
-        """
+        """Learn BPE merges from ``texts`` (an iterable of str) up to ``vocab_size`` tokens in all. The
+        vocabulary holds the end-of-text token (id 0), the 256 bytes, then merges in the order learned; it
+        can end up smaller than ``vocab_size`` when the texts offer no more pairs to merge."""
         if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
             raise ValueError(f"vocab_size must be an int >= {MIN_VOCAB_SIZE} (256 bytes + {EOS}), got {vocab_size!r}")
         texts = list(texts)
@@ -60,8 +55,7 @@ class Tokenizer:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      show_progress=False)
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok)
 
@@ -87,10 +81,8 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
-        """The text of ``ids`` (ints in [0, vocab_size)); the end-of-text token decodes to its literal.
-
-        A cut through a multi-byte character (e.g. decoding a prefix of a sequence) gives U+FFFD there.
-        """
+        """The text of ``ids`` (ints in [0, vocab_size)); the end-of-text token decodes to its literal. A cut
+        through a multi-byte character (e.g. decoding a prefix of a sequence) gives U+FFFD there."""
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
