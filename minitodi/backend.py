@@ -72,6 +72,11 @@ def resolve_device(device: str | None = None) -> str:
     return device
 
 
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity where the system tells it, as on Linux)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def get_xp(device: str | None = None) -> types.ModuleType:
     """The array module for ``device`` (see :func:`resolve_device`): numpy or cupy."""
     return _usable_cupy() if resolve_device(device) == "gpu" else np

@@ -1,11 +1,10 @@
 """The ``minitodi`` command line (also ``python -m minitodi``)."""
 
 import argparse
-import os
 import sys
 
 from . import gradcheck, losses
-from .backend import resolve_device
+from .backend import cores, resolve_device
 from .presets import ARCHS, MODELS, model_config
 
 
@@ -249,7 +248,7 @@ def build_parser():
                    help="divergences to distil with besides sft, or 'all'")
     p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: 0-15, quick: 0)")
     p.add_argument("--out", default="minitodi-demo", help="where results.json and demo.png go")
-    p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+    p.add_argument("--jobs", type=int, default=cores(),
                    help="students trained at once, each in its own process (default: the cores available)")
     _protocol_arguments(p)
     p.set_defaults(func=cmd_demo)

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint, data, losses, metrics, optim
-from .backend import to_numpy
+from .backend import cores, to_numpy
 from .evaluation import PAPER, evaluate
 from .layers import IGNORE_INDEX
 from .model import forward, init_params
@@ -156,7 +156,7 @@ def _work(name, seed):
 def _in_workers(students, runs, jobs, progress):
     """``{run: students(*run)}`` from ``jobs`` processes, each on cores / jobs threads (BLAS and the losses);
     a run's numbers do not depend on the thread count. On Ctrl-C the runs in progress save their state."""
-    threads = max(1, len(os.sched_getaffinity(0)) // jobs)
+    threads = max(1, cores() // jobs)
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                                initargs=(students, threads))
     queue, running, results = iter(runs), {}, {}

@@ -46,11 +46,10 @@ import concurrent.futures
 import contextvars
 import functools
 import math
-import os
 
 import numpy as np
 
-from .backend import array_module, log_softmax, to_numpy
+from .backend import array_module, cores, log_softmax, to_numpy
 from .fused import loss_and_grad as fused_loss_and_grad
 
 BLOCK_ELEMENTS = 1 << 16  # entries per block of rows: see _mean_over_positions
@@ -330,10 +329,8 @@ def _mean_over_positions(name, divergence, student_logits, teacher_logits, mask,
 
 
 def _threads(xp):
-    """:data:`THREADS`, or the cores this process may run on (os.sched_getaffinity); 1 on CuPy."""
-    if xp is not np:
-        return 1
-    return THREADS or len(os.sched_getaffinity(0))
+    """:data:`THREADS`, or the cores this process may run on (backend.cores); 1 on CuPy."""
+    return 1 if xp is not np else THREADS or cores()
 
 
 def _in_order(fn, blocks, threads):

@@ -343,8 +343,7 @@ def forward(params, idx, config, *, past=None, rows=None):
     """Logits (B, T, V) for token ids ``idx`` (B, T) on the parameters' device, and the cache that
     :func:`backward` needs. For decoding with a KV cache, ``past`` is ``cache["present"]`` of the previous
     call (per layer ``(k, v)``) and ``idx`` holds only the new tokens. ``rows``, a boolean (B, T) mask, runs
-    the head only at those positions: logits (n, V), in row-major order. A training loss reads only the
-    positions it counts, and the head, as wide as the vocabulary, is the costliest layer of a small model."""
+    the head, a small model's widest layer, only where a loss reads it: logits (n, V), in row-major order."""
     arch = ARCHITECTURES[config.model_type]
     idx = array_module(*params.values()).asarray(idx)
     pos0 = 0 if past is None else past[0][0].shape[2]

@@ -1,7 +1,6 @@
 """The divergences: values against a plain float64 reference, gradients against finite differences."""
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -268,7 +267,7 @@ def test_threads_give_the_single_thread_result_bit_for_bit(name, options, monkey
 
 
 def test_threads_default_to_the_cores_available_and_one_on_cupy():
-    assert losses._threads(np) == (losses.THREADS or len(os.sched_getaffinity(0)))
+    assert losses._threads(np) == (losses.THREADS or backend.cores())
     assert losses._threads(object()) == 1
 
 
