@@ -97,6 +97,19 @@ def test_todi_gradient_of_every_parameter(setup):
     _check_all(f, params, grads, config, idx)
 
 
+def test_gradient_with_the_head_at_counted_rows_only(setup):
+    """Training's path: forward(rows=mask), CE on those rows, backward scattering dx; finite differences."""
+    config, params, idx, targets, _ = setup
+    mask = targets != layers.IGNORE_INDEX
+    logits, cache = model.forward(params, idx, config, rows=mask)
+    _, ce_cache = layers.cross_entropy_forward(logits, targets[mask])
+    grads = model.backward(layers.cross_entropy_backward(1.0, ce_cache), cache)
+
+    def f():
+        return float(layers.cross_entropy_forward(model.forward(params, idx, config, rows=mask)[0], targets[mask])[0])
+    _check_all(f, params, grads, config, idx)
+
+
 def test_wrong_gradient_is_caught(setup):
     """The check above can fail: a gradient off by 1 % in one tensor does."""
     config, params, idx, targets, _ = setup
