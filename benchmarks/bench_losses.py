@@ -97,7 +97,7 @@ def child(args):
         from minitodi.losses import LOSSES
 
         losses.USE_FUSED = args.impl == "minitodi"  # plain: the blocked array path, also on CuPy
-        losses.THREADS = args.threads
+        backend.THREADS = args.threads
         xp = backend.get_xp(args.device)
         s, t = xp.asarray(s), xp.asarray(t)
 

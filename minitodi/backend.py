@@ -13,10 +13,13 @@ The device is chosen by argument, or by the environment variable ``MINITODI_DEVI
 ``gpu`` | ``auto`` (default ``auto``: the GPU when one is usable, else the CPU).
 """
 
+import concurrent.futures
+import contextvars
 import ctypes
 import functools
 import os
 import types
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -75,6 +78,65 @@ def resolve_device(device: str | None = None) -> str:
 def cores() -> int:
     """The CPU cores this process may run on (its affinity where the system tells it, as on Linux)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+THREADS = None  # threads for the losses' blocks of rows and the model's shards of a batch; None: cores()
+
+
+def threads(xp=np) -> int:
+    """:data:`THREADS`, or the cores this process may run on; 1 on CuPy (the GPU is the parallel part)."""
+    return 1 if xp is not np else THREADS or cores()
+
+
+def in_order(fn, items, threads):
+    """[fn(item) for item in items], on up to ``threads`` threads (NumPy releases the GIL in its loops),
+    results in item order. Each task runs in a copy of the caller's context, so np.errstate and the like
+    apply in the workers too. Tasks must not call in_order themselves (the pool is shared)."""
+    if threads <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    pool = _pool(threads)
+    return [f.result() for f in [pool.submit(contextvars.copy_context().run, fn, item) for item in items]]
+
+
+@functools.lru_cache(maxsize=None)
+def _pool(threads):
+    return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="minitodi")
+
+
+@functools.lru_cache(maxsize=1)
+def _openblas():
+    """(get, set) of the thread count of the OpenBLAS that NumPy loaded (its wheels bundle one), or None:
+    another BLAS (MKL, Accelerate), or a system without /proc/self/maps to find it in."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower()})
+    except OSError:
+        return None
+    for path in paths:
+        lib = ctypes.CDLL(path)
+        for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"), ("openblas", "")):
+            get, set_ = (getattr(lib, f"{prefix}_{verb}_num_threads{suffix}", None) for verb in ("get", "set"))
+            if get is not None and set_ is not None:
+                return get, set_
+    return None
+
+
+def parallel_blas_calls() -> bool:
+    """Whether :func:`one_blas_thread` can make BLAS calls from several threads at once run side by side."""
+    return _openblas() is not None
+
+
+@contextmanager
+def one_blas_thread():
+    """BLAS on one thread inside the block (restored after), for threads that each run their own
+    matrix products: a multithreaded OpenBLAS called from two threads at once runs them in turn."""
+    get, set_ = _openblas()
+    before = get()
+    set_(1)
+    try:
+        yield
+    finally:
+        set_(before)
 
 
 def get_xp(device: str | None = None) -> types.ModuleType:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, data, losses, metrics, optim
+from . import backend, checkpoint, data, losses, metrics, optim
 from .backend import cores, to_numpy
 from .evaluation import PAPER, evaluate
 from .layers import IGNORE_INDEX
@@ -145,7 +145,7 @@ _WORKER = {}  # a worker process's _Students
 
 def _start_worker(students, threads):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches a worker only inside fit, which saves and stops
-    losses.THREADS = threads
+    backend.THREADS = threads
     _WORKER["students"] = students
 
 

@@ -42,18 +42,14 @@ g (n, V)), their weights, the public functions, then what runs around them: inpu
 blocks of rows and the fused GPU path. A reader of the math never meets the machinery.
 """
 
-import concurrent.futures
-import contextvars
-import functools
 import math
 
 import numpy as np
 
-from .backend import array_module, cores, log_softmax, to_numpy
+from .backend import array_module, in_order, log_softmax, threads, to_numpy
 from .fused import loss_and_grad as fused_loss_and_grad
 
 BLOCK_ELEMENTS = 1 << 16  # entries per block of rows: see _mean_over_positions
-THREADS = None  # threads the blocks of rows run on; None: the cores available to this process. CuPy: 1
 USE_FUSED = True  # on CuPy arrays, FKL, RKL and ToDi use the fused kernels of minitodi.fused
 LOG_ZERO = -1e4  # stands for log 0 inside the math: exp(LOG_ZERO) == 0 in float32 and float64
 
@@ -288,7 +284,7 @@ def _mean_over_positions(name, divergence, student_logits, teacher_logits, mask,
     O(block x V) and only the output gradient is full size; only counted positions are computed.
     Small blocks (2^16 entries, 256 KiB in float32) stay in cache and below malloc's mmap threshold:
     with 2^20 every temporary was fresh pages, and ToDi at 512 x 32000 took 2.5x the CPU time.
-    Blocks run on :func:`_threads` threads (NumPy releases the GIL in its loops); each writes its own
+    Blocks run on :func:`backend.threads` threads (NumPy releases the GIL in its loops); each writes its own
     rows of the gradient and the block sums are added in block order, so the result does not depend
     on the number of threads, bit for bit.
     """
@@ -323,28 +319,9 @@ def _mean_over_positions(name, divergence, student_logits, teacher_logits, mask,
     step = max(1, BLOCK_ELEMENTS // V)
     blocks = [slice(i, min(i + step, n)) if rows is None else rows[i:i + step] for i in range(0, n, step)]
     total = 0.0
-    for block_sum in _in_order(block, blocks, _threads(xp)):
+    for block_sum in in_order(block, blocks, threads(xp)):
         total += block_sum
     return total / n, grad.reshape(shape)
-
-
-def _threads(xp):
-    """:data:`THREADS`, or the cores this process may run on (backend.cores); 1 on CuPy."""
-    return 1 if xp is not np else THREADS or cores()
-
-
-def _in_order(fn, blocks, threads):
-    """[fn(b) for b in blocks], on up to ``threads`` threads, results in block order. Each task runs in
-    a copy of the caller's context, so np.errstate and the like apply in the workers too."""
-    if threads <= 1 or len(blocks) <= 1:
-        return [fn(b) for b in blocks]
-    pool = _pool(threads)
-    return [f.result() for f in [pool.submit(contextvars.copy_context().run, fn, b) for b in blocks]]
-
-
-@functools.lru_cache(maxsize=None)
-def _pool(threads):
-    return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="minitodi-losses")
 
 
 def _log_probs(logits, temperature, has_neginf):

@@ -257,18 +257,18 @@ def test_threads_give_the_single_thread_result_bit_for_bit(name, options, monkey
     s[..., 3] = t[..., 3] = -np.inf  # the -inf path too
     monkeypatch.setattr(losses, "BLOCK_ELEMENTS", 2 * 29)  # 21 blocks of 2 rows, 12 of them with the mask
     for m in (None, mask):
-        monkeypatch.setattr(losses, "THREADS", 1)
+        monkeypatch.setattr(backend, "THREADS", 1)
         v1, g1 = LOSSES[name](s, t, m, temperature=2.0, **options)
-        monkeypatch.setattr(losses, "THREADS", 3)
+        monkeypatch.setattr(backend, "THREADS", 3)
         v3, g3 = LOSSES[name](s, t, m, temperature=2.0, **options)
         assert v3 == v1
         np.testing.assert_array_equal(g3, g1)
-    assert losses._pool.cache_info().currsize > 0  # the threaded path ran
+    assert backend._pool.cache_info().currsize > 0  # the threaded path ran
 
 
 def test_threads_default_to_the_cores_available_and_one_on_cupy():
-    assert losses._threads(np) == (losses.THREADS or backend.cores())
-    assert losses._threads(object()) == 1
+    assert backend.threads(np) == (backend.THREADS or backend.cores())
+    assert backend.threads(object()) == 1
 
 
 # ------------------------------------------------------------------------------------------ -inf logits
