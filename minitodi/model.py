@@ -41,7 +41,7 @@ from typing import Callable
 import numpy as np
 
 from . import layers
-from .backend import array_module, host_rng, to_device
+from .backend import array_module, host_rng, in_order, one_blas_thread, parallel_blas_calls, threads, to_device
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ def gpt2_head_forward(x, params, config):
     wte = params["transformer.wte.weight"]
     xf, c_lnf = layers.layernorm_forward(x, params["transformer.ln_f.weight"], params["transformer.ln_f.bias"],
                                          config.layer_norm_epsilon)
-    logits = (xf.reshape(-1, xf.shape[-1]) @ wte.T).reshape(*x.shape[:-1], -1)  # (N, C) @ (C, V)
+    logits = (xf.reshape(-1, xf.shape[-1]) @ wte.T).reshape(*x.shape[:-1], wte.shape[0])  # (N, C) @ (C, V)
     return logits, (xf, wte, c_lnf)
 
 
@@ -339,17 +339,46 @@ def param_shapes(config):
     return ARCHITECTURES[config.model_type].param_shapes(config)
 
 
+SHARD_TOKENS = 512  # on NumPy, forward and backward run a batch as shards of whole sequences of about this size
+
+
 def forward(params, idx, config, *, past=None, rows=None):
     """Logits (B, T, V) for token ids ``idx`` (B, T) on the parameters' device, and the cache that
     :func:`backward` needs. For decoding with a KV cache, ``past`` is ``cache["present"]`` of the previous
     call (per layer ``(k, v)``) and ``idx`` holds only the new tokens. ``rows``, a boolean (B, T) mask, runs
-    the head, a small model's widest layer, only where a loss reads it: logits (n, V), in row-major order."""
+    the head, a small model's widest layer, only where a loss reads it: logits (n, V), in row-major order.
+
+    On NumPy, without ``past``, the batch runs as shards of whole sequences of about :data:`SHARD_TOKENS`
+    tokens each, side by side on :func:`backend.threads` threads: a sequence never meets another one, so
+    the logits are the unsharded ones; :func:`backward` adds the shards' gradients in shard order. The
+    shards are fixed by the batch's shape alone, so the numbers do not depend on the number of threads."""
+    xp = array_module(*params.values())
+    idx = xp.asarray(idx)
+    check_ids(idx, config, 0 if past is None else past[0][0].shape[2])
+    B, T = idx.shape
+    count = max(1, min(B, B * T // SHARD_TOKENS)) if past is None and xp is np else 1
+    if count == 1:
+        return _forward(params, idx, config, past, rows)
+    seqs = [slice(i * B // count, (i + 1) * B // count) for i in range(count)]
+    ends = np.cumsum([0] + [int(rows[s].sum()) for s in seqs]) if rows is not None else None
+    outs = seqs if rows is None else [slice(ends[i], ends[i + 1]) for i in range(count)]
+    dtype = params[ARCHITECTURES[config.model_type].embeddings[0]].dtype
+    logits = np.empty(((B, T) if rows is None else (ends[-1],)) + (config.vocab_size,), dtype=dtype)
+
+    def shard(i):  # writes its rows of the logits
+        logits[outs[i]], cache = _forward(params, idx[seqs[i]], config, None, None if rows is None else rows[seqs[i]])
+        return cache
+
+    caches = _in_shards(shard, count)
+    present = [tuple(np.concatenate(kv) for kv in zip(*layer)) for layer in zip(*(c["present"] for c in caches))]
+    return logits, {"shards": list(zip(outs, caches)), "present": present, "has_past": False}
+
+
+def _forward(params, idx, config, past, rows):
+    """:func:`forward` on one shard (or the whole batch), its ids checked."""
     arch = ARCHITECTURES[config.model_type]
-    idx = array_module(*params.values()).asarray(idx)
-    pos0 = 0 if past is None else past[0][0].shape[2]
-    check_ids(idx, config, pos0)
     wte, wpe = (None if name is None else params[name] for name in arch.embeddings)  # a Llama: wpe None
-    x, c_embed = layers.embedding_forward(wte, wpe, idx, pos0)
+    x, c_embed = layers.embedding_forward(wte, wpe, idx, 0 if past is None else past[0][0].shape[2])
     blocks = []
     for l in range(config.n_layer):
         prefix = arch.block_prefix.format(l)
@@ -368,6 +397,19 @@ def backward(dlogits, cache):
     exactly the keys of the parameters. The forward must have run without ``past``."""
     if cache["has_past"]:
         raise ValueError("backward needs a forward over the whole sequence (it ran with a KV cache)")
+    if "shards" not in cache:
+        return _backward(dlogits, cache)
+    parts = _in_shards(lambda i: _backward(dlogits[cache["shards"][i][0]], cache["shards"][i][1]),
+                       len(cache["shards"]))
+    grads = parts[0]
+    for part in parts[1:]:  # in shard order, whatever the threads
+        for name, g in part.items():
+            grads[name] += g
+    return grads
+
+
+def _backward(dlogits, cache):
+    """:func:`backward` of one shard (or the whole batch)."""
     arch = ARCHITECTURES[cache["config"].model_type]
     dx, grads = arch.head_backward(dlogits, cache["head"])
     if cache["rows"] is not None:  # forward was: logits = head(x[rows]); the other positions get no gradient
@@ -380,6 +422,15 @@ def backward(dlogits, cache):
         if name is not None:  # a tied tensor gets gradient from both ends
             grads[name] = grads[name] + g if name in grads else g
     return {name: grads[name] for name in cache["names"]}
+
+
+def _in_shards(fn, count):
+    """[fn(i) for i in range(count)], side by side where BLAS allows it, each thread's BLAS on one thread."""
+    n = min(count, threads()) if parallel_blas_calls() else 1
+    if n == 1:
+        return [fn(i) for i in range(count)]
+    with one_blas_thread():
+        return in_order(fn, range(count), n)
 
 
 def n_params(config):

@@ -148,6 +148,45 @@ def test_head_at_selected_rows_equals_the_full_head_there(arch):
         np.testing.assert_allclose(got[name], want[name], rtol=1e-12, atol=1e-13, err_msg=name)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_shards_give_the_whole_batch_numbers(arch, monkeypatch):
+    """A batch run as 3 shards gives the logits, KV cache and gradients of the unsharded run (float64, to
+    rounding; a shard without counted rows included), and the same numbers bit for bit on 1 or 3 threads."""
+    config = small_config() if arch == "gpt2" else model.LlamaConfig(
+        vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=16)
+    params = perturbed_params(config)
+    rng = np.random.default_rng(2)
+    idx = rng.integers(0, 37, size=(7, 10))
+    rows = rng.random((7, 10)) < 0.4
+    rows[2:4] = False  # the second shard, sequences 2 and 3, has no counted position
+    calls = []
+    monkeypatch.setattr(model, "in_order", lambda fn, items, n: calls.append(n) or backend.in_order(fn, items, n))
+    for r in (None, rows):
+        monkeypatch.setattr(model, "SHARD_TOKENS", 10**9)
+        want, cache = model.forward(params, idx, config, rows=r)
+        assert "shards" not in cache
+        dlogits = rng.standard_normal(want.shape)
+        want_grads, want_present = model.backward(dlogits, cache), cache["present"]
+        monkeypatch.setattr(model, "SHARD_TOKENS", 20)  # 70 tokens: sequences [0, 2), [2, 4), [4, 7)
+        runs = []
+        for threads in (1, 3):
+            monkeypatch.setattr(backend, "THREADS", threads)
+            logits, cache = model.forward(params, idx, config, rows=r)
+            assert [c["shape"][0] for _, c in cache["shards"]] == [2, 2, 3]
+            runs.append((logits, model.backward(dlogits, cache), cache["present"]))
+        for logits, grads, present in runs:
+            np.testing.assert_array_equal(logits, runs[0][0])
+            for name in want_grads:
+                np.testing.assert_array_equal(grads[name], runs[0][1][name], err_msg=name)
+            np.testing.assert_array_equal(np.array(present), np.array(runs[0][2]))
+        np.testing.assert_allclose(runs[0][0], want, rtol=1e-13, atol=1e-13)
+        for name in want_grads:
+            np.testing.assert_allclose(runs[0][1][name], want_grads[name], rtol=1e-12, atol=1e-13, err_msg=name)
+        np.testing.assert_allclose(np.array(runs[0][2]), np.array(want_present), rtol=1e-13, atol=1e-13)
+    assert calls == [3, 3] * 2 or not backend.parallel_blas_calls()  # forward and backward on 3 threads
+
+
 # ------------------------------------------------------------------------------------------ API errors
 
 
