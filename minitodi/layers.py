@@ -11,7 +11,7 @@ arrays) and in the dtype of the inputs.
 
 import math
 
-from .backend import array_module, log_softmax
+from .backend import array_module, in_order, threads
 
 IGNORE_INDEX = -100
 
@@ -164,9 +164,16 @@ def attention_backward(dy, cache):
 
 
 # ---- softmax cross-entropy with an ignore index --------------------------------------------------
+CE_BLOCK_ELEMENTS = 1 << 19  # logits per block of rows (2 MiB in float32): each block's passes stay in cache
+
+
 def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX):
     """loss = mean over positions with targets != ignore_index of -log softmax(logits)[target]:
     logits (..., V), targets (...) integer -> (loss as a 0-d array, cache). At least one position must count.
+
+    Per row, with m its maximum and s = sum_v exp(x_v - m): -log softmax(x)[t] = log s - (x_t - m); the
+    softmax q = exp(x - m) / s is kept for the backward. Blocks of rows run on :func:`backend.threads`
+    threads; each row is computed alone, so the numbers do not depend on the blocks or the threads.
     """
     xp = array_module(logits)
     V = logits.shape[-1]
@@ -177,10 +184,22 @@ def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX):
     safe = xp.where(counted, targets, 0)
     if int(safe.min()) < 0 or int(safe.max()) >= V:
         raise ValueError(f"cross-entropy: targets must be in [0, {V}) or {ignore_index}")
-    logq = log_softmax(logits)
-    picked = xp.take_along_axis(logq, safe[..., None], axis=-1)[..., 0]
-    loss = -(picked * counted).sum() / n
-    return loss, (logq, safe, counted, n)
+    x = logits.reshape(-1, V)
+    q, nll = xp.empty_like(x), xp.empty(x.shape[0], dtype=x.dtype)
+
+    def block(sel):  # writes q and -log q[target] of its rows
+        m = x[sel].max(axis=-1, keepdims=True)
+        xp.subtract(x[sel], m, out=q[sel])
+        picked = xp.take_along_axis(q[sel], safe.reshape(-1, 1)[sel], axis=-1)  # x_t - m
+        xp.exp(q[sel], out=q[sel])
+        s = q[sel].sum(axis=-1, keepdims=True)
+        q[sel] /= s
+        nll[sel] = (xp.log(s) - picked)[:, 0]
+
+    step = max(1, CE_BLOCK_ELEMENTS // V)
+    in_order(block, [slice(i, i + step) for i in range(0, x.shape[0], step)], threads(xp))
+    loss = (nll * counted.reshape(-1)).sum() / n
+    return loss, (q.reshape(logits.shape), safe, counted, n)
 
 
 def cross_entropy_backward(dloss, cache):
@@ -188,12 +207,12 @@ def cross_entropy_backward(dloss, cache):
 
         dlogits = dloss * (q - onehot(target)) / N  at counted positions, 0 elsewhere.
     """
-    logq, safe, counted, n = cache
-    xp = array_module(logq)
-    dlogits = xp.exp(logq)
+    q, safe, counted, n = cache
+    xp = array_module(q)
+    scale = (counted * (dloss / n)).astype(q.dtype)
+    dlogits = q * scale[..., None]
     rows = dlogits.reshape(-1, dlogits.shape[-1])  # a view: (N, V)
-    rows[xp.arange(rows.shape[0]), safe.reshape(-1)] -= 1.0
-    dlogits *= (counted * (dloss / n))[..., None].astype(dlogits.dtype)
+    rows[xp.arange(rows.shape[0]), safe.reshape(-1)] -= scale.reshape(-1)
     return dlogits
 
 
