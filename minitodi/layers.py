@@ -11,6 +11,8 @@ arrays) and in the dtype of the inputs.
 
 import math
 
+import numpy as np
+
 from .backend import array_module, in_order, threads
 
 IGNORE_INDEX = -100
@@ -45,12 +47,15 @@ def embedding_backward(dx, cache):
 # ---- layer norm ----------------------------------------------------------------------------------
 def layernorm_forward(x, w, b, eps=1e-5):
     """y = (x - mean) * rstd * w + b over the last axis, rstd = 1 / sqrt(var + eps) (biased variance):
-    x (..., C), w (C,), b (C,) -> y (..., C)."""
+    x (..., C), w (C,), b (C,) -> y (..., C). The row sums of squares are dot products (no squared copy)."""
     xp = array_module(x)
-    xc = x - x.mean(axis=-1, keepdims=True)
-    rstd = 1.0 / xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
-    xhat = xc * rstd
-    return xhat * w + b, (xhat, rstd, w)
+    C = x.shape[-1]
+    xhat = x - xp.add.reduce(x, axis=-1, keepdims=True) / C
+    rstd = 1.0 / xp.sqrt(_row_dot(xhat, xhat) / C + eps)
+    xhat *= rstd
+    y = xhat * w
+    y += b
+    return y, (xhat, rstd, w)
 
 
 def layernorm_backward(dy, cache):
@@ -63,14 +68,22 @@ def layernorm_backward(dy, cache):
         dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
     """
     xhat, rstd, w = cache
+    xp = array_module(dy)
     C = dy.shape[-1]
     dy2 = dy.reshape(-1, C)
     dw = (dy2 * xhat.reshape(-1, C)).sum(axis=0)
     db = dy2.sum(axis=0)
     dxhat = dy * w
-    dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
-                 - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+    dx = xhat * (_row_dot(dxhat, xhat) / C)
+    xp.subtract(dxhat, dx, out=dx)
+    dx -= xp.add.reduce(dxhat, axis=-1, keepdims=True) / C
+    dx *= rstd
     return dx, dw, db
+
+
+def _row_dot(a, b):
+    """sum over the last axis of a * b, kept as an axis of 1: one pass, no product array."""
+    return array_module(a).einsum("...c,...c->...", a, b)[..., None]
 
 
 # ---- linear (GPT-2's Conv1D: the weight is stored (in, out)) -------------------------------------
@@ -108,8 +121,8 @@ def gelu_forward(x):
     s *= -2.0 * _GELU_K * _GELU_A
     s -= 2.0 * _GELU_K
     s *= x  # -2u
-    xp.minimum(s, 80.0, out=s)  # x below about -10: exp(80) keeps float32 finite, and s ~ 1e-35 is 0
-    xp.exp(s, out=s)
+    with np.errstate(over="ignore"):  # x below about -10: exp overflows to inf, and s = 1 / inf is 0
+        xp.exp(s, out=s)
     s += 1.0
     xp.reciprocal(s, out=s)  # s = sigmoid(2u)
     return x * s, (x, s)
@@ -220,8 +233,7 @@ def cross_entropy_backward(dloss, cache):
 def rmsnorm_forward(x, w, eps=1e-6):
     """y = x * rstd * w over the last axis, rstd = 1 / sqrt(mean(x^2) + eps):
     x (..., C), w (C,) -> y (..., C)."""
-    xp = array_module(x)
-    rstd = 1.0 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
+    rstd = 1.0 / array_module(x).sqrt(_row_dot(x, x) / x.shape[-1] + eps)
     xhat = x * rstd
     return xhat * w, (xhat, rstd, w)
 
@@ -238,7 +250,10 @@ def rmsnorm_backward(dy, cache):
     C = dy.shape[-1]
     dw = (dy.reshape(-1, C) * xhat.reshape(-1, C)).sum(axis=0)
     dxhat = dy * w
-    return rstd * (dxhat - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)), dw
+    dx = xhat * (_row_dot(dxhat, xhat) / C)
+    array_module(dy).subtract(dxhat, dx, out=dx)
+    dx *= rstd
+    return dx, dw
 
 
 # ---- rotary position embeddings (RoPE), in transformers' rotate-half layout ----------------------
