@@ -15,7 +15,7 @@ parameters are vectors and are left undecayed.
 
 import math
 
-from .backend import array_module, to_float
+from .backend import array_module, in_order, threads, to_float
 
 
 def adamw_init(params):
@@ -32,24 +32,32 @@ def decays(x):
 
 
 def adamw_step(params, grads, state, *, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
-    """One AdamW update of ``params`` in place; ``state`` is advanced in place too."""
+    """One AdamW update of ``params`` in place; ``state`` is advanced in place too. Each parameter's update
+    is its own: they run on :func:`backend.threads` threads, in groups of about equal size."""
     b1, b2 = betas
     t = state["step"] = state["step"] + 1
     step_size = lr / (1.0 - b1 ** t)
     bias2 = math.sqrt(1.0 - b2 ** t)
     xp = array_module(*params.values())
-    for name, x in params.items():
-        g, m, v = grads[name], state["m"][name], state["v"][name]
-        if weight_decay and decays(x):
-            x *= 1.0 - lr * weight_decay
-        m *= b1
-        m += (1.0 - b1) * g
-        v *= b2
-        v += (1.0 - b2) * (g * g)
-        denom = xp.sqrt(v)
-        denom /= bias2
-        denom += eps
-        x -= step_size * (m / denom)
+
+    def update(names):
+        for name in names:
+            x, g, m, v = params[name], grads[name], state["m"][name], state["v"][name]
+            if weight_decay and decays(x):
+                x *= 1.0 - lr * weight_decay
+            m *= b1
+            m += (1.0 - b1) * g
+            v *= b2
+            v += (1.0 - b2) * (g * g)
+            denom = xp.sqrt(v)
+            denom /= bias2
+            denom += eps
+            x -= step_size * (m / denom)
+
+    groups = [[] for _ in range(threads(xp))]
+    for name in sorted(params, key=lambda name: -params[name].size):  # largest first, to the lightest group
+        min(groups, key=lambda group: sum(params[n].size for n in group)).append(name)
+    in_order(update, [group for group in groups if group], len(groups))
 
 
 def global_norm(grads):

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from minitodi import optim
+from minitodi import backend, optim
 
 BETAS, EPS, WD = (0.9, 0.95), 1e-8, 0.1
 
@@ -88,6 +88,23 @@ def test_adamw_keeps_float32():
     optim.adamw_step(params, _grads(params, 1), state, lr=1e-2)
     assert all(x.dtype == np.float32 for x in params.values())
     assert all(state[s][k].dtype == np.float32 for s in ("m", "v") for k in params)
+
+
+def test_adamw_on_threads_gives_the_one_thread_numbers(monkeypatch):
+    """The parameters in groups on 3 threads: the same numbers bit for bit as on one thread."""
+    runs, calls = [], []
+    monkeypatch.setattr(optim, "in_order", lambda fn, items, n: calls.append([len(i) for i in items]) or
+                        backend.in_order(fn, items, n))
+    for threads in (1, 3):
+        monkeypatch.setattr(backend, "THREADS", threads)
+        params = _params(np.float32)
+        state = optim.adamw_init(params)
+        for seed in range(3):
+            optim.adamw_step(params, _grads(params, seed), state, lr=1e-2, betas=BETAS, eps=EPS, weight_decay=WD)
+        runs.append(params)
+    for name in runs[0]:
+        np.testing.assert_array_equal(runs[1][name], runs[0][name])
+    assert calls[0] == [4] and calls[-1] == [1, 1, 2]  # 12 and 10 entries alone, then 3 + 2 in the lightest group
 
 
 def test_adamw_matches_torch():
