@@ -19,8 +19,7 @@ directory beside the old one and swaps them with renames; :func:`recover` finish
 attention-mask buffers (``h.0.attn.bias``), drops an ``lm_head.weight`` equal to a tied embedding, and
 reads weights sharded as ``model.safetensors.index.json`` lists them. A config.json asking for anything
 minitodi does not compute (another activation, RoPE scaling, a sliding window, ...) is an error naming
-the field, never a silently different model.
-"""
+the field, never a silently different model."""
 
 import json
 import os
@@ -81,14 +80,10 @@ def _llama_hf_config(config):
 
 
 def save(directory, params, config, *, training_state=None, config_extra=None):
-    """Write a checkpoint of ``params`` (and, optionally, the training state) into ``directory``.
-
-    Args:
-        training_state: None, or a dict with an ``"optimizer"`` entry (the state of :func:`minitodi.optim.adamw_init`)
-            and any JSON-serialisable entries (step, RNG state, data position, ...).
-        config_extra: extra ``config.json`` entries, e.g. ``{"eos_token_id": 0}``.
-    Returns the directory as a Path.
-    """
+    """Write a checkpoint of ``params`` (and, optionally, the training state) into ``directory``; returns it as a Path.
+    ``training_state``: None, or a dict with an ``"optimizer"`` entry (the state of :func:`minitodi.optim.adamw_init`)
+    and any JSON-serialisable entries (step, RNG state, data position, ...). ``config_extra``: extra ``config.json``
+    entries, e.g. ``{"eos_token_id": 0}``."""
     check_params(params, config)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -290,8 +285,7 @@ def load_training_state(directory, *, device="cpu"):
     directory = Path(directory)
     state = _read_json(directory / STATE_JSON)
     arrays = _read_safetensors(directory / STATE_FILE)
-    model_id = _read_metadata(directory / MODEL_FILE).get("save_id")
-    ids = {state.get("save_id"), _read_metadata(directory / STATE_FILE).get("save_id"), model_id}
+    ids = {state.get("save_id")} | {_read_metadata(directory / f).get("save_id") for f in (MODEL_FILE, STATE_FILE)}
     if len(ids) != 1:
         raise ValueError(f"{directory}: the model and the training state come from different saves "
                          "(a save was interrupted); resume from another checkpoint or start afresh")

@@ -74,6 +74,7 @@ def cmd_evaluate(args):
     from . import checkpoint
     from .data import examples_for, load_dataset
     from .evaluation import Protocol, evaluate, heldout_losses
+    from .metrics import perplexity
     from .teacher import Teacher, require_same_tokenizer
     from .tokenizer import Tokenizer
 
@@ -85,16 +86,13 @@ def cmd_evaluate(args):
     if teacher is not None:
         require_same_tokenizer(teacher, tokenizer)
     dataset = load_dataset(args.data)
-    seq_len = config.n_positions - args.max_new_tokens
-    examples = examples_for(dataset, args.split, tokenizer, seq_len)
+    examples = examples_for(dataset, args.split, tokenizer, config.n_positions - args.max_new_tokens)
     if dataset["kind"] == "instructions":
         result = evaluate(params, config, tokenizer, dataset[args.split], examples, teacher=teacher,
                           max_new_tokens=args.max_new_tokens, device=device, protocol=protocol)
     else:  # plain text: no prompts to complete, so perplexity only
-        from .metrics import perplexity
-
-        result = {"perplexity": perplexity(heldout_losses(params, config, examples, tokenizer.eos_id,
-                                                          device=device)[0])}
+        nll, _ = heldout_losses(params, config, examples, tokenizer.eos_id, device=device)
+        result = {"perplexity": perplexity(nll)}
     record = {"model": str(args.model), "data": args.data, "split": args.split, **result}
     with open(args.log or f"{args.model}/eval.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -140,13 +138,10 @@ def cmd_demo(args):
     results = demo.run(args.out, preset="quick" if args.quick else "full", loss_names=names, seeds=args.seeds,
                        protocol=protocol, device=resolve_device(args.device), progress=not args.quiet,
                        arch=args.arch, jobs=args.jobs)
-    print()
-    print(demo.table(results))
+    print("\n" + demo.table(results))
     print(f"\nresults: {args.out}/results.json", end="")
-    if demo.figure(results, f"{args.out}/demo.png"):
-        print(f", figure: {args.out}/demo.png", end="")
-    else:
-        print(" (install matplotlib, e.g. pip install 'minitodi[plot]', for the figure)", end="")
+    print(f", figure: {args.out}/demo.png" if demo.figure(results, f"{args.out}/demo.png")
+          else " (install matplotlib, e.g. pip install 'minitodi[plot]', for the figure)", end="")
     print(f"; {results['config']['seconds']:.0f} s")
     return 0
 

@@ -32,8 +32,7 @@ the temperature on one side only, FKL and RKL swapped, cross-entropy for FKL; To
 **ToDi's weight not detached.** D = sum_v (a_v p_v - (1 - a_v) q_v) d_v, d_v = log p_v - log q_v,
 a_v = sigmoid(beta d_v). Detached, g_v = dD/d(log q_v) = -a_v p_v + (1 - a_v) q_v (1 - d_v). Through the
 weight autograd adds h_v = dD/da_v da_v/d(log q_v) = (p_v + q_v) d_v (-beta a_v (1 - a_v)), which reaches
-the logits through log-softmax like any g: dloss/ds += (h - q sum_v h_v) / (N T) at counted positions.
-"""
+the logits through log-softmax like any g: dloss/ds += (h - q sum_v h_v) / (N T) at counted positions."""
 
 import importlib.util
 import inspect
@@ -59,7 +58,6 @@ class ConformanceError(RuntimeError):
 @dataclass
 class Case:
     """One input of the battery: float64 logits (..., V), a bool mask (...), a temperature."""
-
     name: str
     student: np.ndarray
     teacher: np.ndarray
@@ -74,8 +72,7 @@ def battery(seed=0):
     rng = np.random.default_rng(seed)
 
     def case(name, shape, s_scale, t_scale, temperature, mask="partial"):
-        student = s_scale * rng.standard_normal(shape)
-        teacher = t_scale * rng.standard_normal(shape)
+        student, teacher = s_scale * rng.standard_normal(shape), t_scale * rng.standard_normal(shape)
         if mask == "partial":
             counted = rng.random(shape[:-1]) < 0.6
             counted.flat[0], counted.flat[-1] = True, False
@@ -221,7 +218,6 @@ def _errors(got, want, scale):
 @dataclass
 class Row:
     """One case: the function's value, the reference's, both errors and "ok", "FAIL" or "nan"."""
-
     case: str
     value: float
     reference: float
@@ -233,7 +229,6 @@ class Row:
 @dataclass
 class Report:
     """The outcome: a Row per case, ``passed``, the ``diagnosis``; ``str(report)`` is the table."""
-
     loss: str
     settings: str
     tol: float

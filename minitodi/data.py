@@ -28,8 +28,7 @@ tokens from the left (its start), keeping at least one prompt token; when even t
 not fit behind one prompt token, :func:`encode_example` raises (``truncation="error"`` raises as soon as
 anything would be cut). A response is never silently shortened or dropped.
 
-**Batches** (:func:`collate`, :class:`BatchIterator`) are right-padded with the eos id.
-"""
+**Batches** (:func:`collate`, :class:`BatchIterator`) are right-padded with the eos id."""
 
 import hashlib
 import json
@@ -45,37 +44,24 @@ from .tokenizer import Tokenizer
 # --------------------------------------------------------------------------------------------------
 # the synthetic suite: closed vocabularies
 
-SHORT_WORDS = (
-    "cat dog sun map cup pen box hat bed car bus egg fox ink jam key leg net owl pig rug toy van web yak "
-    "bird fish frog lamp milk nest rain rose ship star tree wind book door gold hill kite lion moon road "
-    "sand snow song wolf cake desk"
-).split()
+SHORT_WORDS = ("cat dog sun map cup pen box hat bed car bus egg fox ink jam key leg net owl pig rug toy van web yak "
+               "bird fish frog lamp milk nest rain rose ship star tree wind book door gold hill kite lion moon road "
+               "sand snow song wolf cake desk").split()
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
-          "October", "November", "December")
+MONTHS = tuple("January February March April May June July August September October November December".split())
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-FRUITS = (
-    "apple apricot avocado banana blueberry blackberry cherry coconut cranberry date dragonfruit grape "
-    "guava grapefruit kiwi kumquat lemon lime lychee mango melon mulberry orange olive pear peach plum "
-    "papaya pineapple"
-).split()
-ANIMALS = (
-    "bear bee bat cat cow crow camel dog duck deer dolphin fox frog fish goat goose giraffe horse hen hare "
-    "lion lamb llama mouse mole monkey owl otter ox pig parrot panda snake shark sheep seal tiger toad "
-    "turtle wolf whale worm"
-).split()
+FRUITS = ("apple apricot avocado banana blueberry blackberry cherry coconut cranberry date dragonfruit grape guava "
+          "grapefruit kiwi kumquat lemon lime lychee mango melon mulberry orange olive pear peach plum papaya "
+          "pineapple").split()
+ANIMALS = ("bear bee bat cat cow crow camel dog duck deer dolphin fox frog fish goat goose giraffe horse hen hare lion "
+           "lamb llama mouse mole monkey owl otter ox pig parrot panda snake shark sheep seal tiger toad turtle wolf "
+           "whale worm").split()
 COLORS = ("red", "blue", "green", "yellow", "orange", "purple", "pink", "brown", "black", "white", "gray")
-RHYMES = (
-    ("cat", "hat", "bat", "mat", "rat", "sat", "fat"),
-    ("can", "fan", "man", "pan", "ran", "van", "tan"),
-    ("king", "ring", "sing", "wing", "thing"),
-    ("cake", "lake", "make", "take", "bake", "snake"),
-    ("light", "night", "right", "sight", "fight", "tight"),
-    ("bell", "tell", "well", "sell", "shell", "smell"),
-    ("hill", "fill", "mill", "pill", "will", "still"),
-    ("hot", "pot", "dot", "lot", "not", "got"),
-)
+RHYMES = tuple(tuple(group.split()) for group in (
+    "cat hat bat mat rat sat fat", "can fan man pan ran van tan", "king ring sing wing thing",
+    "cake lake make take bake snake", "light night right sight fight tight", "bell tell well sell shell smell",
+    "hill fill mill pill will still", "hot pot dot lot not got"))
 
 
 # each family: a function -> list of distinct prompts (instruction, context, references); `count` alone
@@ -93,8 +79,7 @@ def _add():
 
 
 def _next_item():
-    sequences = [("letter", LETTERS[:-1], LETTERS[1:]),
-                 ("day", DAYS, DAYS[1:] + DAYS[:1]),
+    sequences = [("letter", LETTERS[:-1], LETTERS[1:]), ("day", DAYS, DAYS[1:] + DAYS[:1]),
                  ("month", MONTHS, MONTHS[1:] + MONTHS[:1]),
                  ("number", [str(i) for i in range(40)], [str(i) for i in range(1, 41)])]
     templates = ("What {kind} comes after {x}?", "Name the {kind} after {x}.", "Which {kind} follows {x}?")
@@ -147,7 +132,8 @@ def _other_color():
 
 def _rhyme():
     templates = ("Give a word that rhymes with {w}.", "Name a word that rhymes with {w}.", "What rhymes with {w}?")
-    return [(t.format(w=w), "", tuple(x for x in group if x != w)) for t in templates for group in RHYMES for w in group]
+    return [(t.format(w=w), "", tuple(x for x in group if x != w))
+            for t in templates for group in RHYMES for w in group]
 
 
 FAMILIES = {"reverse": _reverse, "add": _add, "next": _next_item, "count": _count, "starts_with": _starts_with,
@@ -158,14 +144,12 @@ MULTI_ANSWER = ("starts_with", "number_between", "other_color", "rhyme")
 def synthetic_suite(seed: int = 0, n_train: int = 4000, n_valid: int = 160, n_test: int = 320,
                     families=None) -> dict:
     """The built-in instruction suite: ``{"train": [...], "valid": [...], "test": [...]}`` of records.
-
     Every family's distinct prompts (instruction + context) are shuffled with ``seed`` and split, so the
     three splits share no prompt. Valid and test hold one record per prompt, ``n_valid`` / ``n_test`` in
     all, spread evenly over the families; a family may give at most half its prompts to them. Training
     records cycle through the remaining prompts (a prompt can recur); a multi-answer family's training
     response is one valid answer drawn at random each time, so a model fitting the data spreads its
-    next-token distribution over the alternatives. Valid/test responses are the first reference.
-    """
+    next-token distribution over the alternatives. Valid/test responses are the first reference."""
     names = list(FAMILIES) if families is None else list(families)
     unknown = [n for n in names if n not in FAMILIES]
     if unknown or not names:
@@ -224,12 +208,10 @@ def lm_corpus(valid_fraction: float = 0.1) -> dict:
 # the user's own data
 def validate_record(obj, where: str = "record") -> dict:
     """A normalized copy of a Dolly-format record; ValueError naming ``where`` when it is malformed.
-
     ``instruction`` and ``response`` are required strings; ``context`` defaults to "", ``references`` to
     ``[response]`` (a non-empty list of str otherwise), ``task`` to "user". MiniLLM's names are read too:
     ``input`` as the context, ``output`` as the response, or as every reference when it is a list (the
-    response is then its first).
-    """
+    response is then its first)."""
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "response" not in obj and "output" in obj:  # MiniLLM's names: input, output (a str or every reference)
@@ -326,9 +308,7 @@ def encode_example(tokenizer: Tokenizer, record, seq_len: int, truncation: str =
                              f"{len(answer)} response + eos) but seq_len + 1 = {seq_len + 1}"
                              + ("" if truncation == "error" else "; the response alone does not fit"))
         prompt = prompt[overflow:]
-    seq = prompt + answer
-    labels = [IGNORE_INDEX] * (len(prompt) - 1) + answer
-    return seq[:-1], labels
+    return (prompt + answer)[:-1], [IGNORE_INDEX] * (len(prompt) - 1) + answer
 
 
 def instruction_examples(records, tokenizer: Tokenizer, seq_len: int, truncation: str = "left",
@@ -373,12 +353,10 @@ def collate(examples, pad_id: int, device: str | None = None):
 
 class BatchIterator:
     """Endless batches of ``batch_size`` examples in seeded random order.
-
     Epoch e visits the examples in the order ``default_rng([seed, e]).permutation(n)``; a batch that
     reaches the end of an epoch continues into the next, so every batch has ``batch_size`` rows and no
     example is skipped. ``state()`` is ``{"seed", "epoch", "offset"}`` (ints); ``restore(state)`` returns
-    to that point, and the batches that follow are identical to those of an uninterrupted run.
-    """
+    to that point, and the batches that follow are identical to those of an uninterrupted run."""
 
     def __init__(self, examples, batch_size: int, pad_id: int, seed: int = 0, device: str | None = None):
         if not examples:
@@ -429,13 +407,11 @@ def eval_batches(examples, batch_size: int, pad_id: int, device: str | None = No
 # choosing a dataset by name
 def load_dataset(spec: str) -> dict:
     """A dataset by name or path, as ``{"kind", "train", "valid", "test"}``.
-
     - ``"synthetic"``: the built-in instruction suite (``kind = "instructions"``, records);
     - ``"pydoc"``: Python's help topics (``kind = "text"``, strings; test = valid);
     - a ``.jsonl`` file: Dolly-format records; a ``.txt`` file or a directory of them: plain text.
       About 10% of the records or files (chosen by a hash of their index) are held out as valid = test;
-      of a single text file, its last tenth of lines. ``places`` names each record's file and line.
-    """
+      of a single text file, its last tenth of lines. ``places`` names each record's file and line."""
     if spec == "synthetic":
         return {"kind": "instructions", **synthetic_suite()}
     if spec == "pydoc":
@@ -480,9 +456,7 @@ def prepare(dataset: dict, seq_len: int, *, tokenizer: Tokenizer | None = None, 
     :func:`load_dataset`'s form; a byte-level BPE of ``vocab_size`` is trained on the training texts
     unless ``tokenizer`` is given (a teacher's, say)."""
     if tokenizer is None:  # trained on the training split, each record as prompt + response
-        texts = dataset["train"]
-        if dataset["kind"] == "instructions":
-            texts = [record_text(r) for r in texts]
+        texts = [record_text(r) for r in dataset["train"]] if dataset["kind"] == "instructions" else dataset["train"]
         tokenizer = Tokenizer.train(texts, vocab_size)
     examples = {split: examples_for(dataset, split, tokenizer, seq_len) for split in splits}
     for split, rows in examples.items():

@@ -1,10 +1,9 @@
 """The paper's evaluation protocol over held-out records, and the teacher-forced losses.
 
-**Protocol** (the ToDi repository's ``scripts/eval``, inherited from MiniLLM): answers are *sampled* at
-temperature 1, top_k 0 (off), top_p 1 (off), ``no_repeat_ngram_size`` 6, once for each generation seed 10,
-20, 30, 40, 50; every score is the mean over records and seeds. ``Protocol(decoding="greedy")`` decodes
-once with the argmax instead. Scores (see :mod:`minitodi.metrics`): ROUGE-L and exact match, x100, max over
-each record's references.
+**Protocol** (the ToDi repository's ``scripts/eval``, inherited from MiniLLM): answers are *sampled* at temperature 1,
+top_k 0 (off), top_p 1 (off), ``no_repeat_ngram_size`` 6, once for each generation seed 10, 20, 30, 40, 50; every
+score is the mean over records and seeds. ``Protocol(decoding="greedy")`` decodes once with the argmax instead. Scores
+(see :mod:`minitodi.metrics`): ROUGE-L and exact match, x100, max over each record's references.
 
 **Validity and coverage** (on multi-answer records, those with >= 2 references; on the built-in suite their
 references are every valid answer): validity = the share of sampled answers that are valid (exact match
@@ -13,8 +12,7 @@ reach, averaged. A mode-seeking student (RKL) keeps validity high and coverage l
 (FKL) spreads its samples, reaching more answers and more invalid ones. Both are percentages.
 
 **Teacher-forced** numbers: the perplexity of the reference responses, and KL(teacher || model) per response
-token at T = 1.
-"""
+token at T = 1."""
 
 from dataclasses import asdict, dataclass
 
@@ -32,7 +30,6 @@ ROUGE = "rouge_score RougeScorer(['rougeL'], use_stemmer=True) F-measure, max ov
 @dataclass(frozen=True)
 class Protocol:
     """How answers are generated; the defaults are the paper's. Greedy decoding ignores the seeds."""
-
     decoding: str = "sample"
     temperature: float = 1.0
     top_k: int = 0
@@ -82,15 +79,12 @@ def heldout_losses(params, config, examples, pad_id, *, batch_size=64, device="c
 
 def prompt_ids(tokenizer, record, room):
     """The prompt's token ids, cut from the left to at most ``room`` tokens."""
-    ids = tokenizer.encode(format_prompt(record))
-    return ids[-room:]
+    return tokenizer.encode(format_prompt(record))[-room:]
 
 
 def validity_and_coverage(texts, records):
     """(validity, coverage) in percent over the records with >= 2 references; (None, None) without any.
-
-    ``texts[k][i]`` is the answer of pass k to record i.
-    """
+    ``texts[k][i]`` is the answer of pass k to record i."""
     valid = reached = 0.0
     multi = [i for i, r in enumerate(records) if len(r["references"]) > 1]
     for i in multi:
@@ -104,13 +98,11 @@ def validity_and_coverage(texts, records):
 def evaluate(params, config, tokenizer, records, examples, *, teacher=None, protocol=PAPER, max_new_tokens=24,
              batch_size=64, device="cpu"):
     """Every metric of a model on held-out records (answers generated under ``protocol``) and their examples.
-
     Returns ``{"rouge_l", "rouge_l_se", "exact_match", "validity", "coverage", "perplexity", "divergence",
     "rouge_l_per_eval_seed", "per_task", "samples"}``: means over records and generation passes;
     ``rouge_l_se`` the standard error over the passes (None for one); ``divergence`` KL(teacher || model)
     per response token at T = 1 (None without a teacher); ``per_task`` ROUGE-L and exact match per task
-    family; ``samples`` the first pass's answers to the first five records.
-    """
+    family; ``samples`` the first pass's answers to the first five records."""
     room = config.n_positions - max_new_tokens
     prompts = [prompt_ids(tokenizer, r, room) for r in records]
     texts = []

@@ -14,8 +14,7 @@ its text is longer than the vocabulary) gets token 0, as transformers' argmax do
 Sampling draws on the host: prompt i's uniforms (one per step, inverse CDF over the token ids) come from
 ``default_rng([seed, i])``. So NumPy and CuPy give the same text, a sample does not depend on its batch, and
 two models sampled with one seed share their uniforms (common random numbers): their difference in score
-carries less sampling noise while each model's sampling law is unchanged.
-"""
+carries less sampling noise while each model's sampling law is unchanged."""
 
 import math
 import numbers
@@ -44,10 +43,8 @@ def check_settings(*, max_new_tokens=1, temperature=0.0, top_k=None, top_p=None,
 
 def next_token(logits, rng=None, *, temperature=0.0, top_k=None, top_p=None, banned=None):
     """Token ids (B,) chosen from host logits (B, V): argmax when ``temperature`` is 0, else a sample.
-
     ``rng``: a NumPy Generator, or one per row (row b's uniform comes from ``rng[b]``).
-    ``banned``: per row, token ids whose logit becomes -inf first (the no-repeat n-gram rule).
-    """
+    ``banned``: per row, token ids whose logit becomes -inf first (the no-repeat n-gram rule)."""
     check_settings(temperature=temperature, top_k=top_k, top_p=top_p)
     z = np.array(logits, dtype=np.float64)
     for b, tokens in enumerate(banned or ()):
@@ -95,8 +92,7 @@ def _decode_batch(params, config, prompts, max_new_tokens, eos_id, rngs, samplin
     idx = xp.asarray(np.array(prompts, dtype=np.int64))  # (B, P)
     out = [[] for _ in prompts]
     ngrams = [_NGrams(p, ngram_size) for p in prompts] if ngram_size else None
-    done = np.zeros(len(prompts), dtype=bool)
-    past = None
+    done, past = np.zeros(len(prompts), dtype=bool), None
     steps = min(max_new_tokens, config.n_positions - idx.shape[1] + 1)  # the last token needs no position
     for _ in range(steps):
         logits, cache = forward(params, idx, config, past=past)
@@ -118,32 +114,26 @@ def _decode_batch(params, config, prompts, max_new_tokens, eos_id, rngs, samplin
 def generate(params, config, prompts, *, max_new_tokens=32, eos_id=None, temperature=0.0, top_k=None,
              top_p=None, no_repeat_ngram_size=0, seed=0, batch_size=64):
     """Continue each prompt (a list of token ids); returns the new ids per prompt, without the eos.
-
     ``temperature=0`` is greedy decoding. The continuation is promised R = max(1, min(max_new_tokens,
     n_positions // 2)) positions: a prompt longer than n_positions - R + 1 tokens (the last new token needs
     no position) is cut from the left, and a continuation longer than the context allows stops at its end;
-    either is said on stderr.
-    """
+    either is said on stderr."""
     check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    no_repeat_ngram_size=no_repeat_ngram_size, batch_size=batch_size)
     reserve = max(1, min(max_new_tokens, config.n_positions // 2))
     room = config.n_positions - reserve + 1
     prompts = [list(map(int, p)) for p in prompts]
-    for i, p in enumerate(prompts):
-        if not p:
-            raise ValueError(f"prompt {i} is empty: generation needs at least one token")
+    if empty := [i for i, p in enumerate(prompts) if not p]:
+        raise ValueError(f"prompt {empty[0]} is empty: generation needs at least one token")
     cut = [len(p) - room for p in prompts if len(p) > room]
     if cut:
         print(f"minitodi generate: warning: {len(cut)} prompt(s) cut from the left by up to {max(cut)} tokens "
-              f"to leave room for {reserve} new tokens in the context of {config.n_positions}",
-              file=sys.stderr)
+              f"to leave room for {reserve} new tokens in the context of {config.n_positions}", file=sys.stderr)
     prompts = [p[-room:] for p in prompts]
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
-    by_length = defaultdict(list)
-    for i, p in enumerate(prompts):
-        by_length[len(p)].append(i)
     results, truncated = [None] * len(prompts), False
-    for _, rows in sorted(by_length.items()):
+    for length in sorted({len(p) for p in prompts}):  # a batch holds prompts of one length
+        rows = [i for i, p in enumerate(prompts) if len(p) == length]
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             outs, ran_out = _decode_batch(params, config, [prompts[i] for i in chunk], max_new_tokens, eos_id,

@@ -3,8 +3,7 @@
 :data:`MODELS` names GPT-2 sizes (width, depth, heads; the vocabulary comes from the tokenizer and the
 context from the task); each size is also a Llama (``arch="llama"``, see :func:`model_config`). A
 :class:`Preset` is a whole experiment at one budget: the synthetic suite's size, the tokenizer, both
-models and both training budgets, the seeds and the generation room.
-"""
+models and both training budgets, the seeds and the generation room."""
 
 from dataclasses import dataclass, replace
 
@@ -38,7 +37,6 @@ def model_config(size, vocab_size, n_positions, arch="gpt2"):
 @dataclass(frozen=True)
 class Preset:
     """Sizes and budgets of one experiment on the synthetic suite (``families``: None for all of them)."""
-
     n_train: int = 4000
     n_valid: int = 160
     n_test: int = 320
@@ -71,12 +69,11 @@ _TINY = Preset(n_train=2000, n_valid=64, n_test=96, families=("starts_with", "nu
                teacher_train=replace(_TINY_TRAIN, steps=700, eval_every=140),
                student_train=replace(_TINY_TRAIN, steps=400, eval_every=100), seeds=(0,), max_new_tokens=12)
 
-# The demo (README, "What the demo shows"): six families whose scores a 2-layer width-64 student learns
-# steadily (add and reverse left out: their todi - X differences swung by 10-20 points between two training
-# seeds); 50 test and 16 validation prompts a family (other_color's 132 prompts allow 66 held out; with 6
-# validation prompts the teacher's best step, chosen on 72 tokens, moved with float rounding); sixteen
-# training seeds of 700 steps (todi - fkl varied by 3 points from seed to seed: 12 seeds would just reach a
-# 95% half-width of 2).
+# The demo (README, "What the demo shows"): six families whose scores a 2-layer width-64 student learns steadily (add
+# and reverse left out: their todi - X differences swung by 10-20 points between two training seeds); 50 test and 16
+# validation prompts a family (other_color's 132 prompts allow 66 held out; with 6 validation prompts the teacher's
+# best step, chosen on 72 tokens, moved with float rounding); sixteen training seeds of 700 steps (todi - fkl varied by
+# 3 points from seed to seed: 12 seeds would just reach a 95% half-width of 2).
 _DEMO = Preset(families=("next", "count", "starts_with", "number_between", "other_color", "rhyme"), n_valid=96,
                n_test=300, student_train=TrainConfig(steps=700, eval_every=100), seeds=tuple(range(16)),
                max_new_tokens=12)

@@ -1,16 +1,14 @@
 """A one-line progress bar for long loops: step, named values, tokens per second and time left.
 
 Writes to stderr with a carriage return when stderr is a terminal, and a plain line every
-``every`` updates otherwise (CI logs stay readable). No dependency.
-"""
+``every`` updates otherwise (CI logs stay readable). No dependency."""
 
 import sys
 import time
 
 
 def _clock(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rest = divmod(seconds, 3600)
+    h, rest = divmod(int(max(seconds, 0)), 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
@@ -19,10 +17,9 @@ class Progress:
     """``with Progress(total, "train") as bar: ... bar.update(tokens=n, loss=x)``."""
 
     def __init__(self, total: int, label: str = "", *, stream=None, every: int = 50, enabled: bool = True):
-        self.total, self.label = total, label
+        self.total, self.label, self.every, self.enabled = total, label, every, enabled
         self.stream = sys.stderr if stream is None else stream
         self.live = enabled and getattr(self.stream, "isatty", lambda: False)()
-        self.every, self.enabled = every, enabled
         self.done = self.tokens = 0
         self.start = time.perf_counter()
 

@@ -1,14 +1,12 @@
 """A frozen teacher: a model whose logits distillation matches, its tokenizer, and a cache of its logits.
 
-The teacher never changes, so its logits for a training example are the same at every epoch and for
-every student. :meth:`Teacher.precompute` runs it once over the distinct training examples (in a fixed
-order and batch size, so every process gets the same numbers, which keeps resume exact) and keeps the
-logits at their counted positions only: for instruction data that is a few response tokens per
-example. :meth:`Teacher.batch_logits` then gathers a batch's teacher logits at its counted positions
-from that cache instead of a forward pass. Causal attention makes an
-example's logits independent of the padding that follows it in a batch, so the cache holds what a
-forward pass would give, up to float rounding.
-"""
+The teacher never changes, so its logits for a training example are the same at every epoch and for every
+student. :meth:`Teacher.precompute` runs it once over the distinct training examples (in a fixed order and
+batch size, so every process gets the same numbers, which keeps resume exact) and keeps the logits at their
+counted positions only: for instruction data that is a few response tokens per example.
+:meth:`Teacher.batch_logits` then gathers a batch's teacher logits at its counted positions from that cache
+instead of a forward pass. Causal attention makes an example's logits independent of the padding that follows
+it in a batch, so the cache holds what a forward pass would give, up to float rounding."""
 
 import numpy as np
 
@@ -54,7 +52,6 @@ class Teacher:
         items = list(unique.items())
         for start in range(0, len(items), self.CACHE_BATCH):
             chunk = items[start:start + self.CACHE_BATCH]
-            # padding (the tokenizer's eos id) follows every counted position: causal attention ignores it
             idx, labels = collate([example for _, example in chunk], pad_id=self.tokenizer.eos_id, device=device)
             counted = labels != IGNORE_INDEX
             ends = np.cumsum(to_numpy(counted).sum(axis=1))[:-1]  # where each example's rows end

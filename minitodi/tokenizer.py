@@ -1,10 +1,9 @@
 """Byte-level BPE, trained with the ``tokenizers`` library, behind a small class.
 
-Why byte-level: every string is first turned into its UTF-8 bytes, and all 256 bytes are in the
-vocabulary from the start (``initial_alphabet``), so *any* unicode text encodes, and
-``decode(encode(text)) == text`` exactly. No normalizer runs (no NFC, no lowercasing, no stripping) and
-no prefix space is added, so nothing is lost on the way in. BPE merges, learned from the training texts,
-then join frequent byte pairs into bigger tokens.
+Why byte-level: every string is first turned into its UTF-8 bytes, and all 256 bytes are in the vocabulary from the
+start (``initial_alphabet``), so *any* unicode text encodes, and ``decode(encode(text)) == text`` exactly. No
+normalizer runs (no NFC, no lowercasing, no stripping) and no prefix space is added, so nothing is lost on the way in.
+BPE merges, learned from the training texts, then join frequent byte pairs into bigger tokens.
 
 One special token, ``<|endoftext|>`` (:data:`EOS`), ends every example and also serves as padding: padded
 positions get label -100, so losses never see them (see ``data``). The literal string ``<|endoftext|>``
@@ -13,8 +12,7 @@ trip still holds because decoding keeps special tokens.
 
 Training is deterministic: the same texts and vocabulary size give a byte-identical ``tokenizer.json``
 (a test checks it). :meth:`Tokenizer.fingerprint` hashes the canonical JSON, so a trainer can refuse to
-distil between a teacher and a student whose tokenizers differ.
-"""
+distil between a teacher and a student whose tokenizers differ."""
 
 import hashlib
 import json
@@ -84,14 +82,14 @@ class Tokenizer:
         """The text of ``ids`` (ints in [0, vocab_size)); the end-of-text token decodes to its literal. A cut
         through a multi-byte character (e.g. decoding a prefix of a sequence) gives U+FFFD there."""
         ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
+        if bad := [i for i in ids if not 0 <= i < self.vocab_size]:
             raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
         return self._tok.decode(ids, skip_special_tokens=False)
 
     def fingerprint(self) -> str:
         """sha256 (hex) of the tokenizer's canonical JSON (keys sorted, no whitespace)."""
-        canonical = json.dumps(json.loads(self._tok.to_str()), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        canonical = json.dumps(json.loads(self._tok.to_str()), sort_keys=True, separators=(",", ":"),
+                               ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     def __repr__(self) -> str:
