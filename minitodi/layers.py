@@ -363,11 +363,16 @@ def grouped_attention_backward(dy, cache):
     qg, kg, vg, att = cache["qg"], cache["kg"], cache["vg"], cache["att"]
     B, Hkv, G, T, hs = qg.shape
     dyg = _split_heads(dy, Hkv * G).reshape(qg.shape)  # (B, T, H hs) -> (B, Hkv, G, T, hs)
-    dv = (att.swapaxes(-1, -2) @ dyg).sum(axis=2)  # (B, Hkv, T, hs)
+    dv = _sum_over_group(att.swapaxes(-1, -2) @ dyg)  # (B, Hkv, T, hs)
     dpre = dyg @ vg.swapaxes(-1, -2)  # datt (B, Hkv, G, T, T), then in place:
-    dpre -= (dpre * att).sum(axis=-1, keepdims=True)
+    dpre -= _row_dot(dpre, att)
     dpre *= att
     dpre *= cache["scale"]
     dq = (dpre @ kg).reshape(B, Hkv * G, T, hs)
-    dk = (dpre.swapaxes(-1, -2) @ qg).sum(axis=2)
+    dk = _sum_over_group(dpre.swapaxes(-1, -2) @ qg)
     return _merge_heads(dq), _merge_heads(dk), _merge_heads(dv)
+
+
+def _sum_over_group(x):
+    """(B, Hkv, G, T, hs) -> (B, Hkv, T, hs), the sum over a key/value head's G query heads (G = 1: a view)."""
+    return x[:, :, 0] if x.shape[2] == 1 else x.sum(axis=2)
