@@ -43,23 +43,16 @@ from .train import SFT, fit, step_loss
 DEFAULT_LOSSES = ("fkl", "rkl", "todi")
 BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 METRICS = ("rouge_l", "exact_match", "validity", "coverage", "perplexity", "divergence")
+DONE = "summary.json"  # in a run directory: the run is finished (its summary), not to be trained again
 
 
 def cache_dir():
     return Path(os.environ.get("MINITODI_CACHE", Path.home() / ".cache" / "minitodi"))
 
 
-def _key(obj):
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _done_marker(run_dir):
-    return Path(run_dir) / "summary.json"
-
-
 def _train_once(run_dir, *args, **kwargs):
     """:func:`fit` unless ``run_dir`` holds a finished run; the run's summary either way."""
-    done = _done_marker(run_dir)
+    done = Path(run_dir) / DONE
     if done.exists():
         return json.loads(done.read_text())
     summary = fit(run_dir, *args, **kwargs)
@@ -73,11 +66,9 @@ def _row(evaluation):
 
 def _summarise(per_seed):
     """Means over training seeds; ``rouge_l_se`` the standard error of the mean over them (None for one)."""
-    out = {}
-    for metric in METRICS:
-        values = [r[metric] for r in per_seed]
-        out[metric] = None if None in values else float(np.mean(values))
-    se = metrics.mean_se([r["rouge_l"] for r in per_seed])[1]
+    columns = {metric: [r[metric] for r in per_seed] for metric in METRICS}
+    out = {metric: None if None in values else float(np.mean(values)) for metric, values in columns.items()}
+    se = metrics.mean_se(columns["rouge_l"])[1]
     return {**out, "rouge_l_se": None if math.isnan(se) else se, "seeds": per_seed}
 
 
@@ -132,9 +123,8 @@ class _Students:
     def __call__(self, name, seed):
         run_dir, device = self.out / "students" / f"{name}-seed{seed}", self.device
         summary = _train_once(run_dir, self.config, self.tokenizer, self.split["train"], self.split["valid"],
-                              replace(self.tcfg, loss=name, seed=seed), device=device,
-                              teacher=None if name == SFT else self.teacher, progress=self.progress,
-                              label=f"{name} seed {seed}")
+                              replace(self.tcfg, loss=name, seed=seed), teacher=None if name == SFT else self.teacher,
+                              device=device, progress=self.progress, label=f"{name} seed {seed}")
         params, config = checkpoint.load(run_dir, device=device)
         row = _row(evaluate(params, config, self.tokenizer, teacher=self.teacher, **self.test))
         return {"seed": seed, **row}, summary["valid_curve"]
@@ -162,8 +152,7 @@ def _in_workers(students, runs, jobs, progress):
     queue, running, results = iter(runs), {}, {}
 
     def start_next():  # one run per worker at a time: on Ctrl-C no run is left queued to start
-        run = next(queue, None)
-        if run is not None:
+        if (run := next(queue, None)) is not None:
             running[pool.submit(_work, *run)] = run
 
     with pool, Progress(len(runs), f"students, {jobs} at a time", every=1, enabled=progress) as bar:
@@ -188,11 +177,8 @@ def run(out, *, preset="full", loss_names=DEFAULT_LOSSES, seeds=None, protocol=P
         arch="gpt2", jobs=1, progress=True, log=print):
     """Run the demo into ``out`` with models of ``arch`` (gpt2 or llama), training ``jobs`` students at once
     (in as many processes; 1 on a GPU); returns the results dict also written to ``out/results.json``."""
-    cfg = replace(PRESETS[preset], arch=arch)
-    if seeds is not None:
-        cfg = replace(cfg, seeds=tuple(seeds))
-    unknown = [n for n in loss_names if n not in losses.LOSSES]
-    if unknown:
+    cfg = replace(PRESETS[preset], arch=arch, seeds=PRESETS[preset].seeds if seeds is None else tuple(seeds))
+    if unknown := [n for n in loss_names if n not in losses.LOSSES]:
         raise ValueError(f"unknown losses {unknown}: choose from {sorted(losses.LOSSES)}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
@@ -201,20 +187,19 @@ def run(out, *, preset="full", loss_names=DEFAULT_LOSSES, seeds=None, protocol=P
     suite = cfg.dataset()
     tokenizer, split = data.prepare(suite, cfg.seq_len, vocab_size=cfg.vocab_size)
     teacher_cfg, student_cfg = cfg.models(tokenizer.vocab_size)
-    teacher_key = _key({"model": asdict(teacher_cfg), "train": asdict(cfg.teacher_train), "tokenizer":
-                        tokenizer.fingerprint(), "suite": [cfg.n_train, cfg.n_valid, cfg.n_test, cfg.seq_len,
-                                                           cfg.families]})
+    shaping = {"model": asdict(teacher_cfg), "train": asdict(cfg.teacher_train), "tokenizer": tokenizer.fingerprint(),
+               "suite": [cfg.n_train, cfg.n_valid, cfg.n_test, cfg.seq_len, cfg.families]}  # every setting shaping it
+    teacher_key = hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
     teacher_dir = cache_dir() / f"teacher-{teacher_key}"
-    log(f"teacher: {teacher_dir}" + (" (cached)" if _done_marker(teacher_dir).exists() else ""))
+    log(f"teacher: {teacher_dir}" + (" (cached)" if (teacher_dir / DONE).exists() else ""))
     teacher_summary = _train_once(teacher_dir, teacher_cfg, tokenizer, split["train"], split["valid"],
                                   cfg.teacher_train, device=device, progress=progress, label="teacher")
     teacher = Teacher.load(teacher_dir, device=device)
     test = dict(records=suite["test"], examples=split["test"], protocol=protocol,
                 max_new_tokens=cfg.max_new_tokens, device=device)
-    results = {"protocol": protocol.to_dict(), "teacher": _row(evaluate(teacher.params, teacher.config,
-                                                                        tokenizer, **test)),
-               "students": {}, "curves": {"teacher": teacher_summary["valid_curve"]}}
-    results["teacher"]["divergence"] = 0.0
+    teacher_row = {**_row(evaluate(teacher.params, teacher.config, tokenizer, **test)), "divergence": 0.0}
+    results = {"protocol": protocol.to_dict(), "teacher": teacher_row, "students": {},
+               "curves": {"teacher": teacher_summary["valid_curve"]}}
     runs = [(name, seed) for name in (SFT, *loss_names) for seed in cfg.seeds]
     jobs = 1 if device != "cpu" else min(jobs, len(runs))
     students = _Students(out, student_cfg, cfg.student_train, tokenizer, split, teacher, test, device,
@@ -261,7 +246,6 @@ def figure(results, path):
     """Validation curves and test scores as a PNG; returns False when matplotlib is missing."""
     try:
         import matplotlib
-
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:

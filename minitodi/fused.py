@@ -30,12 +30,10 @@ template <typename T> struct Entry {
 """
 
 # name: (per-token divergence, g_v = dD / d log q_v), written with an Entry<T> e
-TERMS = {
-    "fkl": ("e.p * (e.lp - e.lq)", "-e.p"),
-    "rkl": ("e.q * (e.lq - e.lp)", "e.q * (e.lq - e.lp + T(1))"),
-    "todi": ("(e.a * e.p - (T(1) - e.a) * e.q) * (e.lp - e.lq)",
-             "(T(1) - e.a) * e.q * (e.lq - e.lp + T(1)) - e.a * e.p"),
-}
+TERMS = {"fkl": ("e.p * (e.lp - e.lq)", "-e.p"),
+         "rkl": ("e.q * (e.lq - e.lp)", "e.q * (e.lq - e.lp + T(1))"),
+         "todi": ("(e.a * e.p - (T(1) - e.a) * e.q) * (e.lp - e.lq)",
+                  "(T(1) - e.a) * e.q * (e.lq - e.lp + T(1)) - e.a * e.p")}
 
 _ARGS = "T s, T t, T lse_s, T lse_t, T inv_t, T beta"
 
@@ -44,18 +42,14 @@ _ARGS = "T s, T t, T lse_s, T lse_t, T inv_t, T beta"
 def _kernels(name):
     import cupy
     term, g = TERMS[name]
-    functions = _PREAMBLE + "".join(
-        f"template <typename T> __device__ T {name}_{part}({_ARGS}) {{\n"
-        f"    Entry<T> e(s, t, lse_s, lse_t, inv_t, beta);\n    return {expr};\n}}\n"
-        for part, expr in (("term", term), ("g", g)))
-    call = "(s, t, lse_s, lse_t, inv_t, beta)"
-    row_sum = {part: cupy.ReductionKernel(_ARGS, "T y", f"{name}_{part}{call}", "a + b", "y = a", "0",
-                                          f"minitodi_{name}_{part}_sum", preamble=functions)
+    functions = _PREAMBLE + "".join(f"template <typename T> __device__ T {name}_{part}({_ARGS}) {{\n"
+                                    f"    Entry<T> e(s, t, lse_s, lse_t, inv_t, beta);\n    return {expr};\n}}\n"
+                                    for part, expr in (("term", term), ("g", g)))
+    row_sum = {part: cupy.ReductionKernel(_ARGS, "T y", f"{name}_{part}(s, t, lse_s, lse_t, inv_t, beta)", "a + b",
+                                          "y = a", "0", f"minitodi_{name}_{part}_sum", preamble=functions)
                for part in ("term", "g")}
-    grad = cupy.ElementwiseKernel(
-        _ARGS + ", T G, T w", "T dz",
-        f"Entry<T> e(s, t, lse_s, lse_t, inv_t, beta);\ndz = ({g} - e.q * G) * w;",
-        f"minitodi_{name}_grad", preamble=_PREAMBLE)
+    grad = cupy.ElementwiseKernel(_ARGS + ", T G, T w", "T dz", f"Entry<T> e(s, t, lse_s, lse_t, inv_t, beta);\n"
+                                  f"dz = ({g} - e.q * G) * w;", f"minitodi_{name}_grad", preamble=_PREAMBLE)
     return row_sum["term"], row_sum["g"], grad
 
 
@@ -78,13 +72,11 @@ def loss_and_grad(name, s2, t2, rows, temperature, beta=1.0):
     ``rows``: indices of the counted rows, or None when all count."""
     import cupy
     term_sum, g_sum, grad_kernel = _kernels(name)
-    dtype = s2.dtype
-    inv_t = cupy.asarray(1.0 / temperature, dtype=dtype)
-    b = cupy.asarray(beta, dtype=dtype)
+    inv_t, b = cupy.asarray(1.0 / temperature, dtype=s2.dtype), cupy.asarray(beta, dtype=s2.dtype)
     lse_s, lse_t = _log_sum_exp(s2, inv_t), _log_sum_exp(t2, inv_t)
     values = cupy.maximum(term_sum(s2, t2, lse_s, lse_t, inv_t, b, axis=1), 0)  # (M,)
     G = g_sum(s2, t2, lse_s, lse_t, inv_t, b, axis=1, keepdims=True)  # (M, 1)
-    counted = cupy.zeros(s2.shape[0], dtype=dtype)
+    counted = cupy.zeros(s2.shape[0], dtype=s2.dtype)
     counted[slice(None) if rows is None else rows] = 1
     n = s2.shape[0] if rows is None else int(rows.size)
     w = (counted * (1.0 / (n * temperature)))[:, None]

@@ -58,8 +58,7 @@ class InfiniteDivergenceError(ValueError):
     """The divergence is +inf: one distribution has mass where the other has none (-inf logits)."""
 
 
-# --------------------------------------------------------------------------------------------------
-# the divergences: (log p, log q, p, q[, weights]) of a block of rows -> (D per row, g = dD/d log q)
+# ---- the divergences: (log p, log q, p, q[, weights]) of a block of rows -> (D per row, g = dD/d log q)
 
 
 def fkl_rows(lp, lq, p, q):
@@ -158,8 +157,7 @@ def akl_rows(lp, lq, p, q, head, tail):
     return head * fkl + tail * rkl, head[:, None] * g_fkl + tail[:, None] * g_rkl
 
 
-# --------------------------------------------------------------------------------------------------
-# stop-gradient weights: (log p, log q, p, q) at the weights' logits -> weights
+# ---- stop-gradient weights: (log p, log q, p, q) at the weights' logits -> weights
 
 
 def todi_weights(lp, lq, p, q, beta):
@@ -176,11 +174,10 @@ def todi_weights(lp, lq, p, q, beta):
 def akl_weights(lp, lq, p, q, mu):
     """AKL's head and tail weights (n,), from probabilities (n, V).
 
-    Sort the teacher's probabilities in ascending order; the tail is the entries whose cumulative
-    mass (from the smallest) is <= mu, the head the rest. With gap_v = |p_v - q_v|,
-    g_head = sum over head of gap, g_tail = sum over tail, the weights are g_head / (g_head + g_tail)
-    on FKL and g_tail / (g_head + g_tail) on RKL. Where p == q exactly both gaps vanish (and so do
-    both divergences): the weights are then 1/2 each.
+    Sort the teacher's probabilities in ascending order; the tail is the entries whose cumulative mass (from
+    the smallest) is <= mu, the head the rest. With gap_v = |p_v - q_v|, g_head = sum over head of gap,
+    g_tail = sum over tail, the weights are g_head / (g_head + g_tail) on FKL and g_tail / (g_head + g_tail)
+    on RKL. Where p == q exactly both gaps vanish (and so do both divergences): the weights are then 1/2 each.
     """
     xp = array_module(p)
     order = xp.argsort(p, axis=-1)
@@ -189,13 +186,11 @@ def akl_weights(lp, lq, p, q, mu):
     g_tail = (gap * (xp.cumsum(p_sorted, axis=-1) <= mu)).sum(axis=-1)
     g_all = gap.sum(axis=-1)
     both_zero = g_all == 0
-    g_tail = xp.where(both_zero, 0.5, g_tail)
-    g_all = xp.where(both_zero, 1.0, g_all)
+    g_tail, g_all = xp.where(both_zero, 0.5, g_tail), xp.where(both_zero, 1.0, g_all)
     return (g_all - g_tail) / g_all, g_tail / g_all
 
 
-# --------------------------------------------------------------------------------------------------
-# the public functions: options checked, then the mean over positions
+# ---- the public functions: options checked, then the mean over positions
 
 
 def fkl(student_logits, teacher_logits, mask=None, *, temperature=1.0):
@@ -260,15 +255,13 @@ def akl(student_logits, teacher_logits, mask=None, *, temperature=1.0, mu=0.5, s
                                 infinite_where=("q=0<p", "p=0<q"))
 
 
-LOSSES = {f.__name__: f for f in (fkl, rkl, todi, jsd, tvd, sfkl, srkl, akl)}
-"""Name -> ``loss, grad = f(student_logits, teacher_logits, mask=None, *, temperature=1.0, **options)``."""
+LOSSES = {f.__name__: f for f in (fkl, rkl, todi, jsd, tvd, sfkl, srkl, akl)}  # the signature: see the module docstring
 
 STOPGRAD_LOSSES = {"todi", "akl"}
 """Losses with stop-gradient weights (option ``stopgrad_at``): finite differences must hold them fixed."""
 
 
-# --------------------------------------------------------------------------------------------------
-# around the math: the mean over positions, in blocks of rows
+# ---- around the math: the mean over positions, in blocks of rows
 
 
 def _mean_over_positions(name, divergence, student_logits, teacher_logits, mask, temperature, *,
@@ -280,13 +273,12 @@ def _mean_over_positions(name, divergence, student_logits, teacher_logits, mask,
     "q=0<p" (the teacher has mass on a student -inf logit) and/or "p=0<q", where D is +inf, an error.
     ``fused``: options of :func:`minitodi.fused.loss_and_grad`, on CuPy arrays without -inf (None: never).
 
-    Positions are processed in blocks of about ``BLOCK_ELEMENTS / V`` rows, so temporaries are
-    O(block x V) and only the output gradient is full size; only counted positions are computed.
-    Small blocks (2^16 entries, 256 KiB in float32) stay in cache and below malloc's mmap threshold:
-    with 2^20 every temporary was fresh pages, and ToDi at 512 x 32000 took 2.5x the CPU time.
-    Blocks run on :func:`backend.threads` threads (NumPy releases the GIL in its loops); each writes its own
-    rows of the gradient and the block sums are added in block order, so the result does not depend
-    on the number of threads, bit for bit.
+    Positions are processed in blocks of about ``BLOCK_ELEMENTS / V`` rows, so temporaries are O(block x V)
+    and only the output gradient is full size; only counted positions are computed. Small blocks (2^16
+    entries, 256 KiB in float32) stay in cache and below malloc's mmap threshold: with 2^20 every temporary
+    was fresh pages, and ToDi at 512 x 32000 took 2.5x the CPU time. Blocks run on :func:`backend.threads`
+    threads (NumPy releases the GIL in its loops); each writes its own rows of the gradient and the block
+    sums are added in block order, so the result does not depend on the number of threads, bit for bit.
     """
     xp, s, t, mask, w = _check_inputs(student_logits, teacher_logits, mask, temperature, stopgrad_at)
     shape, V = s.shape, s.shape[-1]
@@ -339,8 +331,7 @@ def _log_probs(logits, temperature, has_neginf):
     return lx, array_module(lx).exp(lx)
 
 
-# --------------------------------------------------------------------------------------------------
-# input checks
+# ---- input checks
 
 
 def _as_logits(x, what, xp):
@@ -350,12 +341,10 @@ def _as_logits(x, what, xp):
     if x.ndim < 1 or x.shape[-1] < 1:
         raise ValueError(f"{what} must be shaped (..., V) with V >= 1, got shape {x.shape}")
     if x.size == 0:
-        raise ValueError(f"{what} of shape {x.shape} hold no position: the mean over an empty batch is "
-                         f"undefined")
+        raise ValueError(f"{what} of shape {x.shape} hold no position: the mean over an empty batch is undefined")
     top = float(x.max())
     if math.isnan(top) or top == math.inf:
-        bad = to_numpy(xp.isnan(x) | (x == math.inf))
-        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        where = tuple(int(i) for i in np.argwhere(to_numpy(xp.isnan(x) | (x == math.inf)))[0])
         kind = "NaN" if math.isnan(float(x[where])) else "+inf"
         raise ValueError(f"{what} contains {kind} (first at index {where})")
     return x
@@ -363,8 +352,7 @@ def _as_logits(x, what, xp):
 
 def _check_inputs(student_logits, teacher_logits, mask, temperature, stopgrad_at):
     xp = array_module(student_logits, teacher_logits, mask, stopgrad_at)
-    s = _as_logits(student_logits, "student_logits", xp)
-    t = _as_logits(teacher_logits, "teacher_logits", xp)
+    s, t = _as_logits(student_logits, "student_logits", xp), _as_logits(teacher_logits, "teacher_logits", xp)
     if s.shape != t.shape:
         raise ValueError(f"student_logits {s.shape} and teacher_logits {t.shape} differ in shape")
     t = t.astype(s.dtype, copy=False)
@@ -401,10 +389,8 @@ def _check_neginf(name, named, rows, shape, infinite_where=()):
             return tuple(int(i) for i in np.unravel_index(flat, shape[:-1]))
 
     for what, x in named.items():
-        pos = None if x is None else first(x.reshape(-1, x.shape[-1]).max(axis=-1) == -math.inf)
-        if pos is not None:
-            raise ValueError(f"{what} are -inf for every vocabulary entry at position {pos}: "
-                             f"that is no distribution")
+        if x is not None and (pos := first(x.reshape(-1, x.shape[-1]).max(axis=-1) == -math.inf)) is not None:
+            raise ValueError(f"{what} are -inf for every vocabulary entry at position {pos}: that is no distribution")
     s, t = named["student_logits"], named["teacher_logits"]
     for where in infinite_where:
         zero, mass = (s, t) if where == "q=0<p" else (t, s)

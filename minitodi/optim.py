@@ -1,9 +1,8 @@
 """AdamW with decoupled weight decay, gradient clipping by global norm, warmup + cosine schedule.
 
 The optimizer's state is a plain dict (``{"step": int, "m": {name: array}, "v": {name: array}}``), so a
-checkpoint can save it and a resumed run continues bit for bit. The update of step t (1-based), for a
-parameter x with gradient g, learning rate lr and decay wd (Loshchilov & Hutter; what torch.optim.AdamW
-does)::
+checkpoint can save it and a resumed run continues bit for bit. The update of step t (1-based), for a parameter
+x with gradient g, learning rate lr and decay wd (Loshchilov & Hutter; what torch.optim.AdamW does)::
 
     x <- x * (1 - lr * wd)                         decoupled: the decay never enters m or v
     m <- b1 m + (1 - b1) g,    v <- b2 v + (1 - b2) g^2
@@ -21,8 +20,7 @@ from .backend import array_module, in_order, threads, to_float
 def adamw_init(params):
     """A fresh optimizer state for ``params``: zero moments, step 0."""
     xp = array_module(*params.values())
-    return {"step": 0,
-            "m": {k: xp.zeros_like(x) for k, x in params.items()},
+    return {"step": 0, "m": {k: xp.zeros_like(x) for k, x in params.items()},
             "v": {k: xp.zeros_like(x) for k, x in params.items()}}
 
 
@@ -70,9 +68,8 @@ def clip_grad_norm(grads, max_norm):
     """Scale ``grads`` in place so their global norm is at most ``max_norm``; return the norm before."""
     norm = global_norm(grads)
     if max_norm is not None and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
         for g in grads.values():
-            g *= scale
+            g *= max_norm / (norm + 1e-6)
     return norm
 
 

@@ -24,11 +24,10 @@ step and data position are restored, so the resumed run computes exactly the num
 one on the CPU (no dropout, no other randomness). Ctrl-C finishes the current step, saves ``out/last``
 and stops; run the same command again to go on. The state is also saved at every evaluation.
 
-**Safety.** minitodi writes only into a new or empty directory or one holding its ``run.json``, one
-process at a time (an advisory ``flock`` on the directory, which the OS drops when the process dies: a
-second writer is refused, a killed one never blocks). A best model without a resumable state is left
-alone unless ``start`` is "restart" or "best". A non-finite loss or gradient stops the run before the
-update; ``out/last`` keeps the last finite state.
+**Safety.** minitodi writes only into a new or empty directory or one holding its ``run.json``, one process at a
+time (an advisory ``flock`` on the directory, which the OS drops when the process dies: a second writer is refused,
+a killed one never blocks). A best model without a resumable state is left alone unless ``start`` is "restart" or
+"best". A non-finite loss or gradient stops the run before the update; ``out/last`` keeps the last finite state.
 """
 
 import fcntl
@@ -101,8 +100,7 @@ class TrainConfig:
         loss = losses.LOSSES.get(self.loss)
         valid = [] if loss is None else [p.name for p in inspect.signature(loss).parameters.values()
                                          if p.kind == p.KEYWORD_ONLY and p.name not in ("temperature", "stopgrad_at")]
-        unknown = sorted(set(self.loss_options) - set(valid))
-        if unknown:
+        if unknown := sorted(set(self.loss_options) - set(valid)):
             raise ValueError(f"loss {self.loss!r} has no option {', '.join(unknown)}; its options: "
                              f"{', '.join(valid) or 'none'}")
         if loss is not None:  # the loss's own checks of the values, on a 1 x 2 input
@@ -124,8 +122,7 @@ def step_loss(params, config, idx, labels, tcfg, teacher=None):
                                        **tcfg.loss_options)
     dlogits = layers.cross_entropy_backward(1.0 - tcfg.kd_rate, ce_cache)
     dlogits += tcfg.kd_rate * dkd
-    total = (1.0 - tcfg.kd_rate) * ce + tcfg.kd_rate * kd
-    return total, ce, kd, backward(dlogits, cache)
+    return (1.0 - tcfg.kd_rate) * ce + tcfg.kd_rate * kd, ce, kd, backward(dlogits, cache)
 
 
 @contextmanager
@@ -225,10 +222,9 @@ class _Run:
         if start == "resume" and checkpoint.has_training_state(self.last):  # recovered by _run_directory
             self.params, _ = checkpoint.load(self.last, dtype=tcfg.dtype, device=device)
             state = checkpoint.load_training_state(self.last, device=device)
-            self.opt, self.step, self.best = state["optimizer"], state["step"], state["best"]
+            self.opt, self.step, self.saved, self.best = state["optimizer"], state["step"], state["step"], state["best"]
             batches.restore(state["data"])
             _truncate_log(self.log, self.step)
-            self.saved = self.step
             return
         shutil.rmtree(self.last, ignore_errors=True)
         self.log.unlink(missing_ok=True)
@@ -286,8 +282,7 @@ def _train_steps(run, teacher, stop, bar):
         optim.adamw_step(run.params, grads, run.opt, lr=lr, weight_decay=tcfg.weight_decay)
         run.step, last_loss = run.step + 1, f"the last finite loss was {total:.6g}"
         if run.step % tcfg.log_every == 0:
-            _append_jsonl(run.log, {"step": run.step, "loss": total, "ce": ce, "kd": kd, "lr": lr,
-                                    "grad_norm": norm})
+            _append_jsonl(run.log, {"step": run.step, "loss": total, "ce": ce, "kd": kd, "lr": lr, "grad_norm": norm})
         if run.step % tcfg.eval_every == 0 or run.step == tcfg.steps:
             valid_ce = run.evaluate()
         bar.update(tokens=int(idx.size), loss=total, **({} if math.isnan(valid_ce) else {"valid": valid_ce}))
@@ -317,8 +312,7 @@ def fit(out, model_config, tokenizer, train_examples, valid_examples, tcfg, *, t
         checkpoint.write_json(run_file, run)
         tokenizer.save(out)
         # rows are padded with the tokenizer's eos id (labels -100 there: no loss reads a padded position)
-        batches = BatchIterator(train_examples, tcfg.batch_size, pad_id=tokenizer.eos_id, seed=tcfg.seed,
-                                device=device)
+        batches = BatchIterator(train_examples, tcfg.batch_size, pad_id=tokenizer.eos_id, seed=tcfg.seed, device=device)
         state = _Run(out, model_config, tokenizer, tcfg, batches, valid_examples, start, device)
         begin = time.perf_counter()
         with _ctrl_c_flag() as stop, Progress(tcfg.steps - state.step, label or tcfg.loss, enabled=progress) as bar:
