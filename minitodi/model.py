@@ -339,7 +339,7 @@ def param_shapes(config):
     return ARCHITECTURES[config.model_type].param_shapes(config)
 
 
-SHARD_TOKENS = 512  # on NumPy, forward and backward run a batch as shards of whole sequences of about this size
+SHARD_WORK = 1 << 16  # tokens x width per shard (512 x 128): less gains nothing from a thread of its own
 
 
 def forward(params, idx, config, *, past=None, rows=None):
@@ -348,22 +348,22 @@ def forward(params, idx, config, *, past=None, rows=None):
     call (per layer ``(k, v)``) and ``idx`` holds only the new tokens. ``rows``, a boolean (B, T) mask, runs
     the head, a small model's widest layer, only where a loss reads it: logits (n, V), in row-major order.
 
-    On NumPy, without ``past``, the batch runs as shards of whole sequences of about :data:`SHARD_TOKENS`
-    tokens each, side by side on :func:`backend.threads` threads: a sequence never meets another one, so
+    On NumPy, without ``past``, the batch runs as shards of whole sequences of about :data:`SHARD_WORK`
+    tokens x width each, side by side on :func:`backend.threads` threads: a sequence never meets another one, so
     the logits are the unsharded ones; :func:`backward` adds the shards' gradients in shard order. The
     shards are fixed by the batch's shape alone, so the numbers do not depend on the number of threads."""
     xp = array_module(*params.values())
     idx = xp.asarray(idx)
     check_ids(idx, config, 0 if past is None else past[0][0].shape[2])
     B, T = idx.shape
-    count = max(1, min(B, B * T // SHARD_TOKENS)) if past is None and xp is np else 1
+    wte = params[ARCHITECTURES[config.model_type].embeddings[0]]
+    count = max(1, min(B, B * T * wte.shape[1] // SHARD_WORK)) if past is None and xp is np else 1
     if count == 1:
         return _forward(params, idx, config, past, rows)
     seqs = [slice(i * B // count, (i + 1) * B // count) for i in range(count)]
     ends = np.cumsum([0] + [int(rows[s].sum()) for s in seqs]) if rows is not None else None
     outs = seqs if rows is None else [slice(ends[i], ends[i + 1]) for i in range(count)]
-    dtype = params[ARCHITECTURES[config.model_type].embeddings[0]].dtype
-    logits = np.empty(((B, T) if rows is None else (ends[-1],)) + (config.vocab_size,), dtype=dtype)
+    logits = np.empty(((B, T) if rows is None else (ends[-1],)) + (config.vocab_size,), dtype=wte.dtype)
 
     def shard(i):  # writes its rows of the logits
         logits[outs[i]], cache = _forward(params, idx[seqs[i]], config, None, None if rows is None else rows[seqs[i]])

@@ -163,12 +163,12 @@ def test_shards_give_the_whole_batch_numbers(arch, monkeypatch):
     calls = []
     monkeypatch.setattr(model, "in_order", lambda fn, items, n: calls.append(n) or backend.in_order(fn, items, n))
     for r in (None, rows):
-        monkeypatch.setattr(model, "SHARD_TOKENS", 10**9)
+        monkeypatch.setattr(model, "SHARD_WORK", 10**9)
         want, cache = model.forward(params, idx, config, rows=r)
         assert "shards" not in cache
         dlogits = rng.standard_normal(want.shape)
         want_grads, want_present = model.backward(dlogits, cache), cache["present"]
-        monkeypatch.setattr(model, "SHARD_TOKENS", 20)  # 70 tokens: sequences [0, 2), [2, 4), [4, 7)
+        monkeypatch.setattr(model, "SHARD_WORK", 20 * 16)  # 70 tokens of width 16: [0, 2), [2, 4), [4, 7)
         runs = []
         for threads in (1, 3):
             monkeypatch.setattr(backend, "THREADS", threads)
