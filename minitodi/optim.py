@@ -16,6 +16,8 @@ import math
 
 from .backend import array_module, in_order, threads, to_float
 
+GROUP_ENTRIES = 1 << 18  # the least work worth handing to a thread: smaller groups cost more than they save
+
 
 def adamw_init(params):
     """A fresh optimizer state for ``params``: zero moments, step 0."""
@@ -31,7 +33,7 @@ def decays(x):
 
 def adamw_step(params, grads, state, *, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
     """One AdamW update of ``params`` in place; ``state`` is advanced in place too. Each parameter's update
-    is its own: they run on :func:`backend.threads` threads, in groups of about equal size."""
+    is its own: they run on :func:`backend.threads` threads, in groups of about equal size, GROUP_ENTRIES or more."""
     b1, b2 = betas
     t = state["step"] = state["step"] + 1
     step_size = lr / (1.0 - b1 ** t)
@@ -52,7 +54,7 @@ def adamw_step(params, grads, state, *, lr, betas=(0.9, 0.95), eps=1e-8, weight_
             denom += eps
             x -= step_size * (m / denom)
 
-    groups = [[] for _ in range(threads(xp))]
+    groups = [[] for _ in range(min(threads(xp), 1 + sum(x.size for x in params.values()) // GROUP_ENTRIES))]
     for name in sorted(params, key=lambda name: -params[name].size):  # largest first, to the lightest group
         min(groups, key=lambda group: sum(params[n].size for n in group)).append(name)
     in_order(update, [group for group in groups if group], len(groups))

@@ -95,6 +95,7 @@ def test_adamw_on_threads_gives_the_one_thread_numbers(monkeypatch):
     runs, calls = [], []
     monkeypatch.setattr(optim, "in_order", lambda fn, items, n: calls.append([len(i) for i in items]) or
                         backend.in_order(fn, items, n))
+    monkeypatch.setattr(optim, "GROUP_ENTRIES", 1)
     for threads in (1, 3):
         monkeypatch.setattr(backend, "THREADS", threads)
         params = _params(np.float32)
