@@ -113,11 +113,10 @@ def _openblas():
             paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower()})
     except OSError:
         return None
-    for path in paths:
-        lib = ctypes.CDLL(path)
+    for lib in map(ctypes.CDLL, paths):
         for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"), ("openblas", "")):
             get, set_ = (getattr(lib, f"{prefix}_{verb}_num_threads{suffix}", None) for verb in ("get", "set"))
-            if get is not None and set_ is not None:
+            if get and set_:
                 return get, set_
     return None
 

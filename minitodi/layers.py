@@ -68,8 +68,7 @@ def layernorm_backward(dy, cache):
         dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
     """
     xhat, rstd, w = cache
-    xp = array_module(dy)
-    C = dy.shape[-1]
+    xp, C = array_module(dy), dy.shape[-1]
     dy2 = dy.reshape(-1, C)
     dw = (dy2 * xhat.reshape(-1, C)).sum(axis=0)
     db = dy2.sum(axis=0)
