@@ -1,3 +1,5 @@
+import threading
+
 import numpy as np
 import pytest
 
@@ -57,3 +59,28 @@ def test_roundtrip_through_gpu():
     with pytest.raises(TypeError, match="mix NumPy and CuPy"):
         backend.array_module(x, g)
     np.testing.assert_array_equal(backend.to_numpy(g), x)
+
+
+@pytest.mark.skipif(not backend.parallel_blas_calls(), reason="NumPy's BLAS is not an OpenBLAS found in /proc/self/maps")
+def test_one_blas_thread_sets_one_and_restores_the_count():
+    get, set_ = backend._openblas()
+    before = get()
+    try:
+        set_(2)
+        with backend.one_blas_thread():
+            assert get() == 1
+        assert get() == 2
+        with pytest.raises(RuntimeError), backend.one_blas_thread():
+            raise RuntimeError("restored on the way out of an error too")
+        assert get() == 2
+    finally:
+        set_(before)
+
+
+def test_in_order_keeps_the_order_and_runs_nested_calls_in_the_calling_task():
+    """A task's own in_order runs its items in that task's thread (two of three workers busy: without the
+    rule the items would go to the third, and with every worker busy they would wait forever)."""
+    def outer(i):
+        me = threading.current_thread()
+        return backend.in_order(lambda j: (i, j, threading.current_thread() is me), range(3), 3)
+    assert backend.in_order(outer, range(2), 3) == [[(i, j, True) for j in range(3)] for i in range(2)]
