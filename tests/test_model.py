@@ -126,14 +126,19 @@ def test_wrong_gradient_is_caught(setup):
     assert results["transformer.h.1.ln_1.bias"].max_rel_error < TOL
 
 
+def _small_model(arch):
+    """A GPT-2 or a Llama (two query heads sharing one key/value head) of vocabulary 37, width 16, 2 layers."""
+    config = small_config() if arch == "gpt2" else model.LlamaConfig(
+        vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=16)
+    return config, perturbed_params(config)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_head_at_selected_rows_equals_the_full_head_there(arch):
     """forward(rows=mask) gives the full logits at the masked positions, and backward from them gives the
     gradients of the full backward with dlogits zero elsewhere (float64, to rounding)."""
-    config = small_config() if arch == "gpt2" else model.LlamaConfig(
-        vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=16)
-    params = perturbed_params(config)
+    config, params = _small_model(arch)
     rng = np.random.default_rng(1)
     idx = rng.integers(0, 37, size=(3, 10))
     rows = rng.random((3, 10)) < 0.4
@@ -152,10 +157,7 @@ def test_head_at_selected_rows_equals_the_full_head_there(arch):
 def test_shards_give_the_whole_batch_numbers(arch, monkeypatch):
     """A batch run as 3 shards gives the logits, KV cache and gradients of the unsharded run (float64, to
     rounding; a shard without counted rows included), and the same numbers bit for bit on 1 or 3 threads."""
-    config = small_config() if arch == "gpt2" else model.LlamaConfig(
-        vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=16)
-    params = perturbed_params(config)
+    config, params = _small_model(arch)
     rng = np.random.default_rng(2)
     idx = rng.integers(0, 37, size=(7, 10))
     rows = rng.random((7, 10)) < 0.4
