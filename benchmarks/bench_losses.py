@@ -157,13 +157,15 @@ def measure(args, impl, loss):
 
 
 def main():
+    from minitodi.backend import cores
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--positions", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--losses", nargs="+", default=LOSS_NAMES, choices=LOSS_NAMES)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+    parser.add_argument("--threads", type=int, default=cores(),
                         help="threads for minitodi's blocks of rows (default: the cores available)")
     parser.add_argument("--roofline", action="store_true", help="measure exp and copy rates instead")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
