@@ -156,6 +156,11 @@ def measure(args, impl, loss):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def ratio(a, b):
+    """a / b, or nan when b is 0 (a peak below the resolution of the RSS measure, at small shapes)."""
+    return a / b if b else math.nan
+
+
 def main():
     from minitodi.backend import cores
 
@@ -191,11 +196,11 @@ def main():
     for loss in args.losses:
         ours = fkl if loss == "fkl" else measure(args, "minitodi", loss)
         line = (f"{loss:<6} {ours['seconds']:>10.3f} {ours['gbps']:>6.2f} {ours['peak_mb']:>8.0f} "
-                f"{ours['seconds'] / fkl['seconds']:>8.2f} {ours['peak_mb'] / fkl['peak_mb']:>8.2f}")
+                f"{ratio(ours['seconds'], fkl['seconds']):>8.2f} {ratio(ours['peak_mb'], fkl['peak_mb']):>8.2f}")
         if have_torch:
             ref = measure(args, "torch", loss)
             line += (f" {ref['seconds']:>8.3f} {ref['peak_mb']:>8.0f} "
-                     f"{ours['seconds'] / ref['seconds']:>7.2f} {ours['peak_mb'] / ref['peak_mb']:>6.2f}")
+                     f"{ratio(ours['seconds'], ref['seconds']):>7.2f} {ratio(ours['peak_mb'], ref['peak_mb']):>6.2f}")
         print(line, flush=True)
     if args.device == "gpu":
         fused_report(args)
