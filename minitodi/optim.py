@@ -54,10 +54,13 @@ def adamw_step(params, grads, state, *, lr, betas=(0.9, 0.95), eps=1e-8, weight_
             denom += eps
             x -= step_size * (m / denom)
 
-    groups = [[] for _ in range(min(threads(xp), 1 + sum(x.size for x in params.values()) // GROUP_ENTRIES))]
+    count = min(threads(xp), 1 + sum(x.size for x in params.values()) // GROUP_ENTRIES)
+    groups, loads = [[] for _ in range(count)], [0] * count
     for name in sorted(params, key=lambda name: -params[name].size):  # largest first, to the lightest group
-        min(groups, key=lambda group: sum(params[n].size for n in group)).append(name)
-    in_order(update, [group for group in groups if group], len(groups))
+        lightest = loads.index(min(loads))
+        groups[lightest].append(name)
+        loads[lightest] += params[name].size
+    in_order(update, [group for group in groups if group], count)
 
 
 def global_norm(grads):

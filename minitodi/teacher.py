@@ -63,15 +63,12 @@ class Teacher:
         """The teacher's logits at a training batch's counted positions, (n, V) in row-major order: from the
         cache when every row is in it, else a forward pass."""
         counted = labels != IGNORE_INDEX
-        host_idx, host_counted = to_numpy(idx), to_numpy(counted)
-        rows = []
-        for b in range(host_idx.shape[0] if self._cache else 0):
-            positions = np.flatnonzero(host_counted[b])
-            length = int(positions[-1]) + 1 if positions.size else 0  # an example ends with its eos, counted
-            rows.append(self._cache.get(host_idx[b, :length].tobytes()))
-        if not rows or any(r is None for r in rows):
-            return self.logits(idx, counted)
-        return array_module(idx).concatenate(rows)
+        if self._cache:  # an example ends with its eos, a counted token
+            ends = [int(p[-1]) + 1 if p.size else 0 for p in map(np.flatnonzero, to_numpy(counted))]
+            rows = [self._cache.get(ids[:end].tobytes()) for ids, end in zip(to_numpy(idx), ends)]
+            if all(r is not None for r in rows):
+                return array_module(idx).concatenate(rows)
+        return self.logits(idx, counted)
 
 
 def require_same_tokenizer(teacher, tokenizer):
