@@ -97,11 +97,16 @@ def test_todi_gradient_of_every_parameter(setup):
     _check_all(f, params, grads, config, idx)
 
 
-def test_gradient_with_the_head_at_counted_rows_only(setup):
-    """Training's path: forward(rows=mask), CE on those rows, backward scattering dx; finite differences."""
+@pytest.mark.parametrize("sharded", [False, True], ids=["whole batch", "two shards"])
+def test_gradient_with_the_head_at_counted_rows_only(setup, sharded, monkeypatch):
+    """Training's path: forward(rows=mask), CE on those rows, backward scattering dx; finite differences.
+    Also with the batch of 2 x 8 tokens of width 16 run as two shards, one sequence each."""
     config, params, idx, targets, _ = setup
+    if sharded:
+        monkeypatch.setattr(model, "SHARD_WORK", 8 * 16)
     mask = targets != layers.IGNORE_INDEX
     logits, cache = model.forward(params, idx, config, rows=mask)
+    assert ("shards" in cache) == sharded
     _, ce_cache = layers.cross_entropy_forward(logits, targets[mask])
     grads = model.backward(layers.cross_entropy_backward(1.0, ce_cache), cache)
 
