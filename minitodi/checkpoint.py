@@ -247,10 +247,8 @@ def _read_weights(directory):
     """The tensors of model.safetensors, or of the shards model.safetensors.index.json lists."""
     if (directory / MODEL_FILE).is_file() or not (directory / INDEX_FILE).is_file():
         return _read_safetensors(directory / MODEL_FILE)
-    tensors = {}
-    for shard in sorted(set(_read_json(directory / INDEX_FILE).get("weight_map", {}).values())):
-        tensors.update(_read_safetensors(directory / shard))
-    return tensors
+    shards = sorted(set(_read_json(directory / INDEX_FILE).get("weight_map", {}).values()))
+    return {name: t for shard in shards for name, t in _read_safetensors(directory / shard).items()}
 
 
 def load(directory, *, dtype=None, device="cpu"):

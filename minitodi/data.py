@@ -328,9 +328,7 @@ def lm_examples(texts, tokenizer: Tokenizer, seq_len: int) -> list:
     """Language-modelling examples: the texts' tokens, each text followed by eos, concatenated and cut
     into chunks of seq_len + 1 tokens overlapping by one, so that every token after the first is a
     label exactly once; the last incomplete chunk is dropped. Each example is ``(chunk[:-1], chunk[1:])``."""
-    stream = []
-    for text in texts:
-        stream += tokenizer.encode(text) + [tokenizer.eos_id]
+    stream = [token for text in texts for token in tokenizer.encode(text) + [tokenizer.eos_id]]
     return [(stream[s:s + seq_len], stream[s + 1:s + seq_len + 1])
             for s in range(0, len(stream) - seq_len, seq_len)]
 

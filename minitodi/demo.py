@@ -253,13 +253,11 @@ def figure(results, path):
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     colors = {}
     for run_name, curve in results["curves"].items():
-        name = run_name.split("-seed")[0]
-        if not curve:
-            continue
-        steps, values = zip(*curve)
-        color = colors.setdefault(name, f"C{len(colors)}")
-        left.plot(steps, values, color=color, label=name if run_name.endswith(("seed0", "teacher")) else None,
-                  linestyle="--" if name == "teacher" else "-")
+        if curve:  # a run that never evaluated has no curve
+            name = run_name.split("-seed")[0]
+            color = colors.setdefault(name, f"C{len(colors)}")
+            left.plot(*zip(*curve), color=color, label=name if run_name.endswith(("seed0", "teacher")) else None,
+                      linestyle="--" if name == "teacher" else "-")
     left.set(xlabel="step", ylabel="validation cross-entropy", title="training curves")
     left.legend()
     names = ["teacher", *results["students"]]

@@ -43,6 +43,7 @@ blocks of rows and the fused GPU path. A reader of the math never meets the mach
 """
 
 import math
+from functools import partial
 
 import numpy as np
 
@@ -236,15 +237,13 @@ def tvd(student_logits, teacher_logits, mask=None, *, temperature=1.0):
 def sfkl(student_logits, teacher_logits, mask=None, *, temperature=1.0, lam=0.1):
     """Skew forward KL, :func:`sfkl_rows` (0 < lam < 1). Always finite."""
     _check_option("lam", lam, lambda x: 0 < x < 1, "0 < lam < 1")
-    return _mean_over_positions("sfkl", lambda *rows: sfkl_rows(*rows, lam), student_logits, teacher_logits,
-                                mask, temperature)
+    return _mean_over_positions("sfkl", partial(sfkl_rows, lam=lam), student_logits, teacher_logits, mask, temperature)
 
 
 def srkl(student_logits, teacher_logits, mask=None, *, temperature=1.0, lam=0.1):
     """Skew reverse KL, :func:`srkl_rows` (0 < lam < 1). Always finite."""
     _check_option("lam", lam, lambda x: 0 < x < 1, "0 < lam < 1")
-    return _mean_over_positions("srkl", lambda *rows: srkl_rows(*rows, lam), student_logits, teacher_logits,
-                                mask, temperature)
+    return _mean_over_positions("srkl", partial(srkl_rows, lam=lam), student_logits, teacher_logits, mask, temperature)
 
 
 def akl(student_logits, teacher_logits, mask=None, *, temperature=1.0, mu=0.5, stopgrad_at=None):

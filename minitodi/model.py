@@ -105,8 +105,7 @@ def init_params(config, seed=0, *, dtype=np.float32, device="cpu"):
 def check_params(params, config):
     """Raise a clear error if ``params`` lacks a tensor, has an extra one or a wrong shape or dtype."""
     shapes = param_shapes(config)
-    missing = sorted(set(shapes) - set(params))
-    extra = sorted(set(params) - set(shapes))
+    missing, extra = sorted(set(shapes) - set(params)), sorted(set(params) - set(shapes))
     if missing or extra:
         raise KeyError(f"parameters do not match the config: missing {missing[:5]}, unexpected {extra[:5]}")
     dtypes = {params[k].dtype for k in shapes}

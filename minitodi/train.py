@@ -38,6 +38,7 @@ import numbers
 import os
 import shutil
 import signal
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -136,10 +137,7 @@ def _ctrl_c_flag():
             raise KeyboardInterrupt
         pressed.append(True)
 
-    try:
-        old = signal.signal(signal.SIGINT, handle)
-    except ValueError:  # not the main thread
-        old = None
+    old = signal.signal(signal.SIGINT, handle) if threading.current_thread() is threading.main_thread() else None
     try:
         yield pressed
     finally:
