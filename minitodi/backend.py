@@ -126,17 +126,26 @@ def parallel_blas_calls() -> bool:
     return _openblas() is not None
 
 
+_BLAS_LOCK, _blas_state = threading.Lock(), {"inside": 0, "before": None}  # one_blas_thread's, process-wide
+
+
 @contextmanager
 def one_blas_thread():
-    """BLAS on one thread inside the block (restored after), for threads that each run their own
-    matrix products: a multithreaded OpenBLAS called from two threads at once runs them in turn."""
+    """BLAS on one thread inside the block, for threads that each run their own matrix products: a
+    multithreaded OpenBLAS called from two threads at once runs them in turn. The count is process-wide, so
+    blocks open in several threads at once share it: the first one in sets it, the last one out restores it."""
     get, set_ = _openblas()
-    before = get()
-    set_(1)
+    with _BLAS_LOCK:
+        if not _blas_state["inside"]:
+            _blas_state["before"] = get()
+        _blas_state["inside"] += 1
+        set_(1)
     try:
         yield
     finally:
-        set_(before)
+        with _BLAS_LOCK:
+            _blas_state["inside"] -= 1
+            set_(1 if _blas_state["inside"] else _blas_state["before"])
 
 
 def get_xp(device: str | None = None) -> types.ModuleType:

@@ -77,6 +77,38 @@ def test_one_blas_thread_sets_one_and_restores_the_count():
         set_(before)
 
 
+def test_one_blas_thread_in_two_threads_at_once_restores_the_count_when_the_last_leaves():
+    """Thread a enters, b enters, a leaves while b is still inside, then b leaves: BLAS stays on one thread
+    until b is out, and is restored after (each block restoring its own "before" would leave it at 1)."""
+    get, set_ = backend._openblas()
+    before, seen = get(), []
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def a():
+        with backend.one_blas_thread():
+            a_in.set()
+            b_in.wait()
+        a_out.set()
+
+    def b():
+        a_in.wait()
+        with backend.one_blas_thread():
+            b_in.set()
+            a_out.wait()
+            seen.append(get())
+
+    try:
+        set_(2)
+        workers = [threading.Thread(target=f) for f in (a, b)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(10)
+        assert seen == [1] and get() == 2
+    finally:
+        set_(before)
+
+
 def test_in_order_keeps_the_order_and_runs_nested_calls_in_the_calling_task():
     """A task's own in_order runs its items in that task's thread (two of three workers busy: without the
     rule the items would go to the third, and with every worker busy they would wait forever)."""
