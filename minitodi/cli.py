@@ -28,11 +28,8 @@ def _parse_options(pairs):
         key, sep, value = (part.strip() for part in pair.partition("="))
         if not sep:
             raise SystemExit(f"--option expects NAME=VALUE, got {pair!r}")
-        if value.lower() in ("true", "false"):
-            options[key] = value.lower() == "true"
-            continue
         try:
-            options[key] = float(value)
+            options[key] = value.lower() == "true" if value.lower() in ("true", "false") else float(value)
         except ValueError:
             raise SystemExit(f"--option {key}: {value!r} is not a number or true/false") from None
     return options
@@ -242,7 +239,7 @@ def build_parser():
     p.add_argument("--losses", nargs="+", default=["fkl", "rkl", "todi"],
                    help="divergences to distil with besides sft, or 'all'")
     p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: 0-15, quick: 0)")
-    p.add_argument("--out", default="minitodi-demo", help="where results.json and demo.png go")
+    p.add_argument("--out", default="minitodi-demo", help="its output directory: new, empty, or an earlier demo's")
     p.add_argument("--jobs", type=int, default=cores(),
                    help="students trained at once, each in its own process (default: the cores available)")
     _protocol_arguments(p)

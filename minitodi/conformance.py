@@ -259,8 +259,7 @@ def check(fn, loss, *, framework="torch", reduction="mean", t_squared=False, tol
         raise ValueError(f"unknown loss {loss!r}; known: {', '.join(sorted(LOSSES))}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    run = _adapter(fn, framework)
-    cases = battery(seed)
+    run, cases = _adapter(fn, framework), battery(seed)
     got = [run(case, options) for case in cases]
     table = _variants(loss, options, reduction, t_squared)
     variants = {name: [tuple(x * k(c) for x in f(c)) for c in cases] for name, (f, k) in table.items()}

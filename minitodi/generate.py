@@ -125,8 +125,7 @@ def generate(params, config, prompts, *, max_new_tokens=32, eos_id=None, tempera
     prompts = [list(map(int, p)) for p in prompts]
     if empty := [i for i, p in enumerate(prompts) if not p]:
         raise ValueError(f"prompt {empty[0]} is empty: generation needs at least one token")
-    cut = [len(p) - room for p in prompts if len(p) > room]
-    if cut:
+    if cut := [len(p) - room for p in prompts if len(p) > room]:
         print(f"minitodi generate: warning: {len(cut)} prompt(s) cut from the left by up to {max(cut)} tokens "
               f"to leave room for {reserve} new tokens in the context of {config.n_positions}", file=sys.stderr)
     prompts = [p[-room:] for p in prompts]

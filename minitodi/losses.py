@@ -50,7 +50,7 @@ import numpy as np
 from .backend import array_module, in_order, log_softmax, threads, to_numpy
 from .fused import loss_and_grad as fused_loss_and_grad
 
-BLOCK_ELEMENTS = 1 << 16  # entries per block of rows: see _mean_over_positions
+BLOCK_ELEMENTS = 1 << 16  # entries per block of rows (256 KiB in float32): a block's passes stay in cache
 USE_FUSED = True  # on CuPy arrays, FKL, RKL and ToDi use the fused kernels of minitodi.fused
 LOG_ZERO = -1e4  # stands for log 0 inside the math: exp(LOG_ZERO) == 0 in float32 and float64
 
@@ -273,11 +273,9 @@ def _mean_over_positions(name, divergence, student_logits, teacher_logits, mask,
     ``fused``: options of :func:`minitodi.fused.loss_and_grad`, on CuPy arrays without -inf (None: never).
 
     Positions are processed in blocks of about ``BLOCK_ELEMENTS / V`` rows, so temporaries are O(block x V)
-    and only the output gradient is full size; only counted positions are computed. Small blocks (2^16
-    entries, 256 KiB in float32) stay in cache and below malloc's mmap threshold: with 2^20 every temporary
-    was fresh pages, and ToDi at 512 x 32000 took 2.5x the CPU time. Blocks run on :func:`backend.threads`
-    threads (NumPy releases the GIL in its loops); each writes its own rows of the gradient and the block
-    sums are added in block order, so the result does not depend on the number of threads, bit for bit.
+    and only the output gradient is full size; only counted positions are computed. Blocks run on
+    :func:`backend.threads` threads (NumPy releases the GIL in its loops); each writes its own rows of the
+    gradient and the block sums are added in block order: the result does not depend on the thread count.
     """
     xp, s, t, mask, w = _check_inputs(student_logits, teacher_logits, mask, temperature, stopgrad_at)
     shape, V = s.shape, s.shape[-1]
@@ -309,10 +307,7 @@ def _mean_over_positions(name, divergence, student_logits, teacher_logits, mask,
 
     step = max(1, BLOCK_ELEMENTS // V)
     blocks = [slice(i, min(i + step, n)) if rows is None else rows[i:i + step] for i in range(0, n, step)]
-    total = 0.0
-    for block_sum in in_order(block, blocks, threads(xp)):
-        total += block_sum
-    return total / n, grad.reshape(shape)
+    return sum(in_order(block, blocks, threads(xp))) / n, grad.reshape(shape)  # the block sums in block order
 
 
 def _log_probs(logits, temperature, has_neginf):

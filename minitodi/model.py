@@ -35,7 +35,7 @@ A Llama (:class:`LlamaConfig`) is named as transformers' ``LlamaForCausalLM``, i
 :func:`forward` and :func:`backward` serve every model type: ``ARCHITECTURES[config.model_type]``.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import numpy as np
@@ -207,8 +207,7 @@ class LlamaConfig:
     n_positions = property(lambda self: self.max_position_embeddings)
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+        for name in (f.name for f in fields(self) if f.type is int):  # sizes and counts
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
