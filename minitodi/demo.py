@@ -13,7 +13,7 @@
    ``OUT/demo.png``.
 
 Every run directory resumes (see :mod:`minitodi.train`), and a finished student is not trained again, so
-an interrupted demo picks up where it stopped.
+an interrupted demo picks up where it stopped. ``OUT`` must be new, empty or an earlier demo's (:func:`_claim`).
 """
 
 import hashlib
@@ -44,6 +44,7 @@ DEFAULT_LOSSES = ("fkl", "rkl", "todi")
 BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 METRICS = ("rouge_l", "exact_match", "validity", "coverage", "perplexity", "divergence")
 DONE = "summary.json"  # in a run directory: the run is finished (its summary), not to be trained again
+DEMO_OUTPUTS = {("students", True), ("demo.png", False), ("results.json", False)}  # (name, is a directory)
 
 
 def cache_dir():
@@ -58,6 +59,18 @@ def _train_once(run_dir, *args, **kwargs):
     summary = fit(run_dir, *args, **kwargs)
     checkpoint.write_json(done, summary)
     return summary
+
+
+def _claim(out):
+    """``out``, created, if it is new, empty or the demo's own (nothing but students/, demo.png and a results.json
+    with students' scores); else a ValueError. Checked before anything runs: a wrong --out costs nothing."""
+    results = out / "results.json"
+    if out.exists() and not (out.is_dir() and {(p.name, p.is_dir()) for p in out.iterdir()} <= DEMO_OUTPUTS
+                             and (not results.exists() or '"students"' in results.read_text(errors="replace"))):
+        raise ValueError(f"{out} holds files that are not the demo's (students/, results.json, demo.png): choose a "
+                         "new or empty directory for --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _row(evaluation):
@@ -182,7 +195,7 @@ def run(out, *, preset="full", loss_names=DEFAULT_LOSSES, seeds=None, protocol=P
         raise ValueError(f"unknown losses {unknown}: choose from {sorted(losses.LOSSES)}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
-    out = Path(out)
+    out = _claim(Path(out))
     start, cpu_start = time.perf_counter(), time.process_time()
     suite = cfg.dataset()
     tokenizer, split = data.prepare(suite, cfg.seq_len, vocab_size=cfg.vocab_size)
@@ -216,7 +229,6 @@ def run(out, *, preset="full", loss_names=DEFAULT_LOSSES, seeds=None, protocol=P
                          "losses": [SFT, *loss_names], "demo": json.loads(json.dumps(asdict(cfg), default=str)),
                          "teacher_dir": str(teacher_dir), "seconds": time.perf_counter() - start,
                          "cpu_seconds": time.process_time() - cpu_start}
-    out.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(out / "results.json", results)
     return results
 

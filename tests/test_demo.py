@@ -44,6 +44,33 @@ def test_jobs_must_be_a_positive_integer(jobs, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("mine", ["notes.txt", "results.json", "demo.png/", "students"])
+def test_out_holding_what_the_demo_did_not_write_is_refused_before_anything_runs(mine, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    if mine.endswith("/"):  # a directory where the demo writes a file
+        (out / mine).mkdir()
+    else:  # the user's own results.json (no students' scores), or a file where the demo keeps its students
+        (out / mine).write_text('{"mine": [1, 2]}')
+    monkeypatch.setattr(demo, "_train_once", lambda *a, **k: pytest.fail("the teacher started"))
+    with pytest.raises(ValueError, match="not the demo's"):
+        demo.run(out, preset="quick", progress=False, log=lambda *_: None)
+    assert [p.name for p in out.iterdir()] == [mine.rstrip("/")]
+    assert mine.endswith("/") or (out / mine).read_text() == '{"mine": [1, 2]}'
+
+
+def test_out_that_is_a_file_is_refused_and_the_demos_own_output_is_accepted(tmp_path):
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ValueError, match="not the demo's"):
+        demo._claim(tmp_path / "file")
+    out = tmp_path / "new" / "out"
+    assert demo._claim(out) == out and out.is_dir()  # created, parents too
+    (out / "students").mkdir()
+    (out / "demo.png").write_bytes(b"")
+    (out / "results.json").write_text(json.dumps({"teacher": {}, "students": {}}))
+    assert demo._claim(out) == out  # a finished demo: run again into it
+
+
 def test_results_carry_the_protocol_and_every_metric(results):
     assert results["protocol"] == PAPER.to_dict()
     fields = {"rouge_l", "rouge_l_se", "exact_match", "validity", "coverage", "perplexity", "divergence"}
