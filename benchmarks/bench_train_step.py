@@ -9,7 +9,8 @@ update (forward, cross-entropy and backward only) is timed too. Both sides start
 (minitodi's initialisation, copied into the PyTorch model) and see the same batch; the four take turns
 in blocks of warmed-up steps (see ``timed``), and the median step time is reported with tokens per
 second. Thread counts are the libraries' defaults; ``OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1`` in the
-environment runs both on one core.
+environment runs both on one core. On the CPU the last line is a lower bound for forward + backward: the
+step's matrix products alone at the best one-core rate measured here (``products_floor``).
 
 The PyTorch model is written here in the usual way (nn.Linear layers, fused qkv, scaled_dot_product_attention
 with a causal mask, tanh GELU, tied head, torch.optim.AdamW with its default implementation); it runs
@@ -29,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minitodi import layers, model, optim  # noqa: E402
+from minitodi import backend, layers, model, optim  # noqa: E402
 from minitodi.backend import get_xp, to_device  # noqa: E402
 
 
@@ -163,6 +164,30 @@ def timed(steps, warmup, repeat, sync=None, rounds=3):
     return [statistics.median(record) for record in times]
 
 
+def products_floor(cfg, params, batch, seq):
+    """(floating-point operations of the step's matrix products, seconds they take at the best rate measured
+    here for one core, cores they run on): a lower bound for forward + backward on the CPU.
+
+    Forward and backward make three products per weight matrix (y = x W, dx = dy W^T, dW = x^T dy) and three
+    per attention product (q k^T and att v, the causal mask's zeros included): 2 x 3 x tokens x (the matrix
+    weights a token meets, position and token embeddings being lookups unless the head reads the latter, +
+    2 T C per layer) operations. The rate is the best of one shard's head product (tokens x C x V) on one
+    thread; the shards run side by side on min(shards, threads) cores (see model.forward)."""
+    C = params[model.ARCHITECTURES[cfg.model_type].embeddings[0]].shape[1]
+    lookups = {"transformer.wpe.weight"} | ({"model.embed_tokens.weight"} if "lm_head.weight" in params else set())
+    macs = sum(x.size for name, x in params.items() if x.ndim == 2 and name not in lookups) + 2 * seq * C * cfg.n_layer
+    flops = 6 * batch * seq * macs
+    shards = max(1, min(batch, batch * seq * C // model.SHARD_WORK))
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((batch * seq // shards, C), dtype=np.float32)
+    w = rng.standard_normal((C, cfg.vocab_size), dtype=np.float32)
+    with backend.one_blas_thread():
+        best = min(timed([lambda: a @ w], 1, 10, rounds=1)[0] for _ in range(5))
+    rate = 2 * a.shape[0] * C * cfg.vocab_size / best
+    cores = min(shards, backend.threads()) if backend.parallel_blas_calls() else 1
+    return flops, flops / (rate * cores), rate, cores
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4)
@@ -213,6 +238,11 @@ def main():
         print(f"  torch     {theirs * 1e3:8.2f} ms/step  {tokens / theirs:10.0f} tok/s   "
               f"(torch {torch.__version__}, {torch.get_num_threads()} threads)")
         print(f"  ratio minitodi / torch: {mine / theirs:.2f}x")
+    if args.device == "cpu":
+        flops, floor, rate, cores = products_floor(cfg, model.init_params(cfg), args.batch, args.seq)
+        print(f"floor: the matrix products alone, {flops / 1e9:.2f} GFLOP at {rate / 1e9:.0f} GFLOP/s a core on "
+              f"{cores} core(s): {floor * 1e3:.1f} ms" + ("" if torch is None else f" = {floor / theirs:.2f}x torch's "
+                                                        "forward + backward above"))
 
 
 if __name__ == "__main__":
