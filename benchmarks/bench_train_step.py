@@ -20,6 +20,7 @@ minitodi's parameters as they are: the names and the (out, in) layout are transf
 """
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -172,20 +173,20 @@ def products_floor(cfg, params, batch, seq):
     per attention product (q k^T and att v, the causal mask's zeros included): 2 x 3 x tokens x (the matrix
     weights a token meets, position and token embeddings being lookups unless the head reads the latter, +
     2 T C per layer) operations. The rate is the best of one shard's head product (tokens x C x V) on one
-    thread; the shards run side by side on min(shards, threads) cores (see model.forward)."""
+    thread (the shards as model.forward cuts them), and every core minitodi uses runs at it. Where NumPy's BLAS is
+    not an OpenBLAS that one_blas_thread can set, the product runs on BLAS's threads: a looser bound."""
     C = params[model.ARCHITECTURES[cfg.model_type].embeddings[0]].shape[1]
     lookups = {"transformer.wpe.weight"} | ({"model.embed_tokens.weight"} if "lm_head.weight" in params else set())
     macs = sum(x.size for name, x in params.items() if x.ndim == 2 and name not in lookups) + 2 * seq * C * cfg.n_layer
     flops = 6 * batch * seq * macs
-    shards = max(1, min(batch, batch * seq * C // model.SHARD_WORK))
+    cache = model.forward(params, np.zeros((batch, seq), dtype=np.int64), cfg)[1]
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((batch * seq // shards, C), dtype=np.float32)
+    a = rng.standard_normal((batch * seq // len(cache.get("shards", [cache])), C), dtype=np.float32)
     w = rng.standard_normal((C, cfg.vocab_size), dtype=np.float32)
-    with backend.one_blas_thread():
+    with backend.one_blas_thread() if backend.parallel_blas_calls() else contextlib.nullcontext():
         best = min(timed([lambda: a @ w], 1, 10, rounds=1)[0] for _ in range(5))
     rate = 2 * a.shape[0] * C * cfg.vocab_size / best
-    cores = min(shards, backend.threads()) if backend.parallel_blas_calls() else 1
-    return flops, flops / (rate * cores), rate, cores
+    return flops, flops / (rate * backend.threads()), rate, backend.threads()
 
 
 def main():
