@@ -93,12 +93,13 @@ def child(args):
     t = rng.standard_normal((args.positions, args.vocab), dtype=np.float32)
     gpu = args.device == "gpu"
     if args.impl in ("minitodi", "minitodi-plain"):
-        from minitodi import backend, losses
+        from minitodi import device, losses, parallel
         from minitodi.losses import LOSSES
 
         losses.USE_FUSED = args.impl == "minitodi"  # plain: the blocked array path, also on CuPy
-        backend.THREADS = args.threads
-        xp = backend.get_xp(args.device)
+        parallel.reuse_freed_memory()  # as the command line runs minitodi
+        parallel.THREADS = args.threads
+        xp = device.get_xp(args.device)
         s, t = xp.asarray(s), xp.asarray(t)
 
         def run():
@@ -162,7 +163,7 @@ def ratio(a, b):
 
 
 def main():
-    from minitodi.backend import cores
+    from minitodi.parallel import cores
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--positions", type=int, default=2048)
@@ -211,6 +212,7 @@ def roofline(args):
     import concurrent.futures
 
     import numpy as np
+
     from minitodi.losses import BLOCK_ELEMENTS
 
     entries = args.positions * args.vocab

@@ -31,17 +31,17 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minitodi import backend, layers, model, optim  # noqa: E402
-from minitodi.backend import get_xp, to_device  # noqa: E402
+from minitodi import layers, model, optim, parallel  # noqa: E402
+from minitodi.device import get_xp, to_device  # noqa: E402
 
 
 def minitodi_step(args, cfg, params, idx, targets, update=True):
     opt = optim.adamw_init(params)
 
     def step():
-        logits, cache = model.forward(params, idx, cfg)
+        logits, cache = parallel.forward_in_shards(params, idx, cfg)
         _, ce_cache = layers.cross_entropy_forward(logits, targets)
-        grads = model.backward(layers.cross_entropy_backward(1.0, ce_cache), cache)
+        grads = parallel.backward_in_shards(layers.cross_entropy_backward(1.0, ce_cache), cache)
         if update:
             optim.clip_grad_norm(grads, 1.0)
             optim.adamw_step(params, grads, opt, lr=1e-3, weight_decay=0.1)
@@ -173,20 +173,21 @@ def products_floor(cfg, params, batch, seq):
     per attention product (q k^T and att v, the causal mask's zeros included): 2 x 3 x tokens x (the matrix
     weights a token meets, position and token embeddings being lookups unless the head reads the latter, +
     2 T C per layer) operations. The rate is the best of one shard's head product (tokens x C x V) on one
-    thread (the shards as model.forward cuts them), and every core minitodi uses runs at it. Where NumPy's BLAS is
-    not an OpenBLAS that one_blas_thread can set, the product runs on BLAS's threads: a looser bound."""
+    thread (the shards as parallel.shards cuts them), and every core minitodi uses runs at it. Where NumPy's BLAS is
+    not an OpenBLAS that one_blas_thread can set, the product runs on BLAS's threads: a looser bound.
+    """
     C = params[model.ARCHITECTURES[cfg.model_type].embeddings[0]].shape[1]
     lookups = {"transformer.wpe.weight"} | ({"model.embed_tokens.weight"} if "lm_head.weight" in params else set())
     macs = sum(x.size for name, x in params.items() if x.ndim == 2 and name not in lookups) + 2 * seq * C * cfg.n_layer
     flops = 6 * batch * seq * macs
-    cache = model.forward(params, np.zeros((batch, seq), dtype=np.int64), cfg)[1]
+    shard_count = len(parallel.shards(batch, seq, C))
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((batch * seq // len(cache.get("shards", [cache])), C), dtype=np.float32)
+    a = rng.standard_normal((batch * seq // shard_count, C), dtype=np.float32)
     w = rng.standard_normal((C, cfg.vocab_size), dtype=np.float32)
-    with backend.one_blas_thread() if backend.parallel_blas_calls() else contextlib.nullcontext():
+    with parallel.one_blas_thread() if parallel.parallel_blas_calls() else contextlib.nullcontext():
         best = min(timed([lambda: a @ w], 1, 10, rounds=1)[0] for _ in range(5))
     rate = 2 * a.shape[0] * C * cfg.vocab_size / best
-    return flops, flops / (rate * backend.threads()), rate, backend.threads()
+    return flops, flops / (rate * parallel.threads()), rate, parallel.threads()
 
 
 def main():
@@ -203,6 +204,7 @@ def main():
     parser.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2")
     parser.add_argument("--kv-heads", type=int, default=2, help="Llama's key/value heads")
     args = parser.parse_args()
+    parallel.reuse_freed_memory()  # as the command line runs minitodi
 
     cfg = model.GPTConfig(vocab_size=args.vocab, n_positions=args.seq, n_embd=args.width, n_layer=args.layers,
                           n_head=args.heads)

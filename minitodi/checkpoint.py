@@ -19,21 +19,22 @@ directory beside the old one and swaps them with renames; :func:`recover` finish
 attention-mask buffers (``h.0.attn.bias``), drops an ``lm_head.weight`` equal to a tied embedding, and
 reads weights sharded as ``model.safetensors.index.json`` lists them. A config.json asking for anything
 minitodi does not compute (another activation, RoPE scaling, a sliding window, ...) is an error naming
-the field, never a silently different model."""
+the field, never a silently different model.
+"""
 
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
-from .backend import to_device, to_numpy
+from .device import to_device, to_numpy
 from .model import GPTConfig, LlamaConfig, check_params, param_shapes
 
 MODEL_FILE = "model.safetensors"
@@ -83,7 +84,8 @@ def save(directory, params, config, *, training_state=None, config_extra=None):
     """Write a checkpoint of ``params`` (and, optionally, the training state) into ``directory``; returns it as a Path.
     ``training_state``: None, or a dict with an ``"optimizer"`` entry (the state of :func:`minitodi.optim.adamw_init`)
     and any JSON-serialisable entries (step, RNG state, data position, ...). ``config_extra``: extra ``config.json``
-    entries, e.g. ``{"eos_token_id": 0}``."""
+    entries, e.g. ``{"eos_token_id": 0}``.
+    """
     check_params(params, config)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -105,7 +107,8 @@ def save(directory, params, config, *, training_state=None, config_extra=None):
 def save_replacing(directory, params, config, **kwargs):
     """:func:`save` into ``directory`` as a whole: either the old checkpoint or the new one is there, whole.
     It is written to ``<directory>.new``; then ``directory`` is renamed to ``<directory>.old``, ``.new`` to
-    ``directory``, and ``.old`` is removed."""
+    ``directory``, and ``.old`` is removed.
+    """
     directory = Path(directory)
     new, old = (directory.with_name(f"{directory.name}.{tag}") for tag in ("new", "old"))
     recover(directory)
@@ -121,7 +124,8 @@ def save_replacing(directory, params, config, **kwargs):
 
 def recover(directory):
     """Finish a :func:`save_replacing` that was interrupted: afterwards ``directory`` is the newest whole
-    checkpoint there is (or absent if there never was one)."""
+    checkpoint there is (or absent if there never was one).
+    """
     directory = Path(directory)
     new, old = (directory.with_name(f"{directory.name}.{tag}") for tag in ("new", "old"))
     if old.exists():
@@ -253,7 +257,8 @@ def _read_weights(directory):
 
 def load(directory, *, dtype=None, device="cpu"):
     """Read ``(params, config)`` from a checkpoint directory (minitodi's, a transformers GPT-2 or Llama one);
-    ``dtype``: the parameters' dtype (default: as stored; float16 is widened to float32)."""
+    ``dtype``: the parameters' dtype (default: as stored; float16 is widened to float32).
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")

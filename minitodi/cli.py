@@ -3,8 +3,9 @@
 import argparse
 import sys
 
-from . import gradcheck, losses
-from .backend import cores, resolve_device
+from . import gradcheck, losses, parallel
+from .device import resolve_device
+from .parallel import cores
 from .presets import ARCHS, MODELS, model_config
 
 
@@ -260,6 +261,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    parallel.reuse_freed_memory()  # a process-wide malloc setting: the command line opts in, never an import
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -32,7 +32,8 @@ the temperature on one side only, FKL and RKL swapped, cross-entropy for FKL; To
 **ToDi's weight not detached.** D = sum_v (a_v p_v - (1 - a_v) q_v) d_v, d_v = log p_v - log q_v,
 a_v = sigmoid(beta d_v). Detached, g_v = dD/d(log q_v) = -a_v p_v + (1 - a_v) q_v (1 - d_v). Through the
 weight autograd adds h_v = dD/da_v da_v/d(log q_v) = (p_v + q_v) d_v (-beta a_v (1 - a_v)), which reaches
-the logits through log-softmax like any g: dloss/ds += (h - q sum_v h_v) / (N T) at counted positions."""
+the logits through log-softmax like any g: dloss/ds += (h - q sum_v h_v) / (N T) at counted positions.
+"""
 
 import importlib.util
 import inspect
@@ -42,8 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import log_softmax
-from .losses import LOSSES
+from .losses import LOSSES, log_softmax
 
 DEFAULT_TOL = 1e-3
 GRAD_FLOOR = 1e-2  # gradient errors are relative to at least this fraction of the unit 1/(N T)
@@ -68,7 +68,8 @@ class Case:
 def battery(seed=0):
     """The cases: (B, T, V) and (N, V); V = 2 to 1000; T = 0.5, 1, 2; logits ~ scale * N(0, 1) with
     scales 0.01 to 6; partial, single-position and full masks (a partial mask always has positions on and
-    off); a teacher near one-hot (p of the runner-up ~ e^-22); -inf in both logits at the same entries."""
+    off); a teacher near one-hot (p of the runner-up ~ e^-22); -inf in both logits at the same entries.
+    """
     rng = np.random.default_rng(seed)
 
     def case(name, shape, s_scale, t_scale, temperature, mask="partial"):
@@ -116,7 +117,8 @@ def _todi_attached_extra(case, beta):
 
 def _variants(loss, options, reduction, t_squared):
     """{description: (f, k)}: f(case) -> (value, grad) in minitodi's convention and k(case) the factor to
-    the declared one (N for a sum, T^2); "reference" first, then the known wrong variants."""
+    the declared one (N for a sum, T^2); "reference" first, then the known wrong variants.
+    """
     def call(name=loss, opts=options, masked=True, teacher=lambda c: c.teacher, T=None):
         return lambda c: LOSSES[name](c.student, teacher(c), c.mask if masked else None,
                                       temperature=T or c.temperature, **opts)
@@ -206,7 +208,8 @@ def _torch_adapter(call):
 
 def _errors(got, want, scale):
     """(value error, gradient error) of ``got`` against ``want``, inf where ``got`` is not finite; the
-    denominators are at least ``scale`` = the reference's (value, gradient) sizes (some variants are ~0)."""
+    denominators are at least ``scale`` = the reference's (value, gradient) sizes (some variants are ~0).
+    """
     (v, g), (rv, rg), (sv, sg) = got, want, scale
     if g.shape != rg.shape:
         raise ConformanceError(f"the gradient has shape {g.shape}; the logits have {rg.shape}")
@@ -254,7 +257,8 @@ def check(fn, loss, *, framework="torch", reduction="mean", t_squared=False, tol
           **options):
     """Run ``fn`` over :func:`battery` (``seed``) and compare it with ``LOSSES[loss]`` (``**options``: the
     loss's options, passed to both). ``reduction`` and ``t_squared`` declare ``fn``'s convention; ``tol``:
-    the largest relative error that passes. -> Report."""
+    the largest relative error that passes. -> Report.
+    """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; known: {', '.join(sorted(LOSSES))}")
     if reduction not in REDUCTIONS:

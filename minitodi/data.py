@@ -28,35 +28,30 @@ tokens from the left (its start), keeping at least one prompt token; when even t
 not fit behind one prompt token, :func:`encode_example` raises (``truncation="error"`` raises as soon as
 anything would be cut). A response is never silently shortened or dropped.
 
-**Batches** (:func:`collate`, :class:`BatchIterator`) are right-padded with the eos id."""
+**Batches** (:func:`collate`, :class:`BatchIterator`) are right-padded with the eos id.
+"""
 
 import hashlib
 import json
 from pathlib import Path
-
-import numpy as np
 from pydoc_data.topics import topics
 
-from .backend import to_device
+import numpy as np
+
+from .device import to_device
 from .layers import IGNORE_INDEX
 from .tokenizer import Tokenizer
 
 # --------------------------------------------------------------------------------------------------
 # the synthetic suite: closed vocabularies
 
-SHORT_WORDS = ("cat dog sun map cup pen box hat bed car bus egg fox ink jam key leg net owl pig rug toy van web yak "
-               "bird fish frog lamp milk nest rain rose ship star tree wind book door gold hill kite lion moon road "
-               "sand snow song wolf cake desk").split()
+SHORT_WORDS = ["cat", "dog", "sun", "map", "cup", "pen", "box", "hat", "bed", "car", "bus", "egg", "fox", "ink", "jam", "key", "leg", "net", "owl", "pig", "rug", "toy", "van", "web", "yak", "bird", "fish", "frog", "lamp", "milk", "nest", "rain", "rose", "ship", "star", "tree", "wind", "book", "door", "gold", "hill", "kite", "lion", "moon", "road", "sand", "snow", "song", "wolf", "cake", "desk"]
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-MONTHS = tuple("January February March April May June July August September October November December".split())
+MONTHS = tuple(["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"])
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-FRUITS = ("apple apricot avocado banana blueberry blackberry cherry coconut cranberry date dragonfruit grape guava "
-          "grapefruit kiwi kumquat lemon lime lychee mango melon mulberry orange olive pear peach plum papaya "
-          "pineapple").split()
-ANIMALS = ("bear bee bat cat cow crow camel dog duck deer dolphin fox frog fish goat goose giraffe horse hen hare lion "
-           "lamb llama mouse mole monkey owl otter ox pig parrot panda snake shark sheep seal tiger toad turtle wolf "
-           "whale worm").split()
+FRUITS = ["apple", "apricot", "avocado", "banana", "blueberry", "blackberry", "cherry", "coconut", "cranberry", "date", "dragonfruit", "grape", "guava", "grapefruit", "kiwi", "kumquat", "lemon", "lime", "lychee", "mango", "melon", "mulberry", "orange", "olive", "pear", "peach", "plum", "papaya", "pineapple"]
+ANIMALS = ["bear", "bee", "bat", "cat", "cow", "crow", "camel", "dog", "duck", "deer", "dolphin", "fox", "frog", "fish", "goat", "goose", "giraffe", "horse", "hen", "hare", "lion", "lamb", "llama", "mouse", "mole", "monkey", "owl", "otter", "ox", "pig", "parrot", "panda", "snake", "shark", "sheep", "seal", "tiger", "toad", "turtle", "wolf", "whale", "worm"]
 COLORS = ("red", "blue", "green", "yellow", "orange", "purple", "pink", "brown", "black", "white", "gray")
 RHYMES = tuple(tuple(group.split()) for group in (
     "cat hat bat mat rat sat fat", "can fan man pan ran van tan", "king ring sing wing thing",
@@ -149,7 +144,8 @@ def synthetic_suite(seed: int = 0, n_train: int = 4000, n_valid: int = 160, n_te
     all, spread evenly over the families; a family may give at most half its prompts to them. Training
     records cycle through the remaining prompts (a prompt can recur); a multi-answer family's training
     response is one valid answer drawn at random each time, so a model fitting the data spreads its
-    next-token distribution over the alternatives. Valid/test responses are the first reference."""
+    next-token distribution over the alternatives. Valid/test responses are the first reference.
+    """
     names = list(FAMILIES) if families is None else list(families)
     unknown = [n for n in names if n not in FAMILIES]
     if unknown or not names:
@@ -195,7 +191,8 @@ def _unit_hash(text: str) -> float:
 def lm_corpus(valid_fraction: float = 0.1) -> dict:
     """Python's help topics (``pydoc_data.topics``, in the standard library: nothing to download) as
     ``{"train": [str, ...], "valid": [str, ...]}``; a topic is valid when the :func:`_unit_hash` of its name
-    is below ``valid_fraction``."""
+    is below ``valid_fraction``.
+    """
     if not 0.0 < valid_fraction < 1.0:
         raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
     split = {"train": [], "valid": []}
@@ -211,7 +208,8 @@ def validate_record(obj, where: str = "record") -> dict:
     ``instruction`` and ``response`` are required strings; ``context`` defaults to "", ``references`` to
     ``[response]`` (a non-empty list of str otherwise), ``task`` to "user". MiniLLM's names are read too:
     ``input`` as the context, ``output`` as the response, or as every reference when it is a list (the
-    response is then its first)."""
+    response is then its first).
+    """
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "response" not in obj and "output" in obj:  # MiniLLM's names: input, output (a str or every reference)
@@ -233,7 +231,8 @@ def validate_record(obj, where: str = "record") -> dict:
 def load_jsonl(path) -> list[dict]:
     """Records from a JSONL file in Dolly format, one object a line (blank lines are skipped). Raises
     ValueError "<path>:<line>: <what is wrong>" for bytes that are not UTF-8, bad JSON, a non-object or a
-    missing or ill-typed field."""
+    missing or ill-typed field.
+    """
     return [record for _, record in _numbered_records(path)]
 
 
@@ -314,7 +313,8 @@ def encode_example(tokenizer: Tokenizer, record, seq_len: int, truncation: str =
 def instruction_examples(records, tokenizer: Tokenizer, seq_len: int, truncation: str = "left",
                          places=None) -> list:
     """:func:`encode_example` over records; an error names the record's place (``places[i]``, such as
-    "file.jsonl:11") or its index."""
+    "file.jsonl:11") or its index.
+    """
     examples = []
     for i, record in enumerate(records):
         try:
@@ -327,7 +327,8 @@ def instruction_examples(records, tokenizer: Tokenizer, seq_len: int, truncation
 def lm_examples(texts, tokenizer: Tokenizer, seq_len: int) -> list:
     """Language-modelling examples: the texts' tokens, each text followed by eos, concatenated and cut
     into chunks of seq_len + 1 tokens overlapping by one, so that every token after the first is a
-    label exactly once; the last incomplete chunk is dropped. Each example is ``(chunk[:-1], chunk[1:])``."""
+    label exactly once; the last incomplete chunk is dropped. Each example is ``(chunk[:-1], chunk[1:])``.
+    """
     stream = [token for text in texts for token in tokenizer.encode(text) + [tokenizer.eos_id]]
     return [(stream[s:s + seq_len], stream[s + 1:s + seq_len + 1])
             for s in range(0, len(stream) - seq_len, seq_len)]
@@ -335,7 +336,8 @@ def lm_examples(texts, tokenizer: Tokenizer, seq_len: int) -> list:
 
 def collate(examples, pad_id: int, device: str | None = None):
     """``idx`` (B, T) and ``labels`` (B, T) int64 from a list of (idx, labels) rows, T = the longest row;
-    padding is ``pad_id`` in idx and -100 in labels. NumPy arrays, or moved to ``device`` when given."""
+    padding is ``pad_id`` in idx and -100 in labels. NumPy arrays, or moved to ``device`` when given.
+    """
     if not examples:
         raise ValueError("cannot collate an empty batch")
     T = max(len(x) for x, _ in examples)
@@ -354,7 +356,8 @@ class BatchIterator:
     Epoch e visits the examples in the order ``default_rng([seed, e]).permutation(n)``; a batch that
     reaches the end of an epoch continues into the next, so every batch has ``batch_size`` rows and no
     example is skipped. ``state()`` is ``{"seed", "epoch", "offset"}`` (ints); ``restore(state)`` returns
-    to that point, and the batches that follow are identical to those of an uninterrupted run."""
+    to that point, and the batches that follow are identical to those of an uninterrupted run.
+    """
 
     def __init__(self, examples, batch_size: int, pad_id: int, seed: int = 0, device: str | None = None):
         if not examples:
@@ -409,7 +412,8 @@ def load_dataset(spec: str) -> dict:
     - ``"pydoc"``: Python's help topics (``kind = "text"``, strings; test = valid);
     - a ``.jsonl`` file: Dolly-format records; a ``.txt`` file or a directory of them: plain text.
       About 10% of the records or files (chosen by a hash of their index) are held out as valid = test;
-      of a single text file, its last tenth of lines. ``places`` names each record's file and line."""
+      of a single text file, its last tenth of lines. ``places`` names each record's file and line.
+    """
     if spec == "synthetic":
         return {"kind": "instructions", **synthetic_suite()}
     if spec == "pydoc":
@@ -452,7 +456,8 @@ def prepare(dataset: dict, seq_len: int, *, tokenizer: Tokenizer | None = None, 
             splits=("train", "valid", "test")) -> tuple[Tokenizer, dict]:
     """The pipeline data -> tokenizer -> examples: ``(tokenizer, {split: examples})`` for a dataset of
     :func:`load_dataset`'s form; a byte-level BPE of ``vocab_size`` is trained on the training texts
-    unless ``tokenizer`` is given (a teacher's, say)."""
+    unless ``tokenizer`` is given (a teacher's, say).
+    """
     if tokenizer is None:  # trained on the training split, each record as prompt + response
         texts = [record_text(r) for r in dataset["train"]] if dataset["kind"] == "instructions" else dataset["train"]
         tokenizer = Tokenizer.train(texts, vocab_size)

@@ -30,11 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend, checkpoint, data, losses, metrics, optim
-from .backend import cores, to_numpy
+from . import checkpoint, data, losses, metrics, optim, parallel
+from .device import to_numpy
 from .evaluation import PAPER, evaluate
 from .layers import IGNORE_INDEX
-from .model import forward, init_params
+from .model import init_params
+from .parallel import cores
 from .presets import PRESETS
 from .progress import Progress
 from .teacher import Teacher
@@ -63,7 +64,8 @@ def _train_once(run_dir, *args, **kwargs):
 
 def _claim(out):
     """``out``, created, if it is new, empty or the demo's own (nothing but students/, demo.png and a results.json
-    with students' scores); else a ValueError. Checked before anything runs: a wrong --out costs nothing."""
+    with students' scores); else a ValueError. Checked before anything runs: a wrong --out costs nothing.
+    """
     results = out / "results.json"
     if out.exists() and not (out.is_dir() and {(p.name, p.is_dir()) for p in out.iterdir()} <= DEMO_OUTPUTS
                              and (not results.exists() or '"students"' in results.read_text(errors="replace"))):
@@ -99,7 +101,8 @@ def efficiency(config, tokenizer, examples, teacher, names, tcfg, device, steps=
     after one warm-up, the same batches for every loss, the losses taking turns step by step so that a
     change of machine load reaches them all) and, per divergence, the peak memory of the KD loss and its
     gradient alone in MB (tracemalloc, on the host) at ``kd_shape``, the counted positions of a training
-    batch by the vocabulary (the logits a training step computes)."""
+    batch by the vocabulary (the logits a training step computes).
+    """
     teacher.precompute(examples, device)  # as training does: the teacher's logits come from its cache
     batches = data.BatchIterator(examples, tcfg.batch_size, pad_id=tokenizer.eos_id, seed=0, device=device)
     runs = {name: replace(tcfg, loss=name) for name in names}
@@ -116,7 +119,7 @@ def efficiency(config, tokenizer, examples, teacher, names, tcfg, device, steps=
     result = {"ms_per_step": {name: float(np.median(t[1:])) for name, t in times.items()}, "kd_peak_mb": {},
               "kd_shape": [int((to_numpy(labels) != IGNORE_INDEX).sum()), config.vocab_size]}
     for name in [n for n in names if n != SFT]:  # on the last batch
-        s = to_numpy(forward(params[name], idx, config, rows=labels != IGNORE_INDEX)[0])
+        s = to_numpy(parallel.forward_in_shards(params[name], idx, config, rows=labels != IGNORE_INDEX)[0])
         t = to_numpy(teacher.batch_logits(idx, labels))
         tracemalloc.start()
         losses.LOSSES[name](s, t, temperature=runs[name].temperature, **runs[name].loss_options)
@@ -127,7 +130,8 @@ def efficiency(config, tokenizer, examples, teacher, names, tcfg, device, steps=
 
 class _Students:
     """Trains and evaluates one student, ``(name, seed)`` -> (its scores, its validation curve): the work of
-    the demo's student phase, the same in this process or in a worker of :func:`_in_workers`."""
+    the demo's student phase, the same in this process or in a worker of :func:`_in_workers`.
+    """
 
     def __init__(self, out, config, tcfg, tokenizer, split, teacher, test, device, progress):
         self.__dict__.update(out=out, config=config, tcfg=tcfg, tokenizer=tokenizer, split=split, teacher=teacher,
@@ -148,7 +152,8 @@ _WORKER = {}  # a worker process's _Students
 
 def _start_worker(students, threads):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches a worker only inside fit, which saves and stops
-    backend.THREADS = threads
+    parallel.THREADS = threads
+    parallel.reuse_freed_memory()
     _WORKER["students"] = students
 
 
@@ -158,7 +163,8 @@ def _work(name, seed):
 
 def _in_workers(students, runs, jobs, progress):
     """``{run: students(*run)}`` from ``jobs`` processes, each on cores / jobs threads (BLAS and the losses);
-    a run's numbers do not depend on the thread count. On Ctrl-C the runs in progress save their state."""
+    a run's numbers do not depend on the thread count. On Ctrl-C the runs in progress save their state.
+    """
     threads = max(1, cores() // jobs)
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                                initargs=(students, threads))
@@ -189,7 +195,8 @@ def _in_workers(students, runs, jobs, progress):
 def run(out, *, preset="full", loss_names=DEFAULT_LOSSES, seeds=None, protocol=PAPER, device="cpu",
         arch="gpt2", jobs=1, progress=True, log=print):
     """Run the demo into ``out`` with models of ``arch`` (gpt2 or llama), training ``jobs`` students at once
-    (in as many processes; 1 on a GPU); returns the results dict also written to ``out/results.json``."""
+    (in as many processes; 1 on a GPU); returns the results dict also written to ``out/results.json``.
+    """
     cfg = replace(PRESETS[preset], arch=arch, seeds=PRESETS[preset].seeds if seeds is None else tuple(seeds))
     if unknown := [n for n in loss_names if n not in losses.LOSSES]:
         raise ValueError(f"unknown losses {unknown}: choose from {sorted(losses.LOSSES)}")
@@ -235,7 +242,8 @@ def run(out, *, preset="full", loss_names=DEFAULT_LOSSES, seeds=None, protocol=P
 
 def table(results):
     """The results as text: one row per model (students: mean ± standard error over training seeds), the
-    paired differences todi - X with their 95% intervals, and the cost of each loss."""
+    paired differences todi - X with their 95% intervals, and the cost of each loss.
+    """
     lines = [f"{'model':<8} {'ROUGE-L':>13} {'exact':>6} {'valid':>6} {'cover':>6} {'ppl':>6} {'KL':>6}"]
 
     def num(x, digits):

@@ -12,17 +12,18 @@ reach, averaged. A mode-seeking student (RKL) keeps validity high and coverage l
 (FKL) spreads its samples, reaching more answers and more invalid ones. Both are percentages.
 
 **Teacher-forced** numbers: the perplexity of the reference responses, and KL(teacher || model) per response
-token at T = 1."""
+token at T = 1.
+"""
 
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from . import layers, losses, metrics
-from .backend import to_float
 from .data import eval_batches, format_prompt
+from .device import to_float
 from .generate import check_settings, generate
-from .model import forward
+from .parallel import forward_in_shards
 
 ROUGE = "rouge_score RougeScorer(['rougeL'], use_stemmer=True) F-measure, max over references, x100"
 
@@ -63,11 +64,12 @@ PAPER = Protocol()
 def heldout_losses(params, config, examples, pad_id, *, batch_size=64, device="cpu", teacher=None):
     """Per counted token over ``examples`` (token-weighted, not batch-weighted): the cross-entropy, and
     KL(teacher || model) at T = 1 when a teacher is given (else None). ``pad_id`` is the tokenizer's eos
-    id; padding follows every counted token, so causal attention never lets it change a counted one."""
+    id; padding follows every counted token, so causal attention never lets it change a counted one.
+    """
     nll = kl = count = 0.0
     for idx, labels in eval_batches(examples, batch_size, pad_id=pad_id, device=device):
         counted = labels != layers.IGNORE_INDEX
-        logits, _ = forward(params, idx, config, rows=counted)
+        logits, _ = forward_in_shards(params, idx, config, rows=counted)
         ce, cache = layers.cross_entropy_forward(logits, labels[counted])
         n = cache[3]
         nll += to_float(ce) * n
@@ -84,7 +86,8 @@ def prompt_ids(tokenizer, record, room):
 
 def validity_and_coverage(texts, records):
     """(validity, coverage) in percent over the records with >= 2 references; (None, None) without any.
-    ``texts[k][i]`` is the answer of pass k to record i."""
+    ``texts[k][i]`` is the answer of pass k to record i.
+    """
     valid = reached = 0.0
     multi = [i for i, r in enumerate(records) if len(r["references"]) > 1]
     for i in multi:
@@ -102,7 +105,8 @@ def evaluate(params, config, tokenizer, records, examples, *, teacher=None, prot
     "rouge_l_per_eval_seed", "per_task", "samples"}``: means over records and generation passes;
     ``rouge_l_se`` the standard error over the passes (None for one); ``divergence`` KL(teacher || model)
     per response token at T = 1 (None without a teacher); ``per_task`` ROUGE-L and exact match per task
-    family; ``samples`` the first pass's answers to the first five records."""
+    family; ``samples`` the first pass's answers to the first five records.
+    """
     room = config.n_positions - max_new_tokens
     prompts = [prompt_ids(tokenizer, r, room) for r in records]
     texts = []

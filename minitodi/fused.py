@@ -38,7 +38,7 @@ TERMS = {"fkl": ("e.p * (e.lp - e.lq)", "-e.p"),
 _ARGS = "T s, T t, T lse_s, T lse_t, T inv_t, T beta"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernels(name):
     import cupy
     term, g = TERMS[name]
@@ -53,7 +53,7 @@ def _kernels(name):
     return row_sum["term"], row_sum["g"], grad
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sumexp():
     import cupy
     return cupy.ReductionKernel("T x, T m, T inv_t", "T y", "exp((x - m) * inv_t)", "a + b", "y = a", "0",
@@ -69,7 +69,8 @@ def _log_sum_exp(x, inv_t):
 
 def loss_and_grad(name, s2, t2, rows, temperature, beta=1.0):
     """Mean divergence over counted rows and its gradient, for CuPy logits (M, V) with no -inf;
-    ``rows``: indices of the counted rows, or None when all count."""
+    ``rows``: indices of the counted rows, or None when all count.
+    """
     import cupy
     term_sum, g_sum, grad_kernel = _kernels(name)
     inv_t, b = cupy.asarray(1.0 / temperature, dtype=s2.dtype), cupy.asarray(beta, dtype=s2.dtype)

@@ -14,7 +14,8 @@ its text is longer than the vocabulary) gets token 0, as transformers' argmax do
 Sampling draws on the host: prompt i's uniforms (one per step, inverse CDF over the token ids) come from
 ``default_rng([seed, i])``. So NumPy and CuPy give the same text, a sample does not depend on its batch, and
 two models sampled with one seed share their uniforms (common random numbers): their difference in score
-carries less sampling noise while each model's sampling law is unchanged."""
+carries less sampling noise while each model's sampling law is unchanged.
+"""
 
 import math
 import numbers
@@ -23,7 +24,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from .backend import array_module, log_softmax, to_numpy
+from .device import array_module, to_numpy
+from .losses import log_softmax
 from .model import forward
 
 
@@ -44,7 +46,8 @@ def check_settings(*, max_new_tokens=1, temperature=0.0, top_k=None, top_p=None,
 def next_token(logits, rng=None, *, temperature=0.0, top_k=None, top_p=None, banned=None):
     """Token ids (B,) chosen from host logits (B, V): argmax when ``temperature`` is 0, else a sample.
     ``rng``: a NumPy Generator, or one per row (row b's uniform comes from ``rng[b]``).
-    ``banned``: per row, token ids whose logit becomes -inf first (the no-repeat n-gram rule)."""
+    ``banned``: per row, token ids whose logit becomes -inf first (the no-repeat n-gram rule).
+    """
     check_settings(temperature=temperature, top_k=top_k, top_p=top_p)
     z = np.array(logits, dtype=np.float64)
     for b, tokens in enumerate(banned or ()):
@@ -117,7 +120,8 @@ def generate(params, config, prompts, *, max_new_tokens=32, eos_id=None, tempera
     ``temperature=0`` is greedy decoding. The continuation is promised R = max(1, min(max_new_tokens,
     n_positions // 2)) positions: a prompt longer than n_positions - R + 1 tokens (the last new token needs
     no position) is cut from the left, and a continuation longer than the context allows stops at its end;
-    either is said on stderr."""
+    either is said on stderr.
+    """
     check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    no_repeat_ngram_size=no_repeat_ngram_size, batch_size=batch_size)
     reserve = max(1, min(max_new_tokens, config.n_positions // 2))

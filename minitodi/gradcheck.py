@@ -15,14 +15,15 @@ which is ~1e-10 for a correct gradient and O(1) for a wrong one. Every check her
 in float32 the rounding term alone is ~1e-2 and a check says nothing.
 
 Functions take a zero-argument callable ``f`` that returns the scalar loss and reads the array being
-perturbed: the array is modified in place, one entry at a time, and always restored."""
+perturbed: the array is modified in place, one entry at a time, and always restored.
+"""
 
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import losses
-from .backend import array_module, to_float, to_numpy
+from .device import array_module, to_float, to_numpy
 
 DEFAULT_EPS = 1e-5
 
@@ -58,7 +59,8 @@ def central_difference(f, x, index, eps=DEFAULT_EPS, order=2) -> float:
     The fourth-order stencil costs twice the evaluations and leaves only the rounding term; that
     matters for entries whose gradient is small by cancellation, where the truncation error
     (eps^2 times the third derivative) is large next to the gradient itself. Differences are taken
-    before weighting, so a constant f gives exactly 0."""
+    before weighting, so a constant f gives exactly 0.
+    """
     if order not in (2, 4):
         raise ValueError(f"order must be 2 or 4, got {order}")
     old = x[index].copy()
@@ -98,7 +100,8 @@ def check_array(f, x, analytic, *, eps=DEFAULT_EPS, order=2, max_entries=None, r
         rows: only these indices along axis 0 (e.g. embedding rows that the batch uses).
         rng: a ``np.random.Generator`` for the sample (default: seeded 0).
         skip_nonfinite: leave out entries of ``x`` that are +-inf (a masked logit stays masked).
-        order: 2 or 4, the stencil of :func:`central_difference`."""
+        order: 2 or 4, the stencil of :func:`central_difference`.
+    """
     _require_float64(x)
     if analytic.shape != x.shape:
         raise ValueError(f"analytic gradient has shape {analytic.shape}, x has shape {x.shape}")
@@ -120,7 +123,8 @@ def check_arrays(f, arrays: dict, grads: dict, *, eps=DEFAULT_EPS, order=2, max_
                  rng=None) -> dict:
     """:func:`check_array` for every array of a dict (e.g. model parameters); no tensor is skipped.
     ``rows`` maps names to the rows to check (e.g. ``{"transformer.wte.weight": used_ids}``; for a
-    vector, its entries). ``order``: the stencil, as in :func:`check_array`. Returns ``{name: CheckResult}``."""
+    vector, its entries). ``order``: the stencil, as in :func:`check_array`. Returns ``{name: CheckResult}``.
+    """
     if missing := set(arrays) ^ set(grads):
         raise KeyError(f"arrays and gradients have different keys: {sorted(missing)}")
     rng = np.random.default_rng(0) if rng is None else rng
@@ -131,7 +135,8 @@ def check_arrays(f, arrays: dict, grads: dict, *, eps=DEFAULT_EPS, order=2, max_
 def directional_check(f, arrays: dict, grads: dict, *, eps=DEFAULT_EPS, rng=None):
     """Check a whole gradient at once along a random unit direction u (two evaluations of f, not two per entry).
     Returns ``(analytic, numeric, rel_error)`` with analytic = sum_k <grads[k], u_k> and
-    numeric = (f(x + eps u) - f(x - eps u)) / (2 eps). Arrays are restored afterwards."""
+    numeric = (f(x + eps u) - f(x - eps u)) / (2 eps). Arrays are restored afterwards.
+    """
     rng = np.random.default_rng(0) if rng is None else rng
     for name, x in arrays.items():
         _require_float64(x, name)
@@ -176,7 +181,8 @@ change the gradient (a sharper ToDi weight, a constant one a = 1/2, other skews)
 def check_loss(name, student_logits, teacher_logits, mask=None, *, temperature=1.0, eps=LOSS_CHECK_EPS,
                order=LOSS_CHECK_ORDER, max_entries=None, rng=None, **options):
     """Check ``LOSSES[name]``'s gradient against central differences of its value, in float64, with the
-    stop-gradient weights (ToDi, AKL) held at the base logits (``stopgrad_at``, see losses). -> CheckResult"""
+    stop-gradient weights (ToDi, AKL) held at the base logits (``stopgrad_at``, see losses). -> CheckResult
+    """
     fn = losses.LOSSES[name]
     student = student_logits.copy()
     if name in losses.STOPGRAD_LOSSES:
@@ -189,7 +195,8 @@ def check_loss(name, student_logits, teacher_logits, mask=None, *, temperature=1
 def gradcheck_table(seed=0, temperatures=(1.0, 2.0), names=None, eps=LOSS_CHECK_EPS):
     """Rows (name, options, temperature, entries checked, max relative error) in float64 (``minitodi gradcheck``).
     Logits (2, 3, 11) ~ N(0, 1) (an untrained model's scale), a mask that turns off two of the six
-    positions; every entry of the student's logits is checked with :func:`check_loss`."""
+    positions; every entry of the student's logits is checked with :func:`check_loss`.
+    """
     student, teacher = np.random.default_rng(seed).standard_normal((2, 2, 3, 11))  # the student's draw first
     mask = np.array([[True, False, True], [True, True, False]])
     checked = [(name, options, T, check_loss(name, student, teacher, mask, temperature=T, eps=eps, **options))

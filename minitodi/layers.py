@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from .backend import array_module, in_order, threads
+from .device import array_module
 
 IGNORE_INDEX = -100
 
@@ -22,7 +22,8 @@ IGNORE_INDEX = -100
 def embedding_forward(wte, wpe, idx, pos0=0):
     """x[b, t] = wte[idx[b, t]] + wpe[pos0 + t], or without wpe (None: a Llama, whose positions enter later,
     as rotations of q and k) x[b, t] = wte[idx[b, t]]. wte (V, C), wpe (n_positions, C), idx (B, T) integer
-    ids, already validated -> x (B, T, C)."""
+    ids, already validated -> x (B, T, C).
+    """
     x = wte[idx] if wpe is None else wte[idx] + wpe[pos0:pos0 + idx.shape[1]]  # (B, T, C)
     return x, (idx, wte.shape, None if wpe is None else wpe.shape, pos0)
 
@@ -48,7 +49,8 @@ def embedding_backward(dx, cache):
 # ---- layer norm ----------------------------------------------------------------------------------
 def layernorm_forward(x, w, b, eps=1e-5):
     """y = (x - mean) * rstd * w + b over the last axis, rstd = 1 / sqrt(var + eps) (biased variance):
-    x (..., C), w (C,), b (C,) -> y (..., C). The row sums of squares are dot products (no squared copy)."""
+    x (..., C), w (C,), b (C,) -> y (..., C). The row sums of squares are dot products (no squared copy).
+    """
     xp = array_module(x)
     C = x.shape[-1]
     xhat = x - x.sum(axis=-1, keepdims=True) / C
@@ -88,7 +90,8 @@ def _row_dot(a, b):
 # ---- linear (GPT-2's Conv1D: the weight is stored (in, out)) -------------------------------------
 def linear_forward(x, w, b):
     """y = x @ w + b:   x (..., in), w (in, out), b (out,) -> y (..., out). The product runs on x
-    flattened to (N, in): one matrix product instead of a batch of small ones."""
+    flattened to (N, in): one matrix product instead of a batch of small ones.
+    """
     y = x.reshape(-1, x.shape[-1]) @ w  # (N, in) @ (in, out)
     y += b
     return y.reshape(*x.shape[:-1], w.shape[1]), (x, w)
@@ -176,16 +179,15 @@ def attention_backward(dy, cache):
 
 
 # ---- softmax cross-entropy with an ignore index --------------------------------------------------
-CE_BLOCK_ELEMENTS = 1 << 19  # logits per block of rows (2 MiB in float32): each block's passes stay in cache
-
-
 def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX):
-    """loss = mean over positions with targets != ignore_index of -log softmax(logits)[target]:
-    logits (..., V), targets (...) integer -> (loss as a 0-d array, cache). At least one position must count.
+    """loss = mean over positions with targets != ignore_index of -log softmax(logits)[target].
 
-    Per row, with m its maximum and s = sum_v exp(x_v - m): -log softmax(x)[t] = log s - (x_t - m); the
-    softmax q = exp(x - m) / s is kept for the backward. Blocks of rows run on :func:`backend.threads`
-    threads; each row is computed alone, so the numbers do not depend on the blocks or the threads.
+    logits (..., V), targets (...) integer -> (loss as a 0-d array, cache). At least one position must
+    count. Per row, with m its maximum and s = sum_v exp(x_v - m):
+
+        -log softmax(x)[t] = -(x_t - m - log s) = log s - (x_t - m),
+
+    and the softmax q = exp(x - m) / s is kept for the backward (one exp for both passes).
     """
     xp = array_module(logits)
     V = logits.shape[-1]
@@ -193,23 +195,17 @@ def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX):
     n = int(counted.sum())
     if n == 0:
         raise ValueError("cross-entropy: every target is the ignore index, nothing to average")
-    safe = xp.where(counted, targets, 0)
+    safe = xp.where(counted, targets, 0)  # any valid id where ignored: those rows are multiplied by 0 below
     if int(safe.min()) < 0 or int(safe.max()) >= V:
         raise ValueError(f"cross-entropy: targets must be in [0, {V}) or {ignore_index}")
-    x = logits.reshape(-1, V)
-    q, nll = xp.empty_like(x), xp.empty(x.shape[0], dtype=x.dtype)
-
-    def block(sel):  # writes q and -log q[target] of its rows
-        m = x[sel].max(axis=-1, keepdims=True)
-        xp.subtract(x[sel], m, out=q[sel])
-        picked = xp.take_along_axis(q[sel], safe.reshape(-1, 1)[sel], axis=-1)  # x_t - m
-        xp.exp(q[sel], out=q[sel])
-        s = q[sel].sum(axis=-1, keepdims=True)
-        q[sel] /= s
-        nll[sel] = (xp.log(s) - picked)[:, 0]
-
-    step = max(1, CE_BLOCK_ELEMENTS // V)
-    in_order(block, [slice(i, i + step) for i in range(0, x.shape[0], step)], threads(xp))
+    x = logits.reshape(-1, V)  # (N, V)
+    m = x.max(axis=-1, keepdims=True)  # (N, 1)
+    q = x - m
+    picked = xp.take_along_axis(q, safe.reshape(-1, 1), axis=-1)  # x_t - m, (N, 1)
+    xp.exp(q, out=q)
+    s = q.sum(axis=-1, keepdims=True)  # (N, 1)
+    q /= s  # q = softmax(x)
+    nll = (xp.log(s) - picked)[:, 0]  # (N,)
     loss = (nll * counted.reshape(-1)).sum() / n
     return loss, (q.reshape(logits.shape), safe, counted, n)
 
@@ -231,7 +227,8 @@ def cross_entropy_backward(dloss, cache):
 # ---- RMSNorm (Llama's norm: layer norm without the mean and the bias) ----------------------------
 def rmsnorm_forward(x, w, eps=1e-6):
     """y = x * rstd * w over the last axis, rstd = 1 / sqrt(mean(x^2) + eps):
-    x (..., C), w (C,) -> y (..., C)."""
+    x (..., C), w (C,) -> y (..., C).
+    """
     rstd = 1.0 / array_module(x).sqrt(_row_dot(x, x) / x.shape[-1] + eps)
     xhat = x * rstd
     return xhat * w, (xhat, rstd, w)
@@ -259,7 +256,8 @@ def rmsnorm_backward(dy, cache):
 def rope_tables(pos0, T, hs, theta, like):
     """cos and sin (T, hs) of the angles (pos0 + t) theta^(-2i / hs), i < hs / 2, each frequency written
     twice ([f_0 .. f_{hs/2 - 1}, f_0 .. f_{hs/2 - 1}]: channel i is paired with channel i + hs/2).
-    Angles are computed in float64, then cast to the dtype (and module) of the array ``like``."""
+    Angles are computed in float64, then cast to the dtype (and module) of the array ``like``.
+    """
     xp = array_module(like)
     inv_freq = 1.0 / theta ** (xp.arange(0, hs, 2, dtype=xp.float64) / hs)  # (hs/2,)
     angles = xp.arange(pos0, pos0 + T, dtype=xp.float64)[:, None] * inv_freq  # (T, hs/2)
@@ -275,7 +273,8 @@ def _rotate_half(x):
 
 def rotary_forward(x, cos, sin, n_head):
     """y = x cos + rotate_half(x) sin per head: the pair (x_i, x_{i+hs/2}) at position t turned by its angle:
-    x (B, T, n_head hs), cos and sin (T, hs) from :func:`rope_tables` -> y (B, T, n_head hs)."""
+    x (B, T, n_head hs), cos and sin (T, hs) from :func:`rope_tables` -> y (B, T, n_head hs).
+    """
     B, T, C = x.shape
     xh = x.reshape(B, T, n_head, C // n_head)  # (B, T, C) -> (B, T, nh, hs)
     cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, hs): the same angles for every head
@@ -299,7 +298,8 @@ def rotary_backward(dy, cache):
 # ---- SwiGLU: Llama's gated unit between gate_proj / up_proj and down_proj ------------------------
 def swiglu_forward(g, u):
     """y = silu(g) * u, silu(g) = g * sigmoid(g):   g, u (..., I) -> y (..., I). sigmoid(g) is computed as
-    (1 + tanh(g / 2)) / 2, which never overflows."""
+    (1 + tanh(g / 2)) / 2, which never overflows.
+    """
     s = array_module(g).tanh(0.5 * g)
     s += 1.0
     s *= 0.5  # sigmoid(g)
@@ -316,7 +316,7 @@ def swiglu_backward(dy, cache):
     return dy * u * (s + gs * (1.0 - s)), dy * gs
 
 
-# ---- causal grouped-query attention (Llama's; n_kv_head = n_head is GPT-2's multi-head attention) 
+# ---- causal grouped-query attention (Llama's; n_kv_head = n_head is GPT-2's multi-head attention)
 def grouped_attention_forward(q, k, v, n_head, n_kv_head, past=None):
     """Causal attention where G = n_head / n_kv_head query heads share one key/value head: query head h
     reads key/value head h // G (transformers' repeat_kv order).

@@ -47,8 +47,9 @@ from functools import partial
 
 import numpy as np
 
-from .backend import array_module, in_order, log_softmax, threads, to_numpy
+from .device import array_module, to_numpy
 from .fused import loss_and_grad as fused_loss_and_grad
+from .parallel import in_order, threads
 
 BLOCK_ELEMENTS = 1 << 16  # entries per block of rows (256 KiB in float32): a block's passes stay in cache
 USE_FUSED = True  # on CuPy arrays, FKL, RKL and ToDi use the fused kernels of minitodi.fused
@@ -57,6 +58,18 @@ LOG_ZERO = -1e4  # stands for log 0 inside the math: exp(LOG_ZERO) == 0 in float
 
 class InfiniteDivergenceError(ValueError):
     """The divergence is +inf: one distribution has mass where the other has none (-inf logits)."""
+
+
+def log_softmax(x, axis=-1):
+    """log softmax(x) along ``axis``, shifted by the row maximum so that exp never overflows.
+
+    log softmax(x)_v = x_v - log sum_w exp(x_w) = (x_v - m) - log sum_w exp(x_w - m) for any m; with m the
+    maximum every exp is <= 1. Entries at -inf give -inf (probability 0); a row with no finite entry gives
+    NaN: callers that accept -inf check for such rows themselves. The one log-softmax of the package.
+    """
+    xp = array_module(x)
+    shifted = x - x.max(axis=axis, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
 
 
 # ---- the divergences: (log p, log q, p, q[, weights]) of a block of rows -> (D per row, g = dD/d log q)
@@ -274,7 +287,7 @@ def _mean_over_positions(name, divergence, student_logits, teacher_logits, mask,
 
     Positions are processed in blocks of about ``BLOCK_ELEMENTS / V`` rows, so temporaries are O(block x V)
     and only the output gradient is full size; only counted positions are computed. Blocks run on
-    :func:`backend.threads` threads (NumPy releases the GIL in its loops); each writes its own rows of the
+    :func:`parallel.threads` threads (NumPy releases the GIL in its loops); each writes its own rows of the
     gradient and the block sums are added in block order: the result does not depend on the thread count.
     """
     xp, s, t, mask, w = _check_inputs(student_logits, teacher_logits, mask, temperature, stopgrad_at)
@@ -375,7 +388,8 @@ def _check_option(name, value, ok, requirement):
 
 def _check_neginf(name, named, rows, shape, infinite_where=()):
     """Raise at the first counted position where a row of logits is -inf throughout (no distribution),
-    then where D is +inf (``infinite_where``: one side's logit is -inf where the other side's is finite)."""
+    then where D is +inf (``infinite_where``: one side's logit is -inf where the other side's is finite).
+    """
     def first(bad):  # the position (tuple) of the first counted row flagged in bad (positions,), or None
         hits = to_numpy(array_module(bad).flatnonzero(bad if rows is None else bad[rows]))
         if hits.size:

@@ -16,7 +16,8 @@ and an n-token reference, P = L/m, R = L/n, F = 2PR/(P+R) (0 when L = 0 or eithe
 So "e-mail" equals "email", and "It's" equals "its".
 
 **Over seeds**: the mean, its standard error s/sqrt(n), and Student-t 95% intervals for paired differences
-(students of one training seed share init and data order, so todi - fkl is taken seed by seed)."""
+(students of one training seed share init and data order, so todi - fkl is taken seed by seed).
+"""
 
 import functools
 import math
@@ -51,7 +52,8 @@ def normalize_answer(text: str) -> str:
 def lcs_length(a, b) -> int:
     """Length of the longest common subsequence of two sequences (O(len(a) * len(b)) time, O(len(b)) memory).
     Row i of the dynamic program holds L(a[:i], b[:j]) for every j:
-    L(i, j) = L(i-1, j-1) + 1 if a[i-1] == b[j-1] else max(L(i-1, j), L(i, j-1))."""
+    L(i, j) = L(i-1, j-1) + 1 if a[i-1] == b[j-1] else max(L(i-1, j), L(i, j-1)).
+    """
     prev = [0] * (len(b) + 1)
     for x in a:
         row = [0]
@@ -113,7 +115,8 @@ def t_quantile(df: int, p: float = 0.975) -> float:
     With theta = atan(t / sqrt(df)), P(|T| < t) has a finite closed form (Abramowitz & Stegun 26.7.3-4):
     df odd:  (2/pi) (theta + sin(theta) sum_{k=0}^{(df-3)/2} c_k cos(theta)^(2k+1)),
              c_0 = 1, c_k = c_{k-1} (2k) / (2k+1);
-    df even: sin(theta) sum_{k=0}^{(df-2)/2} c_k cos(theta)^(2k), c_0 = 1, c_k = c_{k-1} (2k-1) / (2k)."""
+    df even: sin(theta) sum_{k=0}^{(df-2)/2} c_k cos(theta)^(2k), c_0 = 1, c_k = c_{k-1} (2k-1) / (2k).
+    """
     if int(df) != df or df < 1 or not 0.5 < p < 1:
         raise ValueError(f"t_quantile needs an integer df >= 1 and p in (0.5, 1), got df={df}, p={p}")
 

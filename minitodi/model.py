@@ -35,13 +35,13 @@ A Llama (:class:`LlamaConfig`) is named as transformers' ``LlamaForCausalLM``, i
 :func:`forward` and :func:`backward` serve every model type: ``ARCHITECTURES[config.model_type]``.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable
 
 import numpy as np
 
 from . import layers
-from .backend import array_module, host_rng, in_order, one_blas_thread, parallel_blas_calls, threads, to_device
+from .device import array_module, host_rng, to_device
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,8 @@ def check_ids(idx, config, pos0=0):
 
 def block_forward(x, p, config, past=None):
     """One GPT-2 block, x (B, T, C) -> (B, T, C). ``p``: the block's tensors by their names within the
-    block (``"ln_1.weight"``, ...); ``past``: its ``(k, v)`` for decoding, the cache's ``"present"``."""
+    block (``"ln_1.weight"``, ...); ``past``: its ``(k, v)`` for decoding, the cache's ``"present"``.
+    """
     eps, c = config.layer_norm_epsilon, {}
     a, c["ln_1"] = layers.layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"], eps)
     a, c["c_attn"] = layers.linear_forward(a, p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # (B, T, 3C)
@@ -259,7 +260,8 @@ def _proj_backward(dy, c, name, d):
 
 def llama_block_forward(x, p, config, past=None):
     """One Llama block (see the module docstring), x (B, T, C) -> (B, T, C); ``p`` and ``past`` as in
-    :func:`block_forward`, ``past`` with num_key_value_heads heads."""
+    :func:`block_forward`, ``past`` with num_key_value_heads heads.
+    """
     H, Hkv, eps, c = config.num_attention_heads, config.num_key_value_heads, config.rms_norm_eps, {}
     pos0 = 0 if past is None else past[0].shape[2]
     cos, sin = layers.rope_tables(pos0, x.shape[1], config.hidden_size // H, config.rope_theta, x)
@@ -294,7 +296,8 @@ def llama_block_backward(dx, c):
 
 def llama_head_forward(x, params, config):
     """logits = norm(x) @ W^T, W = lm_head.weight or, when tie_word_embeddings, the token embedding:
-    (B, T, C) -> (B, T, V)."""
+    (B, T, C) -> (B, T, V).
+    """
     c = {"head": "model.embed_tokens" if config.tie_word_embeddings else "lm_head"}
     xf, c["norm"] = layers.rmsnorm_forward(x, params["model.norm.weight"], config.rms_norm_eps)
     return _proj_forward(xf, params, c["head"], c), c
@@ -311,7 +314,8 @@ def llama_head_backward(dlogits, c):
 @dataclass(frozen=True)
 class Architecture:
     """What one model type defines; :func:`forward` and :func:`backward` chain it. Signatures as GPT-2's:
-    the head's backward returns {name: grad}, the block's {name within the block: grad}."""
+    the head's backward returns {name: grad}, the block's {name within the block: grad}.
+    """
     param_shapes: Callable
     block_prefix: str  # block l's tensors are named block_prefix.format(l) + name within the block
     residual_out: tuple  # suffixes of the projections into the residual stream (scaled at init)
@@ -337,53 +341,37 @@ def param_shapes(config):
     return ARCHITECTURES[config.model_type].param_shapes(config)
 
 
-SHARD_WORK = 1 << 16  # tokens x width per shard (512 x 128): less gains nothing from a thread of its own
-
-
 def forward(params, idx, config, *, past=None, rows=None):
     """Logits (B, T, V) for token ids ``idx`` (B, T) on the parameters' device, and the cache that
-    :func:`backward` needs. For decoding with a KV cache, ``past`` is ``cache["present"]`` of the previous
-    call (per layer ``(k, v)``) and ``idx`` holds only the new tokens. ``rows``, a boolean (B, T) mask, runs
-    the head, a small model's widest layer, only where a loss reads it: logits (n, V), in row-major order.
+    :func:`backward` needs.
 
-    On NumPy, without ``past``, the batch runs as shards of whole sequences of about :data:`SHARD_WORK`
-    tokens x width each, side by side on :func:`backend.threads` threads: a sequence never meets another one, so
-    the logits are the unsharded ones; :func:`backward` adds the shards' gradients in shard order. The
-    shards are fixed by the batch's shape alone, so the numbers do not depend on the number of threads."""
+    For decoding with a KV cache, ``past`` is ``cache["present"]`` of the previous call (per layer
+    ``(k, v)``) and ``idx`` holds only the new tokens. ``rows``, a boolean (B, T) mask, runs the head, a
+    small model's widest layer, only where a loss reads it: logits (n, V), in row-major order.
+    (:func:`minitodi.parallel.forward_in_shards` runs this function on shards of a batch side by side.)
+    """
     xp = array_module(*params.values())
     idx = xp.asarray(idx)
-    check_ids(idx, config, 0 if past is None else past[0][0].shape[2])
-    B, T = idx.shape
-    wte = params[ARCHITECTURES[config.model_type].embeddings[0]]
-    count = max(1, min(B, B * T * wte.shape[1] // SHARD_WORK)) if past is None and xp is np else 1
-    if count == 1:
-        return _forward(params, idx, config, past, rows)
-    seqs = [slice(i * B // count, (i + 1) * B // count) for i in range(count)]
-    ends = np.cumsum([0] + [int(rows[s].sum()) for s in seqs]) if rows is not None else None
-    outs = seqs if rows is None else [slice(ends[i], ends[i + 1]) for i in range(count)]
-    logits = np.empty(((B, T) if rows is None else (ends[-1],)) + (config.vocab_size,), dtype=wte.dtype)
-
-    def shard(i):  # writes its rows of the logits
-        logits[outs[i]], cache = _forward(params, idx[seqs[i]], config, None, None if rows is None else rows[seqs[i]])
-        return cache
-
-    caches = _in_shards(shard, count)
-    present = [tuple(np.concatenate(kv) for kv in zip(*layer)) for layer in zip(*(c["present"] for c in caches))]
-    return logits, {"shards": list(zip(outs, caches)), "present": present, "has_past": False}
-
-
-def _forward(params, idx, config, past, rows):
-    """:func:`forward` on one shard (or the whole batch), its ids checked."""
+    pos0 = 0
+    if past is not None:
+        pos0 = past[0][0].shape[2]  # the positions already in the KV cache
+    check_ids(idx, config, pos0)
     arch = ARCHITECTURES[config.model_type]
-    wte, wpe = (None if name is None else params[name] for name in arch.embeddings)  # a Llama: wpe None
-    x, c_embed = layers.embedding_forward(wte, wpe, idx, 0 if past is None else past[0][0].shape[2])
+    wte_name, wpe_name = arch.embeddings
+    wpe = None if wpe_name is None else params[wpe_name]  # a Llama has no position embedding
+    x, c_embed = layers.embedding_forward(params[wte_name], wpe, idx, pos0)
     blocks = []
     for l in range(config.n_layer):
         prefix = arch.block_prefix.format(l)
         p = {name[len(prefix):]: w for name, w in params.items() if name.startswith(prefix)}
-        x, c = arch.block_forward(x, p, config, None if past is None else past[l])
+        layer_past = None if past is None else past[l]
+        x, c = arch.block_forward(x, p, config, layer_past)
         blocks.append(c)
-    logits, c_head = arch.head_forward(x if rows is None else x[rows], params, config)
+    if rows is not None:
+        x_head = x[rows]  # (B, T, C) -> (n, C): only the positions a loss reads
+    else:
+        x_head = x
+    logits, c_head = arch.head_forward(x_head, params, config)
     cache = {"config": config, "names": list(params), "embed": c_embed, "blocks": blocks, "head": c_head,
              "present": [c["attn"]["present"] for c in blocks], "has_past": past is not None,
              "rows": rows, "shape": x.shape}
@@ -391,44 +379,31 @@ def _forward(params, idx, config, past, rows):
 
 
 def backward(dlogits, cache):
-    """Gradients of the loss w.r.t. every parameter, from dlogits = dloss / dlogits (B, T, V): a dict with
-    exactly the keys of the parameters. The forward must have run without ``past``."""
+    """Gradients of the loss w.r.t. every parameter, from dlogits = dloss / dlogits (B, T, V), or (n, V)
+    for a forward with ``rows``: a dict with exactly the keys of the parameters. The forward must have
+    run without ``past``.
+    """
     if cache["has_past"]:
         raise ValueError("backward needs a forward over the whole sequence (it ran with a KV cache)")
-    if "shards" not in cache:
-        return _backward(dlogits, cache)
-    parts = _in_shards(lambda i: _backward(dlogits[cache["shards"][i][0]], cache["shards"][i][1]),
-                       len(cache["shards"]))
-    grads = parts[0]
-    for part in parts[1:]:  # in shard order, whatever the threads
-        for name, g in part.items():
-            grads[name] += g
-    return grads
-
-
-def _backward(dlogits, cache):
-    """:func:`backward` of one shard (or the whole batch)."""
     arch = ARCHITECTURES[cache["config"].model_type]
     dx, grads = arch.head_backward(dlogits, cache["head"])
-    if cache["rows"] is not None:  # forward was: logits = head(x[rows]); the other positions get no gradient
-        dx_rows, dx = dx, array_module(dx).zeros(cache["shape"], dtype=dx.dtype)
+    if cache["rows"] is not None:
+        # forward was: logits = head(x[rows]); the other positions get no gradient
+        dx_rows = dx
+        dx = array_module(dx).zeros(cache["shape"], dtype=dx.dtype)
         dx[cache["rows"]] = dx_rows
     for l in reversed(range(len(cache["blocks"]))):
         dx, block_grads = arch.block_backward(dx, cache["blocks"][l])
-        grads.update({arch.block_prefix.format(l) + name: g for name, g in block_grads.items()})
+        prefix = arch.block_prefix.format(l)
+        grads.update({prefix + name: g for name, g in block_grads.items()})
     for name, g in zip(arch.embeddings, layers.embedding_backward(dx, cache["embed"])):
-        if name is not None:  # a tied tensor gets gradient from both ends
-            grads[name] = grads[name] + g if name in grads else g
+        if name is None:  # a Llama has no position embedding
+            continue
+        if name in grads:  # a tied tensor gets gradient from both ends
+            grads[name] = grads[name] + g
+        else:
+            grads[name] = g
     return {name: grads[name] for name in cache["names"]}
-
-
-def _in_shards(fn, count):
-    """[fn(i) for i in range(count)], side by side where BLAS allows it, each thread's BLAS on one thread."""
-    n = min(count, threads()) if parallel_blas_calls() else 1
-    if n == 1:
-        return [fn(i) for i in range(count)]
-    with one_blas_thread():
-        return in_order(fn, range(count), n)
 
 
 def n_params(config):

@@ -14,7 +14,8 @@ parameters are vectors and are left undecayed.
 
 import math
 
-from .backend import array_module, in_order, threads, to_float
+from .device import array_module, to_float
+from .parallel import in_order, threads
 
 GROUP_ENTRIES = 1 << 18  # the least work worth handing to a thread: smaller groups cost more than they save
 
@@ -33,7 +34,8 @@ def decays(x):
 
 def adamw_step(params, grads, state, *, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
     """One AdamW update of ``params`` in place; ``state`` is advanced in place too. Each parameter's update
-    is its own: they run on :func:`backend.threads` threads, in groups of about equal size, GROUP_ENTRIES or more."""
+    is its own: they run on :func:`parallel.threads` threads, in groups of about equal size, GROUP_ENTRIES or more.
+    """
     b1, b2 = betas
     t = state["step"] = state["step"] + 1
     step_size = lr / (1.0 - b1 ** t)

@@ -3,7 +3,8 @@
 :data:`MODELS` names GPT-2 sizes (width, depth, heads; the vocabulary comes from the tokenizer and the
 context from the task); each size is also a Llama (``arch="llama"``, see :func:`model_config`). A
 :class:`Preset` is a whole experiment at one budget: the synthetic suite's size, the tokenizer, both
-models and both training budgets, the seeds and the generation room."""
+models and both training budgets, the seeds and the generation room.
+"""
 
 from dataclasses import dataclass, replace
 
@@ -23,7 +24,8 @@ ARCHS = ("gpt2", "llama")
 def model_config(size, vocab_size, n_positions, arch="gpt2"):
     """The configuration of a size in :data:`MODELS`: a GPT-2, or a Llama of the same width, depth and query
     heads with half as many key/value heads and a SwiGLU width I = 8C/3 rounded up to a multiple of 8
-    (its three C x I matrices hold about GPT-2's 8 C^2 MLP weights)."""
+    (its three C x I matrices hold about GPT-2's 8 C^2 MLP weights).
+    """
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     if arch == "gpt2":

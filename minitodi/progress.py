@@ -1,7 +1,8 @@
 """A one-line progress bar for long loops: step, named values, tokens per second and time left.
 
 Writes to stderr with a carriage return when stderr is a terminal, and a plain line every
-``every`` updates otherwise (CI logs stay readable). No dependency."""
+``every`` updates otherwise (CI logs stay readable). No dependency.
+"""
 
 import sys
 import time

@@ -6,15 +6,16 @@ batch size, so every process gets the same numbers, which keeps resume exact) an
 counted positions only: for instruction data that is a few response tokens per example.
 :meth:`Teacher.batch_logits` then gathers a batch's teacher logits at its counted positions from that cache
 instead of a forward pass. Causal attention makes an example's logits independent of the padding that follows
-it in a batch, so the cache holds what a forward pass would give, up to float rounding."""
+it in a batch, so the cache holds what a forward pass would give, up to float rounding.
+"""
 
 import numpy as np
 
 from . import checkpoint
-from .backend import array_module, to_numpy
 from .data import collate
+from .device import array_module, to_numpy
 from .layers import IGNORE_INDEX
-from .model import forward
+from .parallel import forward_in_shards
 from .tokenizer import Tokenizer
 
 
@@ -35,7 +36,7 @@ class Teacher:
 
     def logits(self, idx, rows=None):
         """(B, T) token ids -> (B, T, V) logits, or (n, V) at the positions of a boolean mask ``rows``."""
-        return forward(self.params, idx, self.config, rows=rows)[0]
+        return forward_in_shards(self.params, idx, self.config, rows=rows)[0]
 
     def precompute(self, examples, device="cpu"):
         """Cache the logits at counted positions of every distinct example; False if it would not fit."""
@@ -61,7 +62,8 @@ class Teacher:
 
     def batch_logits(self, idx, labels):
         """The teacher's logits at a training batch's counted positions, (n, V) in row-major order: from the
-        cache when every row is in it, else a forward pass."""
+        cache when every row is in it, else a forward pass.
+        """
         counted = labels != IGNORE_INDEX
         if self._cache:  # an example ends with its eos, a counted token
             ends = [int(p[-1]) + 1 if p.size else 0 for p in map(np.flatnonzero, to_numpy(counted))]

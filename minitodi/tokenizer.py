@@ -12,7 +12,8 @@ trip still holds because decoding keeps special tokens.
 
 Training is deterministic: the same texts and vocabulary size give a byte-identical ``tokenizer.json``
 (a test checks it). :meth:`Tokenizer.fingerprint` hashes the canonical JSON, so a trainer can refuse to
-distil between a teacher and a student whose tokenizers differ."""
+distil between a teacher and a student whose tokenizers differ.
+"""
 
 import hashlib
 import json
@@ -28,7 +29,8 @@ MIN_VOCAB_SIZE = 257  # 256 bytes + the end-of-text token
 
 class Tokenizer:
     """A byte-level BPE tokenizer with one end-of-text token. Build one with :meth:`train` or :meth:`load`;
-    the constructor wraps an existing ``tokenizers.Tokenizer`` that already contains :data:`EOS`."""
+    the constructor wraps an existing ``tokenizers.Tokenizer`` that already contains :data:`EOS`.
+    """
 
     def __init__(self, hf_tokenizer: _HFTokenizer):
         eos_id = hf_tokenizer.token_to_id(EOS)
@@ -42,7 +44,8 @@ class Tokenizer:
     def train(cls, texts, vocab_size: int) -> "Tokenizer":
         """Learn BPE merges from ``texts`` (an iterable of str) up to ``vocab_size`` tokens in all. The
         vocabulary holds the end-of-text token (id 0), the 256 bytes, then merges in the order learned; it
-        can end up smaller than ``vocab_size`` when the texts offer no more pairs to merge."""
+        can end up smaller than ``vocab_size`` when the texts offer no more pairs to merge.
+        """
         if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
             raise ValueError(f"vocab_size must be an int >= {MIN_VOCAB_SIZE} (256 bytes + {EOS}), got {vocab_size!r}")
         texts = list(texts)
@@ -80,7 +83,8 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         """The text of ``ids`` (ints in [0, vocab_size)); the end-of-text token decodes to its literal. A cut
-        through a multi-byte character (e.g. decoding a prefix of a sequence) gives U+FFFD there."""
+        through a multi-byte character (e.g. decoding a prefix of a sequence) gives U+FFFD there.
+        """
         ids = [int(i) for i in ids]
         if bad := [i for i in ids if not 0 <= i < self.vocab_size]:
             raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")

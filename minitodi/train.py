@@ -47,10 +47,11 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint, layers, losses, optim
-from .backend import to_float, to_numpy
 from .data import BatchIterator
+from .device import to_float, to_numpy
 from .evaluation import heldout_losses
-from .model import backward, forward, init_params
+from .model import init_params
+from .parallel import backward_in_shards, forward_in_shards
 from .progress import Progress
 from .teacher import require_same_tokenizer
 
@@ -114,22 +115,23 @@ def step_loss(params, config, idx, labels, tcfg, teacher=None):
     ``kd`` is None for an SFT run. The loss's parts are floats; grads is a dict like params.
     """
     counted = labels != layers.IGNORE_INDEX  # logits only where the losses read them: (n, V)
-    logits, cache = forward(params, idx, config, rows=counted)
+    logits, cache = forward_in_shards(params, idx, config, rows=counted)
     ce, ce_cache = layers.cross_entropy_forward(logits, labels[counted])
     ce = to_float(ce)
     if teacher is None or tcfg.loss == SFT:
-        return ce, ce, None, backward(layers.cross_entropy_backward(1.0, ce_cache), cache)
+        return ce, ce, None, backward_in_shards(layers.cross_entropy_backward(1.0, ce_cache), cache)
     kd, dkd = losses.LOSSES[tcfg.loss](logits, teacher.batch_logits(idx, labels), temperature=tcfg.temperature,
                                        **tcfg.loss_options)
     dlogits = layers.cross_entropy_backward(1.0 - tcfg.kd_rate, ce_cache)
     dlogits += tcfg.kd_rate * dkd
-    return (1.0 - tcfg.kd_rate) * ce + tcfg.kd_rate * kd, ce, kd, backward(dlogits, cache)
+    return (1.0 - tcfg.kd_rate) * ce + tcfg.kd_rate * kd, ce, kd, backward_in_shards(dlogits, cache)
 
 
 @contextmanager
 def _ctrl_c_flag():
     """A list that Ctrl-C makes non-empty, for the loop to check between steps (a second Ctrl-C stops at
-    once). Outside the main thread Ctrl-C is left alone."""
+    once). Outside the main thread Ctrl-C is left alone.
+    """
     pressed = []
 
     def handle(*_):
@@ -159,7 +161,8 @@ def _truncate_log(path, step):
 
 def _check_models(model_config, tokenizer, tcfg, teacher):
     """A clear error when a distillation has no teacher, or the teacher's tokenizer or vocabulary is not
-    the student's, or the model's vocabulary is smaller than the tokenizer's."""
+    the student's, or the model's vocabulary is smaller than the tokenizer's.
+    """
     if tcfg.loss != SFT:
         if teacher is None:
             raise ValueError(f"loss {tcfg.loss!r} distils from a teacher: pass teacher=")
@@ -173,7 +176,8 @@ def _check_models(model_config, tokenizer, tcfg, teacher):
 @contextmanager
 def _run_directory(out, start):
     """Hold ``out`` for this process alone (see the module docstring): created, or empty, or a run.
-    Yields whether ``out/last`` is a state to resume (after finishing an interrupted replacement of it)."""
+    Yields whether ``out/last`` is a state to resume (after finishing an interrupted replacement of it).
+    """
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out, os.O_RDONLY)
@@ -211,7 +215,8 @@ def _is_run(run_file):
 
 class _Run:
     """The live state of a run directory: parameters, optimizer, step, best model, data position; from
-    ``out/last`` (start "resume"), else at step 0 from ``init_params`` or the best model (start "best")."""
+    ``out/last`` (start "resume"), else at step 0 from ``init_params`` or the best model (start "best").
+    """
 
     def __init__(self, out, model_config, tokenizer, tcfg, batches, valid_examples, start, device):
         self.out, self.config, self.tokenizer, self.tcfg = out, model_config, tokenizer, tcfg

@@ -11,7 +11,6 @@ from safetensors.numpy import load_file, save_file
 from minitodi import checkpoint, optim
 from minitodi.checkpoint import CONFIG_FILE, MODEL_FILE, STATE_FILE, STATE_JSON
 
-
 make_params = functools.partial(perturbed_params, dtype=np.float32)
 
 
@@ -269,7 +268,8 @@ def test_save_refuses_bad_params(tmp_path):
 
 def _write_gpt2_layout(directory, params, config, lm_head=None):
     """A checkpoint as the original GPT-2 files have it: no ``transformer.`` prefix, mask buffers,
-    an explicit lm_head."""
+    an explicit lm_head.
+    """
     P = config.n_positions
     tensors = {k.removeprefix("transformer."): v for k, v in params.items()}
     for l in range(config.n_layer):
@@ -315,7 +315,8 @@ def test_unexpected_tensor_is_refused(tmp_path):
 
 def test_transformers_round_trip(tmp_path):
     """A random transformers GPT-2 loads here with the same logits and CE gradients; saved back, it loads
-    in transformers with the same logits. Runs only where torch and transformers are installed."""
+    in transformers with the same logits. Runs only where torch and transformers are installed.
+    """
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     hf_config = transformers.GPT2Config(vocab_size=37, n_positions=16, n_embd=16, n_layer=2, n_head=2,

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from minitodi.losses import log_softmax
 
 from minitodi import cli
-from minitodi.backend import log_softmax
 from minitodi.conformance import ConformanceError, _todi_attached_extra, _variants, battery, check
 from minitodi.gradcheck import central_difference
 from minitodi.losses import LOSSES
@@ -156,7 +156,8 @@ def test_torch_other_convention_is_declared():
 @pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")  # PyTorch's own warning of this pitfall
 def test_torch_kl_div_reduction_mean():
     """F.kl_div(..., reduction="mean") averages over positions and the vocabulary: said, and declared
-    with "batchmean" (per row, here per counted position) it passes."""
+    with "batchmean" (per row, here per counted position) it passes.
+    """
     torch = pytest.importorskip("torch")
 
     def fkl(s, t, mask, temperature, reduction):
@@ -204,7 +205,7 @@ def numpy_loss(kind, bug=None):
         both = np.isneginf(lq) & np.isneginf(lp)
         d = np.where(both, 0, lp) - np.where(both, 0, lq)
         q, p = np.exp(lq), np.exp(lp)
-        a = {"fkl": 1.0, "rkl": 0.0}.get(kind, None)
+        a = {"fkl": 1.0, "rkl": 0.0}.get(kind)
         if a is None:
             a = 0.5 + 0.5 * np.tanh(0.5 * (1.0 if bug == "beta" else beta) * d)  # sigmoid
             a = 1 - a if bug == "reversed" else a
@@ -267,7 +268,8 @@ def fd_error(f, x, grad):
     """max |grad - central differences of f| / max |grad| over the finite entries of x (x restored).
 
     Normwise: entries small by cancellation (1e-8 next to 1e-4) carry rounding of the difference quotient
-    that an entrywise relative error would blow up. Fourth order, eps 1e-3: worst 1.4e-11 measured."""
+    that an entrywise relative error would blow up. Fourth order, eps 1e-3: worst 1.4e-11 measured.
+    """
     numeric = np.zeros_like(x)
     for i in zip(*np.nonzero(np.isfinite(x))):
         numeric[i] = central_difference(f, x, i, eps=1e-3, order=4)

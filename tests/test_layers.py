@@ -8,9 +8,9 @@ import warnings
 
 import numpy as np
 import pytest
-
 from conftest import fake_loss, perturbed_params, small_config
-from minitodi import backend, layers, model
+
+from minitodi import layers, model
 from minitodi.gradcheck import check_array
 
 TOL = 1e-6
@@ -93,7 +93,8 @@ def test_gelu_backward():
 
 def test_gelu_is_gpt2_tanh_form():
     """The readable reference, 0.5 x (1 + tanh(u)), evaluated in extended precision: in float64 its
-    1 + tanh(u) cancels for negative x (6e-15 relative at x = -3), which the layer's sigmoid form avoids."""
+    1 + tanh(u) cancels for negative x (6e-15 relative at x = -3), which the layer's sigmoid form avoids.
+    """
     x = np.array([-3.0, -1.0, 0.0, 0.5, 2.0])
     xl = x.astype(np.longdouble)
     k = np.sqrt(np.longdouble(2) / np.longdouble(np.pi))
@@ -186,27 +187,6 @@ def test_cross_entropy_backward_with_ignored_targets():
     logq = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     expected = -np.take_along_axis(logq, np.where(counted, targets, 0)[..., None], -1)[..., 0][counted].mean()
     assert float(loss) == pytest.approx(expected, rel=1e-13)
-
-
-def test_cross_entropy_in_blocks_on_threads_gives_the_one_block_numbers(monkeypatch):
-    """Blocks of 2 rows on 1 or 3 threads: loss and gradient bit for bit those of a single block."""
-    rng = _rng(9)
-    V = 11
-    logits = rng.standard_normal((3, 7, V)) * 3.0
-    targets = rng.integers(0, V, size=(3, 7))
-    targets[1, 2:] = layers.IGNORE_INDEX
-    results, calls = [], []
-    monkeypatch.setattr(layers, "in_order", lambda fn, items, n: calls.append((len(items), n)) or
-                        backend.in_order(fn, items, n))
-    for block, threads in ((10**9, 1), (2 * V, 1), (2 * V, 3)):
-        monkeypatch.setattr(layers, "CE_BLOCK_ELEMENTS", block)
-        monkeypatch.setattr(backend, "THREADS", threads)
-        loss, cache = layers.cross_entropy_forward(logits, targets)
-        results.append((float(loss), layers.cross_entropy_backward(0.7, cache)))
-    for loss, dlogits in results[1:]:
-        assert loss == results[0][0]
-        np.testing.assert_array_equal(dlogits, results[0][1])
-    assert calls == [(1, 1), (11, 1), (11, 3)]  # 21 rows: one block, then 11 blocks, then on 3 threads
 
 
 def test_cross_entropy_rejects_bad_targets():

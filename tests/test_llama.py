@@ -13,7 +13,7 @@ import pytest
 from conftest import cross_entropy_both, fake_loss
 from safetensors.numpy import save_file
 
-from minitodi import backend, checkpoint, layers, model
+from minitodi import checkpoint, device, layers, model
 from minitodi.generate import generate
 from minitodi.gradcheck import check_array, check_arrays, directional_check
 
@@ -133,7 +133,8 @@ def _random_params(config, seed=0):
                                        {"num_key_value_heads": 1}])
 def test_every_parameter_gradient(overrides):
     """Cross-entropy gradient of every tensor against central differences (sampled entries, the embedding's
-    used rows), and along a random direction through all of them."""
+    used rows), and along a random direction through all of them.
+    """
     config = small_config(**overrides)
     params = _random_params(config)
     rng = np.random.default_rng(1)
@@ -202,7 +203,7 @@ def test_computes_in_the_params_dtype():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not backend.gpu_available(), reason="no usable GPU")
+@pytest.mark.skipif(not device.gpu_available(), reason="no usable GPU")
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-11), (np.float32, 1e-4)])
 def test_cupy_matches_numpy(dtype, tol):
     config = small_config(attention_bias=True)
@@ -210,12 +211,12 @@ def test_cupy_matches_numpy(dtype, tol):
     rng = np.random.default_rng(5)
     idx, targets = rng.integers(0, 37, size=(3, 12)), rng.integers(0, 37, size=(3, 12))
     logits, loss, grads = _ce_run(params, idx, targets, config)
-    gpu = {k: backend.to_device(x, "gpu") for k, x in params.items()}
-    logits_g, loss_g, grads_g = _ce_run(gpu, backend.to_device(idx, "gpu"), backend.to_device(targets, "gpu"), config)
-    assert backend.device_of(logits_g) == "gpu" and logits_g.dtype == dtype
-    np.testing.assert_allclose(backend.to_numpy(logits_g), logits, rtol=0, atol=tol * np.abs(logits).max())
+    gpu = {k: device.to_device(x, "gpu") for k, x in params.items()}
+    logits_g, loss_g, grads_g = _ce_run(gpu, device.to_device(idx, "gpu"), device.to_device(targets, "gpu"), config)
+    assert device.device_of(logits_g) == "gpu" and logits_g.dtype == dtype
+    np.testing.assert_allclose(device.to_numpy(logits_g), logits, rtol=0, atol=tol * np.abs(logits).max())
     for k, g in grads.items():
-        np.testing.assert_allclose(backend.to_numpy(grads_g[k]), g, rtol=0, atol=tol * np.abs(g).max(), err_msg=k)
+        np.testing.assert_allclose(device.to_numpy(grads_g[k]), g, rtol=0, atol=tol * np.abs(g).max(), err_msg=k)
 
 def test_config_errors():
     with pytest.raises(ValueError, match="num_key_value_heads"):
@@ -317,7 +318,8 @@ def _transformers_float64(monkeypatch):
 
 def _hf_llama(transformers, torch, tie=False):
     """A random LlamaForCausalLM in float64: grouped-query attention with biases, rope_theta 500, norms
-    and biases moved off 1 and 0, an untied head (unless ``tie``)."""
+    and biases moved off 1 and 0, an untied head (unless ``tie``).
+    """
     hf_config = transformers.LlamaConfig(vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
                                          rms_norm_eps=1e-5, rope_theta=500.0, attention_bias=True,
@@ -334,7 +336,8 @@ def _hf_llama(transformers, torch, tie=False):
 def test_transformers_logits_gradients_and_round_trip(tmp_path, monkeypatch, shard):
     """A random transformers Llama loads here (one file, or shards with an index) with the same logits
     (1e-9) and cross-entropy gradients (1e-8) as PyTorch autograd in float64; saved back, transformers
-    loads it with the same logits."""
+    loads it with the same logits.
+    """
     torch, transformers = _transformers_float64(monkeypatch)
     hf = _hf_llama(transformers, torch)
     hf.save_pretrained(tmp_path / "hf", max_shard_size="2KB" if shard else "1GB")
@@ -377,7 +380,8 @@ def test_transformers_tied_head(tmp_path, monkeypatch):
 
 def test_cli_trains_and_distils_across_architectures(tmp_path):
     """`--arch llama`: a Llama student of a GPT-2 teacher and a GPT-2 student of a Llama teacher (one
-    tokenizer), each a run directory that loads, generates and has the preset's shape."""
+    tokenizer), each a run directory that loads, generates and has the preset's shape.
+    """
     from minitodi import presets
     from minitodi.cli import main
 

@@ -90,7 +90,8 @@ def test_value_is_finite_nonnegative_and_bounded_or_infinite_is_said(case):
 def test_a_constant_added_to_a_row_changes_nothing(case, seed):
     """Logits on a grid and shifts that are multiples of its step keep every sum exact, so the shifted
     rows are the same rows after log_softmax subtracts the maximum: loss and gradient agree bit for bit.
-    (With rounding, AKL's head/tail split can legitimately flip near a tie, hence the exact grid.)"""
+    (With rounding, AKL's head/tail split can legitimately flip near a tie, hence the exact grid.)
+    """
     name, options, s, t, mask, temperature = case
     rng = np.random.default_rng(seed)
     unit = 2.0 ** math.floor(math.log2(np.abs(np.where(np.isfinite(s), s, 0)).max() + 1e-3))

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from minitodi import backend, fused, gradcheck, losses
+from minitodi import device, fused, gradcheck, losses, parallel
 from minitodi.gradcheck import LOSS_CHECK_EPS, LOSS_CHECK_ORDER
 from minitodi.losses import LOSSES, InfiniteDivergenceError
 
@@ -165,7 +165,8 @@ def test_cli_gradcheck_exit_code(capsys):
 
 def test_todi_stop_gradient_is_not_the_gradient_of_the_value():
     """At beta = 1 the value is FKL + RKL: plain finite differences (weight recomputed at every step)
-    measure grad FKL + grad RKL, not ToDi's; with the weight frozen at the base point they measure ToDi's."""
+    measure grad FKL + grad RKL, not ToDi's; with the weight frozen at the base point they measure ToDi's.
+    """
     s, t, mask = _inputs(seed=1)
     _, g_todi = losses.todi(s, t, mask)
     g_value = losses.fkl(s, t, mask)[1] + losses.rkl(s, t, mask)[1]
@@ -257,18 +258,18 @@ def test_threads_give_the_single_thread_result_bit_for_bit(name, options, monkey
     s[..., 3] = t[..., 3] = -np.inf  # the -inf path too
     monkeypatch.setattr(losses, "BLOCK_ELEMENTS", 2 * 29)  # 21 blocks of 2 rows, 12 of them with the mask
     for m in (None, mask):
-        monkeypatch.setattr(backend, "THREADS", 1)
+        monkeypatch.setattr(parallel, "THREADS", 1)
         v1, g1 = LOSSES[name](s, t, m, temperature=2.0, **options)
-        monkeypatch.setattr(backend, "THREADS", 3)
+        monkeypatch.setattr(parallel, "THREADS", 3)
         v3, g3 = LOSSES[name](s, t, m, temperature=2.0, **options)
         assert v3 == v1
         np.testing.assert_array_equal(g3, g1)
-    assert backend._pool.cache_info().currsize > 0  # the threaded path ran
+    assert parallel._pool.cache_info().currsize > 0  # the threaded path ran
 
 
 def test_threads_default_to_the_cores_available_and_one_on_cupy():
-    assert backend.threads(np) == (backend.THREADS or backend.cores())
-    assert backend.threads(object()) == 1
+    assert parallel.threads(np) == (parallel.THREADS or parallel.cores())
+    assert parallel.threads(object()) == 1
 
 
 # ------------------------------------------------------------------------------------------ -inf logits
@@ -418,19 +419,19 @@ def test_bad_options_are_clear_errors():
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("name,options", CASES, ids=CASE_IDS)
 def test_cupy_matches_numpy(name, options, dtype):
-    if not backend.gpu_available():
+    if not device.gpu_available():
         pytest.skip("no usable GPU")
     s, t, mask = _inputs(shape=(4, 9, 257), seed=16)
     s, t = s.astype(dtype), t.astype(dtype)
     t[..., 7] = -np.inf
     s[..., 7] = -np.inf
     v_np, g_np = LOSSES[name](s, t, mask, temperature=2.0, **options)
-    dev = lambda a: backend.to_device(a, "gpu")  # noqa: E731
+    dev = lambda a: device.to_device(a, "gpu")  # noqa: E731
     v_cp, g_cp = LOSSES[name](dev(s), dev(t), dev(mask), temperature=2.0, **options)
-    assert backend.device_of(g_cp) == "gpu" and g_cp.dtype == dtype
+    assert device.device_of(g_cp) == "gpu" and g_cp.dtype == dtype
     tol = 1e-12 if dtype == np.float64 else 1e-5
     assert v_cp == pytest.approx(v_np, rel=tol)
-    g_cp = backend.to_numpy(g_cp)
+    g_cp = device.to_numpy(g_cp)
     assert np.abs(g_cp - g_np).max() <= tol * np.abs(g_np).max()
 
 
@@ -439,12 +440,12 @@ def test_cupy_matches_numpy(name, options, dtype):
 @pytest.mark.parametrize("name,options", [("fkl", {}), ("rkl", {}), ("todi", {}), ("todi", {"beta": 2.0})])
 def test_fused_cupy_kernels_match_the_numpy_path(name, options, dtype, monkeypatch):
     """No -inf: FKL, RKL and ToDi take minitodi.fused on CuPy; it must give the array path's numbers."""
-    if not backend.gpu_available():
+    if not device.gpu_available():
         pytest.skip("no usable GPU")
     s, t, mask = _inputs(shape=(5, 7, 1031), seed=21)
     s, t = 3 * s.astype(dtype), 3 * t.astype(dtype)
     v_np, g_np = LOSSES[name](s, t, mask, temperature=2.0, **options)
-    dev = lambda a: backend.to_device(a, "gpu")  # noqa: E731
+    dev = lambda a: device.to_device(a, "gpu")  # noqa: E731
     calls = []
     real = fused.loss_and_grad
     monkeypatch.setattr(fused, "loss_and_grad", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
@@ -452,6 +453,6 @@ def test_fused_cupy_kernels_match_the_numpy_path(name, options, dtype, monkeypat
     assert calls == [name]  # the fused path ran
     tol = 1e-10 if dtype == np.float64 else 1e-5
     assert v_cp == pytest.approx(v_np, rel=tol)
-    g_cp = backend.to_numpy(g_cp)
+    g_cp = device.to_numpy(g_cp)
     assert g_cp.dtype == dtype and np.all(g_cp[~mask] == 0)
     assert np.abs(g_cp - g_np).max() <= tol * np.abs(g_np).max()

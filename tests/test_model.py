@@ -1,11 +1,12 @@
 """The whole GPT: every parameter's gradient against finite differences (cross-entropy and ToDi),
-the API's errors, dtypes, initialisation, and NumPy/CuPy parity."""
+the API's errors, dtypes, initialisation, and NumPy/CuPy parity.
+"""
 
 import numpy as np
 import pytest
-
 from conftest import perturbed_params, small_config
-from minitodi import backend, layers, model
+
+from minitodi import device, layers, model, parallel
 from minitodi.gradcheck import check_array, check_arrays, directional_check
 from minitodi.losses import LOSSES
 
@@ -100,15 +101,17 @@ def test_todi_gradient_of_every_parameter(setup):
 @pytest.mark.parametrize("sharded", [False, True], ids=["whole batch", "two shards"])
 def test_gradient_with_the_head_at_counted_rows_only(setup, sharded, monkeypatch):
     """Training's path: forward(rows=mask), CE on those rows, backward scattering dx; finite differences.
-    Also with the batch of 2 x 8 tokens of width 16 run as two shards, one sequence each."""
+
+    Also with the batch of 2 x 8 tokens of width 16 run as two shards, one sequence each, as training runs
+    it (parallel.forward_in_shards): fails when a shard's gradient is dropped.
+    """
     config, params, idx, targets, _ = setup
-    if sharded:
-        monkeypatch.setattr(model, "SHARD_WORK", 8 * 16)
+    monkeypatch.setattr(parallel, "SHARD_WORK", 8 * 16 if sharded else 10**9)
     mask = targets != layers.IGNORE_INDEX
-    logits, cache = model.forward(params, idx, config, rows=mask)
-    assert ("shards" in cache) == sharded
+    logits, cache = parallel.forward_in_shards(params, idx, config, rows=mask)
+    assert len(cache["shards"]) == (2 if sharded else 1)
     _, ce_cache = layers.cross_entropy_forward(logits, targets[mask])
-    grads = model.backward(layers.cross_entropy_backward(1.0, ce_cache), cache)
+    grads = parallel.backward_in_shards(layers.cross_entropy_backward(1.0, ce_cache), cache)
 
     def f():
         return float(layers.cross_entropy_forward(model.forward(params, idx, config, rows=mask)[0], targets[mask])[0])
@@ -142,7 +145,8 @@ def _small_model(arch):
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_head_at_selected_rows_equals_the_full_head_there(arch):
     """forward(rows=mask) gives the full logits at the masked positions, and backward from them gives the
-    gradients of the full backward with dlogits zero elsewhere (float64, to rounding)."""
+    gradients of the full backward with dlogits zero elsewhere (float64, to rounding).
+    """
     config, params = _small_model(arch)
     rng = np.random.default_rng(1)
     idx = rng.integers(0, 37, size=(3, 10))
@@ -156,42 +160,6 @@ def test_head_at_selected_rows_equals_the_full_head_there(arch):
     want, got = model.backward(dlogits, full_cache), model.backward(dlogits[rows], some_cache)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-12, atol=1e-13, err_msg=name)
-
-
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_shards_give_the_whole_batch_numbers(arch, monkeypatch):
-    """A batch run as 3 shards gives the logits, KV cache and gradients of the unsharded run (float64, to
-    rounding; a shard without counted rows included), and the same numbers bit for bit on 1 or 3 threads."""
-    config, params = _small_model(arch)
-    rng = np.random.default_rng(2)
-    idx = rng.integers(0, 37, size=(7, 10))
-    rows = rng.random((7, 10)) < 0.4
-    rows[2:4] = False  # the second shard, sequences 2 and 3, has no counted position
-    calls = []
-    monkeypatch.setattr(model, "in_order", lambda fn, items, n: calls.append(n) or backend.in_order(fn, items, n))
-    for r in (None, rows):
-        monkeypatch.setattr(model, "SHARD_WORK", 10**9)
-        want, cache = model.forward(params, idx, config, rows=r)
-        assert "shards" not in cache
-        dlogits = rng.standard_normal(want.shape)
-        want_grads, want_present = model.backward(dlogits, cache), cache["present"]
-        monkeypatch.setattr(model, "SHARD_WORK", 20 * 16)  # 70 tokens of width 16: [0, 2), [2, 4), [4, 7)
-        runs = []
-        for threads in (1, 3):
-            monkeypatch.setattr(backend, "THREADS", threads)
-            logits, cache = model.forward(params, idx, config, rows=r)
-            assert [c["shape"][0] for _, c in cache["shards"]] == [2, 2, 3]
-            runs.append((logits, model.backward(dlogits, cache), cache["present"]))
-        for logits, grads, present in runs:
-            np.testing.assert_array_equal(logits, runs[0][0])
-            for name in want_grads:
-                np.testing.assert_array_equal(grads[name], runs[0][1][name], err_msg=name)
-            np.testing.assert_array_equal(np.array(present), np.array(runs[0][2]))
-        np.testing.assert_allclose(runs[0][0], want, rtol=1e-13, atol=1e-13)
-        for name in want_grads:
-            np.testing.assert_allclose(runs[0][1][name], want_grads[name], rtol=1e-12, atol=1e-13, err_msg=name)
-        np.testing.assert_allclose(np.array(runs[0][2]), np.array(want_present), rtol=1e-13, atol=1e-13)
-    assert calls == [3, 3] * 2 or not backend.parallel_blas_calls()  # forward and backward on 3 threads
 
 
 # ------------------------------------------------------------------------------------------ API errors
@@ -300,7 +268,8 @@ def test_init_scales():
 
 def test_n_params_counts_gpt2_by_hand():
     """Embeddings V C + P C; per block 2 norms (4C), c_attn (3C^2 + 3C), c_proj (C^2 + C), c_fc (4C^2 + 4C),
-    mlp.c_proj (4C^2 + C): 12 C^2 + 13 C; ln_f 2C; the tied head adds nothing. GPT-2 small is 124,439,808."""
+    mlp.c_proj (4C^2 + C): 12 C^2 + 13 C; ln_f 2C; the tied head adds nothing. GPT-2 small is 124,439,808.
+    """
     V, P, C, L = 37, 16, 16, 2
     assert model.n_params(small_config()) == V * C + P * C + L * (12 * C * C + 13 * C) + 2 * C
     assert model.n_params(small_config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12)) == 124_439_808
@@ -310,7 +279,7 @@ def test_n_params_counts_gpt2_by_hand():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not backend.gpu_available(), reason="no usable GPU")
+@pytest.mark.skipif(not device.gpu_available(), reason="no usable GPU")
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-11), (np.float32, 1e-4)])
 def test_cupy_matches_numpy(dtype, tol):
     config = small_config()
@@ -326,15 +295,15 @@ def test_cupy_matches_numpy(dtype, tol):
         return logits, loss, model.backward(layers.cross_entropy_backward(1.0, ce_cache), cache)
 
     logits, loss, grads = run(params, idx, targets)
-    gpu = {k: backend.to_device(x, "gpu") for k, x in params.items()}
-    logits_g, loss_g, grads_g = run(gpu, backend.to_device(idx, "gpu"), backend.to_device(targets, "gpu"))
-    assert backend.device_of(logits_g) == "gpu" and logits_g.dtype == dtype
-    assert backend.to_float(loss_g) == pytest.approx(float(loss), rel=tol)
-    np.testing.assert_allclose(backend.to_numpy(logits_g), logits, rtol=0, atol=tol * np.abs(logits).max())
+    gpu = {k: device.to_device(x, "gpu") for k, x in params.items()}
+    logits_g, loss_g, grads_g = run(gpu, device.to_device(idx, "gpu"), device.to_device(targets, "gpu"))
+    assert device.device_of(logits_g) == "gpu" and logits_g.dtype == dtype
+    assert device.to_float(loss_g) == pytest.approx(float(loss), rel=tol)
+    np.testing.assert_allclose(device.to_numpy(logits_g), logits, rtol=0, atol=tol * np.abs(logits).max())
     assert list(grads_g) == list(grads)
     for k, g in grads.items():
-        assert backend.device_of(grads_g[k]) == "gpu" and grads_g[k].dtype == dtype
-        np.testing.assert_allclose(backend.to_numpy(grads_g[k]), g, rtol=0, atol=tol * np.abs(g).max(), err_msg=k)
+        assert device.device_of(grads_g[k]) == "gpu" and grads_g[k].dtype == dtype
+        np.testing.assert_allclose(device.to_numpy(grads_g[k]), g, rtol=0, atol=tol * np.abs(g).max(), err_msg=k)
     # CuPy would wrap an out-of-range id silently: the model must refuse it on the GPU too
     with pytest.raises(ValueError, match="token ids must be in"):
-        model.forward(gpu, backend.to_device(np.array([[0, config.vocab_size]]), "gpu"), config)
+        model.forward(gpu, device.to_device(np.array([[0, config.vocab_size]]), "gpu"), config)

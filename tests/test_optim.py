@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from minitodi import backend, optim
+from minitodi import optim, parallel
 
 BETAS, EPS, WD = (0.9, 0.95), 1e-8, 0.1
 
@@ -94,10 +94,10 @@ def test_adamw_on_threads_gives_the_one_thread_numbers(monkeypatch):
     """The parameters in groups on 3 threads: the same numbers bit for bit as on one thread."""
     runs, calls = [], []
     monkeypatch.setattr(optim, "in_order", lambda fn, items, n: calls.append([len(i) for i in items]) or
-                        backend.in_order(fn, items, n))
+                        parallel.in_order(fn, items, n))
     monkeypatch.setattr(optim, "GROUP_ENTRIES", 1)
     for threads in (1, 3):
-        monkeypatch.setattr(backend, "THREADS", threads)
+        monkeypatch.setattr(parallel, "THREADS", threads)
         params = _params(np.float32)
         state = optim.adamw_init(params)
         for seed in range(3):
