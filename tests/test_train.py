@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from minitodi import checkpoint, data, evaluation, layers, losses, optim, train
+from minitodi import checkpoint, data, evaluation, layers, losses, optim, rundir, train
 from minitodi.evaluation import evaluate, heldout_losses
 from minitodi.gradcheck import directional_check
 from minitodi.layers import IGNORE_INDEX
@@ -272,7 +272,7 @@ def test_unusable_run_directories_are_one_line_errors(setup, tmp_path, monkeypat
     (tmp_path / "f").write_text("x")
     out = {"file": tmp_path / "f", "under a file": tmp_path / "f" / "run", "unwritable": tmp_path / "ro"}[case]
     if case == "unwritable":  # also as root, who may write anywhere
-        monkeypatch.setattr(train.os, "access", lambda path, mode: False)
+        monkeypatch.setattr(rundir.os, "access", lambda path, mode: False)
     with pytest.raises(ValueError, match=f"cannot use {out} as a run directory: "):
         fit(out, cfg, tok, ex["train"], ex["valid"], tiny(steps=4), progress=False)
     assert (tmp_path / "f").read_text() == "x"

@@ -1,0 +1,223 @@
+"""A run directory: one writer at a time, atomic state, resume, the JSONL log.
+
+What a training run (:func:`minitodi.train.fit`) keeps in its directory ``out``::
+
+    out/model.safetensors, config.json, tokenizer.json    the best model so far (lowest validation CE)
+    out/last/                                              the latest state, with the optimizer: resume
+                                                           (replaced as a whole: never half old, half new)
+    out/run.json                                           the settings; a resume must match them
+    out/metrics.jsonl                                      one JSON object per logged step and evaluation
+
+**One writer.** minitodi writes only into a new or empty directory or one holding its ``run.json``, one
+process at a time: an advisory ``flock`` on the directory, which the OS drops when the process dies, so a
+second writer is refused and a killed one never blocks. A best model without a resumable state is left
+alone unless the run starts again ("restart") or from that model ("best").
+
+**Resume.** ``out/last`` holds parameters, optimizer moments, step, best validation CE and data position;
+:class:`RunState` restores them all, so a resumed run computes exactly the numbers of an uninterrupted
+one on the CPU (no dropout, no other randomness). Log lines written after the saved step, by a run
+killed before it could save, are dropped on resume. Ctrl-C (:func:`ctrl_c_flag`) lets the loop finish
+its step and save before it stops.
+"""
+
+import fcntl
+import json
+import math
+import os
+import shutil
+import signal
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint, optim
+from .device import to_numpy
+from .model import init_params
+
+RUN_FILE = "run.json"  # the settings of the run
+LOG_FILE = "metrics.jsonl"  # one JSON object per logged step and evaluation
+LAST = "last"  # the latest state, to resume from
+STARTS = ("resume", "restart", "best")
+
+
+# ---- one writer ----------------------------------------------------------------------------------
+@contextmanager
+def claim(out, start):
+    """Hold ``out`` for this process alone: created, or empty, or a run of minitodi's.
+
+    Yields whether ``out/last`` is a state to resume (after finishing an interrupted replacement of it).
+    Every refusal is a ValueError raised before anything in ``out`` is changed.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out, os.O_RDONLY)
+    except OSError as err:
+        raise ValueError(f"cannot use {out} as a run directory: {err.strerror}") from None
+    try:
+        _lock(fd, out)
+        _check_usable(out, start)
+        resumable = False
+        if start == "resume":
+            resumable = checkpoint.has_training_state(checkpoint.recover(out / LAST))
+        _check_start(out, start, resumable)
+        yield resumable
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _lock(fd, out):
+    """An exclusive advisory lock on the directory, or a clear error if another process holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ValueError(f"{out} is in use by another minitodi process; wait for it or choose another "
+                         "directory") from None
+
+
+def _check_usable(out, start):
+    """Writable, and new, empty or a run of minitodi's (never a directory of the user's own files)."""
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"cannot use {out} as a run directory: it is not writable")
+    if any(out.iterdir()) and not is_run(out / RUN_FILE):
+        raise ValueError(f"{out} holds files that are not a minitodi run (no run.json of minitodi): "
+                         "choose a new or empty directory")
+
+
+def _check_start(out, start, resumable):
+    """A best model is never replaced by a resume that has no state to resume from."""
+    has_best_model = (out / checkpoint.MODEL_FILE).exists()
+    if start == "resume" and not resumable and has_best_model:
+        raise ValueError(f"{out} holds a best model but no resumable state ({out / LAST} is missing or "
+                         "incomplete); nothing was changed: --restart starts over (replacing the best "
+                         "model), --from-best continues from the best model")
+    if start == "best" and not has_best_model:
+        raise ValueError(f"{out} holds no best model to continue from")
+
+
+def is_run(run_file):
+    """Whether ``run_file`` is a run.json that minitodi wrote (its train, model and tokenizer settings)."""
+    try:
+        settings = json.loads(Path(run_file).read_text())
+        return {"train", "model", "tokenizer"} <= settings.keys()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+# ---- the settings --------------------------------------------------------------------------------
+def check_same_settings(out, settings):
+    """A clear error when the run in ``out`` was made with other settings than ``settings``."""
+    run_file = out / RUN_FILE
+    as_saved = json.loads(json.dumps(settings))  # tuples become lists, as they are in the file
+    if json.loads(run_file.read_text()) != as_saved:
+        raise ValueError(f"{out} holds a run with other settings ({run_file}); choose another output "
+                         "directory, or --restart / --from-best to replace that run")
+
+
+def write_settings(out, settings):
+    """Write the run's settings to ``out/run.json`` (atomically)."""
+    checkpoint.write_json(out / RUN_FILE, settings)
+
+
+# ---- the log -------------------------------------------------------------------------------------
+def append_log(path, record):
+    """One JSON object as one line at the end of the log."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_log(path):
+    """Every record of the log, in order."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def truncate_log(path, step):
+    """Drop log lines written after ``step`` (by a run killed before it could save)."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+# ---- the state of a run --------------------------------------------------------------------------
+class RunState:
+    """The live state of a run directory: parameters, optimizer, step, best model, data position.
+
+    From ``out/last`` when ``start`` is "resume" and there is a state; else at step 0, from
+    ``init_params`` or, for ``start`` "best", from the best model in ``out`` (whose validation CE, given
+    by ``valid_ce(params)``, is then the one to beat).
+    """
+
+    def __init__(self, out, model_config, tcfg, batches, start, device, valid_ce):
+        self.out = out
+        self.config = model_config
+        self.batches = batches
+        self.last = out / LAST
+        self.log = out / LOG_FILE
+        if start == "resume" and checkpoint.has_training_state(self.last):  # recovered by claim()
+            self._restore(tcfg.dtype, device)
+            return
+        shutil.rmtree(self.last, ignore_errors=True)
+        self.log.unlink(missing_ok=True)
+        self.step = 0
+        self.saved = None  # the step out/last holds (None: no state saved yet)
+        self.best = {"valid_ce": math.inf, "step": None}
+        if start == "best":
+            self.params, _ = checkpoint.load(out, dtype=tcfg.dtype, device=device)
+            self.best = {"valid_ce": valid_ce(self.params), "step": 0}
+        else:
+            self.params = init_params(model_config, tcfg.seed, dtype=np.dtype(tcfg.dtype), device=device)
+        self.opt = optim.adamw_init(self.params)
+
+    def _restore(self, dtype, device):
+        self.params, _ = checkpoint.load(self.last, dtype=dtype, device=device)
+        state = checkpoint.load_training_state(self.last, device=device)
+        self.opt = state["optimizer"]
+        self.step = state["step"]
+        self.saved = state["step"]
+        self.best = state["best"]
+        self.batches.restore(state["data"])
+        truncate_log(self.log, self.step)
+
+    def save_last(self):
+        """Replace ``out/last`` with the state now (as a whole: never half old, half new)."""
+        self.saved = self.step
+        training_state = {"optimizer": self.opt, "step": self.step, "best": self.best,
+                          "data": self.batches.state()}
+        checkpoint.save_replacing(self.last, self.params, self.config, training_state=training_state)
+
+    def save_best(self, valid_ce, eos_id):
+        """Record a new best validation CE and write the model as the run's best."""
+        self.best.update(valid_ce=valid_ce, step=self.step)
+        token_ids = {"bos_token_id": eos_id, "eos_token_id": eos_id}
+        checkpoint.save(self.out, self.params, self.config, config_extra=token_ids)
+
+    def params_finite(self):
+        """Whether every parameter is finite (only a finite state is ever saved)."""
+        return all(np.isfinite(to_numpy(p)).all() for p in self.params.values())
+
+
+# ---- Ctrl-C --------------------------------------------------------------------------------------
+@contextmanager
+def ctrl_c_flag():
+    """A list that Ctrl-C makes non-empty, for the loop to check between steps.
+
+    A second Ctrl-C stops at once (KeyboardInterrupt). Outside the main thread Ctrl-C is left alone
+    (Python delivers signals to the main thread only, and only it may set a handler).
+    """
+    pressed = []
+
+    def handle(signum, frame):
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(True)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    old = None
+    if in_main_thread:
+        old = signal.signal(signal.SIGINT, handle)
+    try:
+        yield pressed
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
