@@ -20,12 +20,17 @@ IGNORE_INDEX = -100
 
 # ---- token + position embedding ------------------------------------------------------------------
 def embedding_forward(wte, wpe, idx, pos0=0):
-    """x[b, t] = wte[idx[b, t]] + wpe[pos0 + t], or without wpe (None: a Llama, whose positions enter later,
-    as rotations of q and k) x[b, t] = wte[idx[b, t]]. wte (V, C), wpe (n_positions, C), idx (B, T) integer
-    ids, already validated -> x (B, T, C).
+    """x[b, t] = wte[idx[b, t]] + wpe[pos0 + t]: the token's row plus its position's row.
+
+    wte (V, C), wpe (n_positions, C), idx (B, T) integer ids, already validated -> x (B, T, C). Without
+    wpe (None: a Llama, whose positions enter later, as rotations of q and k) x[b, t] = wte[idx[b, t]].
     """
-    x = wte[idx] if wpe is None else wte[idx] + wpe[pos0:pos0 + idx.shape[1]]  # (B, T, C)
-    return x, (idx, wte.shape, None if wpe is None else wpe.shape, pos0)
+    x = wte[idx]  # (B, T) -> (B, T, C)
+    wpe_shape = None
+    if wpe is not None:
+        x = x + wpe[pos0:pos0 + idx.shape[1]]  # (T, C), the same for every sequence
+        wpe_shape = wpe.shape
+    return x, (idx, wte.shape, wpe_shape, pos0)
 
 
 def embedding_backward(dx, cache):
@@ -35,10 +40,13 @@ def embedding_backward(dx, cache):
     a scatter-add, not an assignment), and dwpe[pos0 + t] = sum_b dx[b, t] (None without wpe).
     """
     idx, wte_shape, wpe_shape, pos0 = cache
-    xp, C = array_module(dx), dx.shape[-1]
+    xp = array_module(dx)
+    C = dx.shape[-1]
     dwte = xp.zeros(wte_shape, dtype=dx.dtype)
-    flat = (idx.reshape(-1, 1) * C + xp.arange(C)).reshape(-1)  # entry (v, c) of dwte sits at v C + c
-    xp.add.at(dwte.reshape(-1), flat, dx.reshape(-1))  # on one axis, 4x faster: the same sums in the same order
+    # the scatter-add on the flattened table, one axis: entry (v, c) of dwte sits at v C + c. The same sums in
+    # the same order as add.at on rows, 4x faster (614 -> 140 us at 512 tokens x 128)
+    flat = (idx.reshape(-1, 1) * C + xp.arange(C)).reshape(-1)  # (B T C,)
+    xp.add.at(dwte.reshape(-1), flat, dx.reshape(-1))
     if wpe_shape is None:
         return dwte, None
     dwpe = xp.zeros(wpe_shape, dtype=dx.dtype)
@@ -48,8 +56,10 @@ def embedding_backward(dx, cache):
 
 # ---- layer norm ----------------------------------------------------------------------------------
 def layernorm_forward(x, w, b, eps=1e-5):
-    """y = (x - mean) * rstd * w + b over the last axis, rstd = 1 / sqrt(var + eps) (biased variance):
-    x (..., C), w (C,), b (C,) -> y (..., C). The row sums of squares are dot products (no squared copy).
+    """y = (x - mean) * rstd * w + b over the last axis, rstd = 1 / sqrt(var + eps).
+
+    x (..., C), w (C,), b (C,) -> y (..., C); var is the biased variance (divided by C), as in PyTorch.
+    The row sums of squares are dot products (no squared copy), and xhat is normalised in place.
     """
     xp = array_module(x)
     C = x.shape[-1]
@@ -71,11 +81,13 @@ def layernorm_backward(dy, cache):
         dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
     """
     xhat, rstd, w = cache
-    xp, C = array_module(dy), dy.shape[-1]
-    dy2 = dy.reshape(-1, C)
-    dw, db = (dy2 * xhat.reshape(-1, C)).sum(axis=0), dy2.sum(axis=0)
+    xp = array_module(dy)
+    C = dy.shape[-1]
+    dy2 = dy.reshape(-1, C)  # (N, C)
+    dw = (dy2 * xhat.reshape(-1, C)).sum(axis=0)
+    db = dy2.sum(axis=0)
     dxhat = dy * w
-    dx = xhat * (_row_dot(dxhat, xhat) / C)
+    dx = xhat * (_row_dot(dxhat, xhat) / C)  # xhat mean(dxhat * xhat), then in place:
     xp.subtract(dxhat, dx, out=dx)
     dx -= dxhat.sum(axis=-1, keepdims=True) / C
     dx *= rstd
@@ -89,8 +101,9 @@ def _row_dot(a, b):
 
 # ---- linear (GPT-2's Conv1D: the weight is stored (in, out)) -------------------------------------
 def linear_forward(x, w, b):
-    """y = x @ w + b:   x (..., in), w (in, out), b (out,) -> y (..., out). The product runs on x
-    flattened to (N, in): one matrix product instead of a batch of small ones.
+    """y = x @ w + b:   x (..., in), w (in, out), b (out,) -> y (..., out).
+
+    The product runs on x flattened to (N, in): one matrix product instead of a batch of small ones.
     """
     y = x.reshape(-1, x.shape[-1]) @ w  # (N, in) @ (in, out)
     y += b
@@ -103,7 +116,8 @@ def linear_backward(dy, cache):
     dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
     dx = (dy2 @ w.T).reshape(x.shape)  # (N, out) @ (out, in)
     dw = x.reshape(-1, x.shape[-1]).T @ dy2  # (in, N) @ (N, out)
-    return dx, dw, dy2.sum(axis=0)
+    db = dy2.sum(axis=0)
+    return dx, dw, db
 
 
 # ---- GELU, GPT-2's tanh form ("gelu_new") --------------------------------------------------------
@@ -131,7 +145,9 @@ def gelu_forward(x):
 
 
 def gelu_backward(dy, cache):
-    """forward was: y = x s, s = sigmoid(2u), u = k (x + a x^3), so with d sigmoid(z) = sigmoid (1 - sigmoid),
+    """forward was: y = x s, s = sigmoid(2u), u = k (x + a x^3), so
+
+    with d sigmoid(z) / dz = sigmoid(z) (1 - sigmoid(z)):
 
         dy/dx = s + x * 2 s (1 - s) * k (1 + 3 a x^2)
 
@@ -163,11 +179,12 @@ def _merge_heads(x):
 
 
 def attention_forward(qkv, n_head, past=None):
-    """GPT-2's causal self-attention from its fused projection qkv = [q | k | v] (c_attn's output):
+    """GPT-2's causal self-attention from its fused projection qkv = [q | k | v] (c_attn's output).
+
     :func:`grouped_attention_forward` (below, the formula there) with every query head its own key/value
-    head. qkv (B, T, 3C) -> y (B, T, C). ``past``, for decoding with a KV cache, is ``(k, v)`` of the earlier
-    positions, each (B, H, P, hs): the T new queries sit at positions P..P+T-1 and attend to all P + T
-    keys up to their own. The cache's ``"present"`` is the ``(k, v)`` to pass next time.
+    head: qkv (B, T, 3C) -> y (B, T, C). ``past``, for decoding with a KV cache, is ``(k, v)`` of the
+    earlier positions, each (B, H, P, hs): the T new queries sit at positions P..P+T-1 and attend to all
+    P + T keys up to their own. The cache's ``"present"`` is the ``(k, v)`` to pass next time.
     """
     q, k, v = array_module(qkv).split(qkv, 3, axis=-1)
     return grouped_attention_forward(q, k, v, n_head, n_head, past)
@@ -219,17 +236,19 @@ def cross_entropy_backward(dloss, cache):
     xp = array_module(q)
     scale = (counted * (dloss / n)).astype(q.dtype)
     dlogits = q * scale[..., None]
-    rows = dlogits.reshape(-1, dlogits.shape[-1])  # a view: (N, V)
+    rows = dlogits.reshape(-1, dlogits.shape[-1])  # a view: (..., V) -> (N, V)
     rows[xp.arange(rows.shape[0]), safe.reshape(-1)] -= scale.reshape(-1)
     return dlogits
 
 
 # ---- RMSNorm (Llama's norm: layer norm without the mean and the bias) ----------------------------
 def rmsnorm_forward(x, w, eps=1e-6):
-    """y = x * rstd * w over the last axis, rstd = 1 / sqrt(mean(x^2) + eps):
+    """y = x * rstd * w over the last axis, rstd = 1 / sqrt(mean(x^2) + eps).
+
     x (..., C), w (C,) -> y (..., C).
     """
-    rstd = 1.0 / array_module(x).sqrt(_row_dot(x, x) / x.shape[-1] + eps)
+    mean_square = _row_dot(x, x) / x.shape[-1]  # (..., 1)
+    rstd = 1.0 / array_module(x).sqrt(mean_square + eps)
     xhat = x * rstd
     return xhat * w, (xhat, rstd, w)
 
@@ -254,15 +273,18 @@ def rmsnorm_backward(dy, cache):
 
 # ---- rotary position embeddings (RoPE), in transformers' rotate-half layout ----------------------
 def rope_tables(pos0, T, hs, theta, like):
-    """cos and sin (T, hs) of the angles (pos0 + t) theta^(-2i / hs), i < hs / 2, each frequency written
-    twice ([f_0 .. f_{hs/2 - 1}, f_0 .. f_{hs/2 - 1}]: channel i is paired with channel i + hs/2).
-    Angles are computed in float64, then cast to the dtype (and module) of the array ``like``.
+    """cos and sin (T, hs) of the angles (pos0 + t) theta^(-2i / hs), i < hs / 2.
+
+    Each frequency is written twice ([f_0 .. f_{hs/2 - 1}, f_0 .. f_{hs/2 - 1}]): channel i is paired with
+    channel i + hs/2. Angles are computed in float64, then cast to the dtype (and module) of ``like``.
     """
     xp = array_module(like)
     inv_freq = 1.0 / theta ** (xp.arange(0, hs, 2, dtype=xp.float64) / hs)  # (hs/2,)
     angles = xp.arange(pos0, pos0 + T, dtype=xp.float64)[:, None] * inv_freq  # (T, hs/2)
     angles = xp.concatenate([angles, angles], axis=-1)  # (T, hs)
-    return xp.cos(angles).astype(like.dtype), xp.sin(angles).astype(like.dtype)
+    cos = xp.cos(angles).astype(like.dtype)
+    sin = xp.sin(angles).astype(like.dtype)
+    return cos, sin
 
 
 def _rotate_half(x):
@@ -272,13 +294,16 @@ def _rotate_half(x):
 
 
 def rotary_forward(x, cos, sin, n_head):
-    """y = x cos + rotate_half(x) sin per head: the pair (x_i, x_{i+hs/2}) at position t turned by its angle:
+    """y = x cos + rotate_half(x) sin per head: the pair (x_i, x_{i+hs/2}) at position t turned by its angle.
+
     x (B, T, n_head hs), cos and sin (T, hs) from :func:`rope_tables` -> y (B, T, n_head hs).
     """
     B, T, C = x.shape
     xh = x.reshape(B, T, n_head, C // n_head)  # (B, T, C) -> (B, T, nh, hs)
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, hs): the same angles for every head
-    return (xh * cos + _rotate_half(xh) * sin).reshape(B, T, C), (cos, sin)
+    cos = cos[:, None, :]  # (T, hs) -> (T, 1, hs): the same angles for every head
+    sin = sin[:, None, :]
+    y = xh * cos + _rotate_half(xh) * sin
+    return y.reshape(B, T, C), (cos, sin)
 
 
 def rotary_backward(dy, cache):
@@ -292,13 +317,15 @@ def rotary_backward(dy, cache):
     cos, sin = cache
     B, T, C = dy.shape
     dyh = dy.reshape(B, T, -1, cos.shape[-1])  # (B, T, nh, hs)
-    return (dyh * cos - _rotate_half(dyh) * sin).reshape(B, T, C)
+    dx = dyh * cos - _rotate_half(dyh) * sin
+    return dx.reshape(B, T, C)
 
 
 # ---- SwiGLU: Llama's gated unit between gate_proj / up_proj and down_proj ------------------------
 def swiglu_forward(g, u):
-    """y = silu(g) * u, silu(g) = g * sigmoid(g):   g, u (..., I) -> y (..., I). sigmoid(g) is computed as
-    (1 + tanh(g / 2)) / 2, which never overflows.
+    """y = silu(g) * u, silu(g) = g * sigmoid(g):   g, u (..., I) -> y (..., I).
+
+    sigmoid(g) is computed as (1 + tanh(g / 2)) / 2, which never overflows.
     """
     s = array_module(g).tanh(0.5 * g)
     s += 1.0
@@ -313,13 +340,16 @@ def swiglu_backward(dy, cache):
     """
     g, u, s = cache
     gs = g * s
-    return dy * u * (s + gs * (1.0 - s)), dy * gs
+    dg = dy * u * (s + gs * (1.0 - s))
+    du = dy * gs
+    return dg, du
 
 
 # ---- causal grouped-query attention (Llama's; n_kv_head = n_head is GPT-2's multi-head attention)
 def grouped_attention_forward(q, k, v, n_head, n_kv_head, past=None):
-    """Causal attention where G = n_head / n_kv_head query heads share one key/value head: query head h
-    reads key/value head h // G (transformers' repeat_kv order).
+    """Causal attention where G = n_head / n_kv_head query heads share one key/value head.
+
+    Query head h reads key/value head h // G (transformers' repeat_kv order):
 
         att = softmax(q k^T / sqrt(hs) + causal mask),   y = att v,   per query head, heads then merged.
 
@@ -327,14 +357,18 @@ def grouped_attention_forward(q, k, v, n_head, n_kv_head, past=None):
     and ``cache["present"]`` are as in :func:`attention_forward`, with n_kv_head heads.
     """
     xp = array_module(q)
-    k, v = _split_heads(k, n_kv_head), _split_heads(v, n_kv_head)  # (B, Hkv, T, hs)
+    k = _split_heads(k, n_kv_head)  # (B, T, Hkv hs) -> (B, Hkv, T, hs)
+    v = _split_heads(v, n_kv_head)
     if past is not None:
         k = xp.concatenate([past[0], k], axis=2)  # (B, Hkv, P + T, hs)
         v = xp.concatenate([past[1], v], axis=2)
     B, T = q.shape[:2]
-    G, S, hs = n_head // n_kv_head, k.shape[2], k.shape[3]
+    G = n_head // n_kv_head  # query heads per key/value head
+    S = k.shape[2]  # keys: the P earlier positions and the T new ones
+    hs = k.shape[3]
     qg = _split_heads(q, n_head).reshape(B, n_kv_head, G, T, hs)  # the G query heads of each kv head
-    kg, vg = k[:, :, None], v[:, :, None]  # (B, Hkv, 1, S, hs): broadcast over the group
+    kg = k[:, :, None]  # (B, Hkv, 1, S, hs): broadcast over the group
+    vg = v[:, :, None]
     scale = 1.0 / math.sqrt(hs)
     att = qg @ kg.swapaxes(-1, -2)  # (B, Hkv, G, T, S); below, in place: the scale, the mask, the softmax
     att *= scale
@@ -353,13 +387,17 @@ def grouped_attention_backward(dy, cache):
         datt = dy v^T,   dpre = att * (datt - sum_j datt_j att_j),   dq = dpre k * scale,
 
     (the softmax's Jacobian row by row: d att_j / d pre_i = att_j (delta_ij - att_i); a masked entry
-    has att = 0 and gets no gradient), and a key/value head, read by G query heads, gets their gradients' sum:
+    has att = 0 and gets no gradient), and a key/value head, read by G query heads, gets the sum of
+    their gradients:
 
         dv = sum over the group of att^T dy,    dk = sum over the group of dpre^T q * scale.
 
     Returns dq (B, T, n_head hs), dk and dv (B, T, n_kv_head hs). Only for a full sequence (no ``past``).
     """
-    qg, kg, vg, att = cache["qg"], cache["kg"], cache["vg"], cache["att"]
+    qg = cache["qg"]
+    kg = cache["kg"]
+    vg = cache["vg"]
+    att = cache["att"]
     B, Hkv, G, T, hs = qg.shape
     dyg = _split_heads(dy, Hkv * G).reshape(qg.shape)  # (B, T, H hs) -> (B, Hkv, G, T, hs)
     dv = _sum_over_group(att.swapaxes(-1, -2) @ dyg)  # (B, Hkv, T, hs)
@@ -373,5 +411,10 @@ def grouped_attention_backward(dy, cache):
 
 
 def _sum_over_group(x):
-    """(B, Hkv, G, T, hs) -> (B, Hkv, T, hs), the sum over a key/value head's G query heads (G = 1: a view)."""
-    return x[:, :, 0] if x.shape[2] == 1 else x.sum(axis=2)
+    """(B, Hkv, G, T, hs) -> (B, Hkv, T, hs): the sum over a key/value head's G query heads.
+
+    With G = 1 (GPT-2) there is nothing to add: a view, no summing pass.
+    """
+    if x.shape[2] == 1:
+        return x[:, :, 0]
+    return x.sum(axis=2)

@@ -36,7 +36,7 @@ A Llama (:class:`LlamaConfig`) is named as transformers' ``LlamaForCausalLM``, i
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -96,7 +96,9 @@ def init_params(config, seed=0, *, dtype=np.float32, device="cpu"):
             value = np.zeros(shape)
         else:
             residual = name.endswith(ARCHITECTURES[config.model_type].residual_out)
-            std = 0.02 / np.sqrt(2 * config.n_layer) if residual else 0.02
+            std = 0.02
+            if residual:
+                std = 0.02 / np.sqrt(2 * config.n_layer)
             value = rng.normal(0.0, std, size=shape)
         params[name] = to_device(value.astype(dtype), device)
     return params
@@ -105,7 +107,8 @@ def init_params(config, seed=0, *, dtype=np.float32, device="cpu"):
 def check_params(params, config):
     """Raise a clear error if ``params`` lacks a tensor, has an extra one or a wrong shape or dtype."""
     shapes = param_shapes(config)
-    missing, extra = sorted(set(shapes) - set(params)), sorted(set(params) - set(shapes))
+    missing = sorted(set(shapes) - set(params))
+    extra = sorted(set(params) - set(shapes))
     if missing or extra:
         raise KeyError(f"parameters do not match the config: missing {missing[:5]}, unexpected {extra[:5]}")
     dtypes = {params[k].dtype for k in shapes}
@@ -113,7 +116,8 @@ def check_params(params, config):
         raise TypeError(f"parameters must share one float dtype, got {sorted(map(str, dtypes))}")
     for name, shape in shapes.items():
         if tuple(params[name].shape) != shape:
-            raise ValueError(f"parameter {name} has shape {tuple(params[name].shape)}, the config says {shape}")
+            raise ValueError(f"parameter {name} has shape {tuple(params[name].shape)}, "
+                             f"the config says {shape}")
 
 
 def check_ids(idx, config, pos0=0):
@@ -124,18 +128,23 @@ def check_ids(idx, config, pos0=0):
         raise TypeError(f"token ids must be integers, got dtype {idx.dtype}")
     if idx.size == 0:
         raise ValueError("token ids are empty")
-    low, high = int(idx.min()), int(idx.max())
+    low = int(idx.min())
+    high = int(idx.max())
     if low < 0 or high >= config.vocab_size:
         raise ValueError(f"token ids must be in [0, {config.vocab_size}), got values in [{low}, {high}]")
-    if pos0 + idx.shape[1] > config.n_positions:
-        raise ValueError(f"sequence of {pos0 + idx.shape[1]} positions exceeds n_positions = {config.n_positions}")
+    length = pos0 + idx.shape[1]
+    if length > config.n_positions:
+        raise ValueError(f"sequence of {length} positions exceeds n_positions = {config.n_positions}")
 
 
 def block_forward(x, p, config, past=None):
-    """One GPT-2 block, x (B, T, C) -> (B, T, C). ``p``: the block's tensors by their names within the
-    block (``"ln_1.weight"``, ...); ``past``: its ``(k, v)`` for decoding, the cache's ``"present"``.
+    """One GPT-2 block, x (B, T, C) -> (B, T, C), and its cache.
+
+    ``p``: the block's tensors by their names within the block (``"ln_1.weight"``, ...); ``past``: its
+    ``(k, v)`` for decoding, the cache's ``"present"``.
     """
-    eps, c = config.layer_norm_epsilon, {}
+    eps = config.layer_norm_epsilon
+    c = {}  # the layers' caches, by name
     a, c["ln_1"] = layers.layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"], eps)
     a, c["c_attn"] = layers.linear_forward(a, p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # (B, T, 3C)
     a, c["attn"] = layers.attention_forward(a, config.n_head, past)
@@ -168,9 +177,11 @@ def block_backward(dx, c):
 def gpt2_head_forward(x, params, config):
     """logits = ln_f(x) @ wte^T, the head tied to the token embedding: (B, T, C) -> (B, T, V)."""
     wte = params["transformer.wte.weight"]
-    xf, c_lnf = layers.layernorm_forward(x, params["transformer.ln_f.weight"], params["transformer.ln_f.bias"],
-                                         config.layer_norm_epsilon)
-    logits = (xf.reshape(-1, xf.shape[-1]) @ wte.T).reshape(*x.shape[:-1], wte.shape[0])  # (N, C) @ (C, V)
+    w = params["transformer.ln_f.weight"]
+    b = params["transformer.ln_f.bias"]
+    xf, c_lnf = layers.layernorm_forward(x, w, b, config.layer_norm_epsilon)
+    logits = xf.reshape(-1, xf.shape[-1]) @ wte.T  # (N, C) @ (C, V)
+    logits = logits.reshape(*x.shape[:-1], wte.shape[0])  # (N, V) -> (..., V)
     return logits, (xf, wte, c_lnf)
 
 
@@ -179,12 +190,19 @@ def gpt2_head_backward(dlogits, cache):
     xf, wte, c_lnf = cache
     dlogits2 = dlogits.reshape(-1, dlogits.shape[-1])  # (N, V)
     dxf = (dlogits2 @ wte).reshape(xf.shape)  # (N, V) @ (V, C)
-    grads = {"transformer.wte.weight": dlogits2.T @ xf.reshape(-1, xf.shape[-1])}  # (V, N) @ (N, C)
-    dx, grads["transformer.ln_f.weight"], grads["transformer.ln_f.bias"] = layers.layernorm_backward(dxf, c_lnf)
+    dwte = dlogits2.T @ xf.reshape(-1, xf.shape[-1])  # (V, N) @ (N, C)
+    dx, dw, db = layers.layernorm_backward(dxf, c_lnf)
+    grads = {"transformer.wte.weight": dwte, "transformer.ln_f.weight": dw, "transformer.ln_f.bias": db}
     return dx, grads
 
 
 # ---- Llama ---------------------------------------------------------------------------------------
+# LlamaConfig's sizes and counts, each a positive integer. Named one by one: a test of the fields' types
+# (f.type is int) would check nothing once annotations are strings (from __future__ import annotations).
+_LLAMA_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings")
+
+
 @dataclass(frozen=True)
 class LlamaConfig:
     """A Llama's shape, with transformers' ``LlamaConfig`` field names and, where it has them, defaults.
@@ -208,17 +226,18 @@ class LlamaConfig:
     n_positions = property(lambda self: self.max_position_embeddings)
 
     def __post_init__(self):
-        for name in (f.name for f in fields(self) if f.type is int):  # sizes and counts
+        for name in _LLAMA_SIZES:
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
-        H, Hkv = self.num_attention_heads, self.num_key_value_heads
+        H = self.num_attention_heads
+        Hkv = self.num_key_value_heads
         if self.hidden_size % (2 * H) or H % Hkv:
             raise ValueError(f"LlamaConfig: hidden_size ({self.hidden_size}) must be a multiple of 2 * "
                              f"num_attention_heads ({H}), and that a multiple of num_key_value_heads ({Hkv})")
         if not (self.rms_norm_eps > 0 and self.rope_theta > 0):
-            raise ValueError(f"LlamaConfig: rms_norm_eps and rope_theta must be > 0, got {self.rms_norm_eps!r}, "
-                             f"{self.rope_theta!r}")
+            raise ValueError(f"LlamaConfig: rms_norm_eps and rope_theta must be > 0, got "
+                             f"{self.rms_norm_eps!r}, {self.rope_theta!r}")
 
 
 def llama_param_shapes(config):
@@ -244,8 +263,10 @@ def llama_param_shapes(config):
 def _proj_forward(x, p, name, c):
     """transformers' nn.Linear, y = x @ W^T (+ b) with W stored (out, in); its cache goes to c[name]."""
     b = p.get(name + ".bias")
-    y, c[name] = layers.linear_forward(x, p[name + ".weight"].T, 0.0 if b is None else b)
     c[name + ".bias"] = b is not None
+    if b is None:
+        b = 0.0  # no bias: adding 0.0 leaves x @ W^T as it is
+    y, c[name] = layers.linear_forward(x, p[name + ".weight"].T, b)
     return y
 
 
@@ -259,21 +280,30 @@ def _proj_backward(dy, c, name, d):
 
 
 def llama_block_forward(x, p, config, past=None):
-    """One Llama block (see the module docstring), x (B, T, C) -> (B, T, C); ``p`` and ``past`` as in
-    :func:`block_forward`, ``past`` with num_key_value_heads heads.
+    """One Llama block (see the module docstring), x (B, T, C) -> (B, T, C), and its cache.
+
+    ``p`` and ``past`` as in :func:`block_forward`, ``past`` with num_key_value_heads heads.
     """
-    H, Hkv, eps, c = config.num_attention_heads, config.num_key_value_heads, config.rms_norm_eps, {}
-    pos0 = 0 if past is None else past[0].shape[2]
+    H = config.num_attention_heads
+    Hkv = config.num_key_value_heads
+    eps = config.rms_norm_eps
+    c = {}  # the layers' caches, by name
+    pos0 = 0
+    if past is not None:
+        pos0 = past[0].shape[2]  # the positions already in the KV cache
     cos, sin = layers.rope_tables(pos0, x.shape[1], config.hidden_size // H, config.rope_theta, x)
     a, c["norm_1"] = layers.rmsnorm_forward(x, p["input_layernorm.weight"], eps)
-    q, c["rope_q"] = layers.rotary_forward(_proj_forward(a, p, "self_attn.q_proj", c), cos, sin, H)
-    k, c["rope_k"] = layers.rotary_forward(_proj_forward(a, p, "self_attn.k_proj", c), cos, sin, Hkv)
+    q = _proj_forward(a, p, "self_attn.q_proj", c)  # (B, T, H hs)
+    q, c["rope_q"] = layers.rotary_forward(q, cos, sin, H)
+    k = _proj_forward(a, p, "self_attn.k_proj", c)  # (B, T, Hkv hs)
+    k, c["rope_k"] = layers.rotary_forward(k, cos, sin, Hkv)
     v = _proj_forward(a, p, "self_attn.v_proj", c)  # (B, T, Hkv hs)
     a, c["attn"] = layers.grouped_attention_forward(q, k, v, H, Hkv, past)
     x = x + _proj_forward(a, p, "self_attn.o_proj", c)
     m, c["norm_2"] = layers.rmsnorm_forward(x, p["post_attention_layernorm.weight"], eps)
-    m, c["swiglu"] = layers.swiglu_forward(_proj_forward(m, p, "mlp.gate_proj", c),
-                                           _proj_forward(m, p, "mlp.up_proj", c))  # (B, T, I)
+    gate = _proj_forward(m, p, "mlp.gate_proj", c)  # (B, T, I)
+    up = _proj_forward(m, p, "mlp.up_proj", c)
+    m, c["swiglu"] = layers.swiglu_forward(gate, up)
     return x + _proj_forward(m, p, "mlp.down_proj", c), c
 
 
@@ -281,24 +311,33 @@ def llama_block_backward(dx, c):
     """The block's backward: (dL/d its input, {name within the block: gradient}) from dL/d its output."""
     d = {}
     # forward was: x = x + down_proj(swiglu(gate_proj(m), up_proj(m))), m = post_attention_layernorm(x)
-    dg, du = layers.swiglu_backward(_proj_backward(dx, c, "mlp.down_proj", d), c["swiglu"])
-    dm = _proj_backward(dg, c, "mlp.gate_proj", d) + _proj_backward(du, c, "mlp.up_proj", d)  # m feeds both
+    dswiglu = _proj_backward(dx, c, "mlp.down_proj", d)
+    dgate, dup = layers.swiglu_backward(dswiglu, c["swiglu"])
+    dm_gate = _proj_backward(dgate, c, "mlp.gate_proj", d)
+    dm_up = _proj_backward(dup, c, "mlp.up_proj", d)
+    dm = dm_gate + dm_up  # m feeds both projections: their gradients add
     dm, d["post_attention_layernorm.weight"] = layers.rmsnorm_backward(dm, c["norm_2"])
     dx = dx + dm
-    # forward was: x = x + o_proj(attention(rope(q_proj(a)), rope(k_proj(a)), v_proj(a))), a = input_layernorm(x)
-    dq, dk, dv = layers.grouped_attention_backward(_proj_backward(dx, c, "self_attn.o_proj", d), c["attn"])
-    da = (_proj_backward(layers.rotary_backward(dq, c["rope_q"]), c, "self_attn.q_proj", d)
-          + _proj_backward(layers.rotary_backward(dk, c["rope_k"]), c, "self_attn.k_proj", d)
-          + _proj_backward(dv, c, "self_attn.v_proj", d))  # a feeds all three projections
+    # forward was: x = x + o_proj(attention(rope(q_proj(a)), rope(k_proj(a)), v_proj(a))),
+    #              a = input_layernorm(x)
+    dattn = _proj_backward(dx, c, "self_attn.o_proj", d)
+    dq, dk, dv = layers.grouped_attention_backward(dattn, c["attn"])
+    da_q = _proj_backward(layers.rotary_backward(dq, c["rope_q"]), c, "self_attn.q_proj", d)
+    da_k = _proj_backward(layers.rotary_backward(dk, c["rope_k"]), c, "self_attn.k_proj", d)
+    da_v = _proj_backward(dv, c, "self_attn.v_proj", d)
+    da = da_q + da_k + da_v  # a feeds all three projections
     da, d["input_layernorm.weight"] = layers.rmsnorm_backward(da, c["norm_1"])
     return dx + da, d
 
 
 def llama_head_forward(x, params, config):
-    """logits = norm(x) @ W^T, W = lm_head.weight or, when tie_word_embeddings, the token embedding:
-    (B, T, C) -> (B, T, V).
+    """logits = norm(x) @ W^T: (B, T, C) -> (B, T, V).
+
+    W is lm_head.weight or, when tie_word_embeddings, the token embedding.
     """
-    c = {"head": "model.embed_tokens" if config.tie_word_embeddings else "lm_head"}
+    c = {"head": "lm_head"}
+    if config.tie_word_embeddings:
+        c["head"] = "model.embed_tokens"
     xf, c["norm"] = layers.rmsnorm_forward(x, params["model.norm.weight"], config.rms_norm_eps)
     return _proj_forward(xf, params, c["head"], c), c
 
@@ -313,8 +352,10 @@ def llama_head_backward(dlogits, c):
 
 @dataclass(frozen=True)
 class Architecture:
-    """What one model type defines; :func:`forward` and :func:`backward` chain it. Signatures as GPT-2's:
-    the head's backward returns {name: grad}, the block's {name within the block: grad}.
+    """What one model type defines; :func:`forward` and :func:`backward` chain it.
+
+    Signatures as GPT-2's: the head's backward returns {name: grad}, the block's {name within the
+    block: grad}.
     """
     param_shapes: Callable
     block_prefix: str  # block l's tensors are named block_prefix.format(l) + name within the block
@@ -342,8 +383,9 @@ def param_shapes(config):
 
 
 def forward(params, idx, config, *, past=None, rows=None):
-    """Logits (B, T, V) for token ids ``idx`` (B, T) on the parameters' device, and the cache that
-    :func:`backward` needs.
+    """Logits (B, T, V) for token ids ``idx`` (B, T), and the cache that :func:`backward` needs.
+
+    The logits are on the parameters' device.
 
     For decoding with a KV cache, ``past`` is ``cache["present"]`` of the previous call (per layer
     ``(k, v)``) and ``idx`` holds only the new tokens. ``rows``, a boolean (B, T) mask, runs the head, a
@@ -379,9 +421,10 @@ def forward(params, idx, config, *, past=None, rows=None):
 
 
 def backward(dlogits, cache):
-    """Gradients of the loss w.r.t. every parameter, from dlogits = dloss / dlogits (B, T, V), or (n, V)
-    for a forward with ``rows``: a dict with exactly the keys of the parameters. The forward must have
-    run without ``past``.
+    """Gradients of the loss w.r.t. every parameter, from dlogits = dloss / dlogits.
+
+    dlogits is (B, T, V), or (n, V) for a forward with ``rows``. Returns a dict with exactly the keys of
+    the parameters. The forward must have run without ``past``.
     """
     if cache["has_past"]:
         raise ValueError("backward needs a forward over the whole sequence (it ran with a KV cache)")

@@ -1,8 +1,9 @@
 """AdamW with decoupled weight decay, gradient clipping by global norm, warmup + cosine schedule.
 
 The optimizer's state is a plain dict (``{"step": int, "m": {name: array}, "v": {name: array}}``), so a
-checkpoint can save it and a resumed run continues bit for bit. The update of step t (1-based), for a parameter
-x with gradient g, learning rate lr and decay wd (Loshchilov & Hutter; what torch.optim.AdamW does)::
+checkpoint can save it and a resumed run continues bit for bit. The update of step t (1-based), for a
+parameter x with gradient g, learning rate lr and decay wd (Loshchilov & Hutter; what torch.optim.AdamW
+does)::
 
     x <- x * (1 - lr * wd)                         decoupled: the decay never enters m or v
     m <- b1 m + (1 - b1) g,    v <- b2 v + (1 - b2) g^2
@@ -17,7 +18,9 @@ import math
 from .device import array_module, to_float
 from .parallel import in_order, threads
 
-GROUP_ENTRIES = 1 << 18  # the least work worth handing to a thread: smaller groups cost more than they save
+# The least work worth handing to a thread: a width-32 model's update was slower on two threads than on
+# one (each group's few small arrays cost more in hand-offs than they save).
+GROUP_ENTRIES = 1 << 18
 
 
 def adamw_init(params):
@@ -33,18 +36,25 @@ def decays(x):
 
 
 def adamw_step(params, grads, state, *, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
-    """One AdamW update of ``params`` in place; ``state`` is advanced in place too. Each parameter's update
-    is its own: they run on :func:`parallel.threads` threads, in groups of about equal size, GROUP_ENTRIES or more.
+    """One AdamW update of ``params`` in place; ``state`` is advanced in place too.
+
+    Each parameter's update is its own, so they run side by side on :func:`parallel.threads` threads, in
+    groups of about equal size (:data:`GROUP_ENTRIES` entries or more each): the same numbers bit for bit
+    as on one thread.
     """
     b1, b2 = betas
-    t = state["step"] = state["step"] + 1
-    step_size = lr / (1.0 - b1 ** t)
-    bias2 = math.sqrt(1.0 - b2 ** t)
+    state["step"] += 1
+    t = state["step"]
+    step_size = lr / (1.0 - b1 ** t)  # lr with the first moment's bias correction
+    bias2 = math.sqrt(1.0 - b2 ** t)  # the second moment's, applied to sqrt(v)
     xp = array_module(*params.values())
 
     def update(names):
         for name in names:
-            x, g, m, v = params[name], grads[name], state["m"][name], state["v"][name]
+            x = params[name]
+            g = grads[name]
+            m = state["m"][name]
+            v = state["v"][name]
             if weight_decay and decays(x):
                 x *= 1.0 - lr * weight_decay
             m *= b1
@@ -56,13 +66,24 @@ def adamw_step(params, grads, state, *, lr, betas=(0.9, 0.95), eps=1e-8, weight_
             denom += eps
             x -= step_size * (m / denom)
 
-    count = min(threads(xp), 1 + sum(x.size for x in params.values()) // GROUP_ENTRIES)
-    groups, loads = [[] for _ in range(count)], [0] * count
-    for name in sorted(params, key=lambda name: -params[name].size):  # largest first, to the lightest group
+    total = sum(x.size for x in params.values())
+    count = min(threads(xp), 1 + total // GROUP_ENTRIES)
+    groups = _balanced_groups({name: x.size for name, x in params.items()}, count)
+    in_order(update, groups, count)
+
+
+def _balanced_groups(sizes, count):
+    """The names of ``sizes`` in at most ``count`` groups of about equal total size (none empty).
+
+    Largest first, each to the group with the least so far.
+    """
+    groups = [[] for _ in range(count)]
+    loads = [0] * count
+    for name in sorted(sizes, key=lambda name: -sizes[name]):
         lightest = loads.index(min(loads))
         groups[lightest].append(name)
-        loads[lightest] += params[name].size
-    in_order(update, [group for group in groups if group], count)
+        loads[lightest] += sizes[name]
+    return [group for group in groups if group]
 
 
 def global_norm(grads):
