@@ -15,25 +15,39 @@ def cmd_gradcheck(args):
     failed = 0
     for name, options, temperature, n, err in rows:
         opts = ", ".join(f"{k}={v}" for k, v in options.items()) or "-"
-        ok = err < args.tol
-        failed += not ok
-        print(f"{name:<6} {opts:<18} {temperature:>4g} {n:>8d} {err:>12.2e}  {'ok' if ok else 'FAIL'}")
-    print(f"\nfloat64 central differences, eps={args.eps:g}; {len(rows) - failed}/{len(rows)} below {args.tol:g}")
-    return 1 if failed else 0
+        verdict = "ok"
+        if not err < args.tol:
+            verdict = "FAIL"
+            failed += 1
+        print(f"{name:<6} {opts:<18} {temperature:>4g} {n:>8d} {err:>12.2e}  {verdict}")
+    passed = len(rows) - failed
+    print(f"\nfloat64 central differences, eps={args.eps:g}; {passed}/{len(rows)} below {args.tol:g}")
+    if failed:
+        return 1
+    return 0
 
 
 def _parse_options(pairs):
     """``["beta=2", "detach=false"]`` -> ``{"beta": 2.0, "detach": False}``."""
     options = {}
     for pair in pairs or []:
-        key, sep, value = (part.strip() for part in pair.partition("="))
+        key, sep, value = pair.partition("=")
         if not sep:
             raise SystemExit(f"--option expects NAME=VALUE, got {pair!r}")
-        try:
-            options[key] = value.lower() == "true" if value.lower() in ("true", "false") else float(value)
-        except ValueError:
-            raise SystemExit(f"--option {key}: {value!r} is not a number or true/false") from None
+        key = key.strip()
+        value = value.strip()
+        options[key] = _option_value(key, value)
     return options
+
+
+def _option_value(key, value):
+    """A loss option's value from the command line: true or false, else a number."""
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    try:
+        return float(value)
+    except ValueError:
+        raise SystemExit(f"--option {key}: {value!r} is not a number or true/false") from None
 
 
 def _fit(args, teacher=None):
@@ -121,9 +135,9 @@ def cmd_generate(args):
         raise SystemExit("generate needs --instruction (and optionally --input) or --prompt")
     ids = tokenizer.encode(text)  # generate cuts a long prompt from the left and says so
     for n in range(args.samples):
-        out = generate(params, config, [ids], max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed + n)[0]
-        print(tokenizer.decode(out))
+        outs = generate(params, config, [ids], max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed + n)
+        print(tokenizer.decode(outs[0]))
     return 0
 
 
@@ -137,10 +151,11 @@ def cmd_demo(args):
                        protocol=protocol, device=resolve_device(args.device), progress=not args.quiet,
                        arch=args.arch, jobs=args.jobs)
     print("\n" + demo.table(results))
-    print(f"\nresults: {args.out}/results.json", end="")
-    print(f", figure: {args.out}/demo.png" if demo.figure(results, f"{args.out}/demo.png")
-          else " (install matplotlib, e.g. pip install 'minitodi[plot]', for the figure)", end="")
-    print(f"; {results['config']['seconds']:.0f} s")
+    if demo.figure(results, f"{args.out}/demo.png"):
+        figure = f", figure: {args.out}/demo.png"
+    else:
+        figure = " (install matplotlib, e.g. pip install 'minitodi[plot]', for the figure)"
+    print(f"\nresults: {args.out}/results.json{figure}; {results['config']['seconds']:.0f} s")
     return 0
 
 
@@ -198,19 +213,8 @@ def _protocol_arguments(p):
                    help="generation seeds of the sampled passes, scores averaged (default: 10 20 30 40 50)")
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="minitodi", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("gradcheck", help="check every loss gradient against finite differences")
-    p.add_argument("--losses", nargs="+", choices=sorted(losses.LOSSES), help="only these losses")
-    p.add_argument("--eps", type=float, default=gradcheck.LOSS_CHECK_EPS, help="finite-difference step")
-    p.add_argument("--tol", type=float, default=1e-6, help="largest relative error that passes")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_gradcheck)
-
-    _add_training_commands(sub)
-
+def _add_model_commands(sub):
+    """``evaluate`` and ``generate``: what a trained model can be asked."""
     p = sub.add_parser("evaluate", help="score a model on held-out data")
     _common(p)
     p.add_argument("--model", required=True)
@@ -233,20 +237,19 @@ def build_parser():
     p.add_argument("--samples", type=int, default=1)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="teacher, then students with each loss, compared on the built-in suite")
-    _common(p, generation=False)
-    p.add_argument("--quick", action="store_true", help="a smaller budget (minutes on a laptop)")
-    p.add_argument("--arch", choices=ARCHS, default="gpt2", help="teacher and students: gpt2 or llama")
-    p.add_argument("--losses", nargs="+", default=["fkl", "rkl", "todi"],
-                   help="divergences to distil with besides sft, or 'all'")
-    p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: 0-15, quick: 0)")
-    p.add_argument("--out", default="minitodi-demo", help="its output directory: new, empty, or an earlier demo's")
-    p.add_argument("--jobs", type=int, default=cores(),
-                   help="students trained at once, each in its own process (default: the cores available)")
-    _protocol_arguments(p)
-    p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("conformance", help="check your own loss function against minitodi's (value and gradient)")
+def _add_gradcheck_command(sub):
+    p = sub.add_parser("gradcheck", help="check every loss gradient against finite differences")
+    p.add_argument("--losses", nargs="+", choices=sorted(losses.LOSSES), help="only these losses")
+    p.add_argument("--eps", type=float, default=gradcheck.LOSS_CHECK_EPS, help="finite-difference step")
+    p.add_argument("--tol", type=float, default=1e-6, help="largest relative error that passes")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_gradcheck)
+
+
+def _add_conformance_command(sub):
+    p = sub.add_parser("conformance",
+                       help="check your own loss function against minitodi's (value and gradient)")
     p.add_argument("target", metavar="FILE.py:FUNCTION", help="fn(student_logits, teacher_logits, mask, "
                    "temperature, **options); torch: returns a scalar tensor, numpy: (loss, grad)")
     p.add_argument("--loss", required=True, choices=sorted(losses.LOSSES))
@@ -256,6 +259,32 @@ def build_parser():
     p.add_argument("--t-squared", action="store_true", help="FUNCTION multiplies the loss by T^2")
     p.add_argument("--tol", type=float, help="largest relative error that passes (default 1e-3)")
     p.set_defaults(func=cmd_conformance)
+
+
+def _add_demo_command(sub):
+    p = sub.add_parser("demo", help="teacher, then students with each loss, compared on the built-in suite")
+    _common(p, generation=False)
+    p.add_argument("--quick", action="store_true", help="a smaller budget (minutes on a laptop)")
+    p.add_argument("--arch", choices=ARCHS, default="gpt2", help="teacher and students: gpt2 or llama")
+    p.add_argument("--losses", nargs="+", default=["fkl", "rkl", "todi"],
+                   help="divergences to distil with besides sft, or 'all'")
+    p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: 0-15, quick: 0)")
+    p.add_argument("--out", default="minitodi-demo",
+                   help="its output directory: new, empty, or an earlier demo's")
+    p.add_argument("--jobs", type=int, default=cores(),
+                   help="students trained at once, each in its own process (default: the cores available)")
+    _protocol_arguments(p)
+    p.set_defaults(func=cmd_demo)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="minitodi", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_gradcheck_command(sub)
+    _add_training_commands(sub)
+    _add_model_commands(sub)
+    _add_demo_command(sub)
+    _add_conformance_command(sub)
     return parser
 
 

@@ -196,9 +196,11 @@ def forward_in_shards(params, idx, config, *, rows=None):
 
 
 def backward_in_shards(dlogits, cache):
-    """:func:`minitodi.model.backward` of :func:`forward_in_shards`: the shards' gradients, added in
-    shard order whatever the threads.
+    """:func:`minitodi.model.backward` of :func:`forward_in_shards`: the gradients of the whole batch.
+
+    The shards' gradients are added in shard order, whatever the threads.
     """
+
     def shard(part):
         out, shard_cache = part
         return model.backward(dlogits[out], shard_cache)
