@@ -58,8 +58,11 @@ def step_loss(params, config, idx, labels, tcfg, teacher=None):
 
 
 def _check_models(model_config, tokenizer, tcfg, teacher):
-    """A clear error when a distillation has no teacher, or the teacher's tokenizer or vocabulary is not
-    the student's, or the model's vocabulary is smaller than the tokenizer's."""
+    """A clear error for models that cannot train together.
+
+    A distillation needs a teacher whose tokenizer and vocabulary are the student's, and no model's
+    vocabulary may be smaller than the tokenizer's.
+    """
     if tcfg.loss != SFT:
         if teacher is None:
             raise ValueError(f"loss {tcfg.loss!r} distils from a teacher: pass teacher=")
@@ -135,8 +138,8 @@ class _Trainer:
         else:
             kept = "No state was saved"
         raise FloatingPointError(
-            f"step {run.step}: the loss is {total}, the gradient norm {norm}; {self.last_loss}. Likely cause: "
-            f"{cause}. {kept}; change the settings, then --restart or --from-best")
+            f"step {run.step}: the loss is {total}, the gradient norm {norm}; {self.last_loss}. "
+            f"Likely cause: {cause}. {kept}; change the settings, then --restart or --from-best")
 
 
 def _settings(model_config, tokenizer, tcfg, teacher):
