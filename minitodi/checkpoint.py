@@ -68,23 +68,44 @@ def hf_config(config, dtype, extra=None):
 
 
 def _gpt2_hf_config(config):
-    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **asdict(config), "n_inner": None,
-            "activation_function": "gelu_new", "tie_word_embeddings": True,
-            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # minitodi trains without dropout
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        **asdict(config),  # vocab_size, n_positions, n_embd, n_layer, n_head, layer_norm_epsilon
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "tie_word_embeddings": True,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,  # minitodi trains without dropout
+    }
 
 
 def _llama_hf_config(config):
     hs = config.hidden_size // config.num_attention_heads
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **asdict(config), "head_dim": hs,
-            "hidden_act": "silu", "mlp_bias": False, "attention_dropout": 0.0,
-            "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta}}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **asdict(config),
+        "head_dim": hs,
+        "hidden_act": "silu",
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+    }
 
 
 def save(directory, params, config, *, training_state=None, config_extra=None):
-    """Write a checkpoint of ``params`` (and, optionally, the training state) into ``directory``; returns it as a Path.
-    ``training_state``: None, or a dict with an ``"optimizer"`` entry (the state of :func:`minitodi.optim.adamw_init`)
-    and any JSON-serialisable entries (step, RNG state, data position, ...). ``config_extra``: extra ``config.json``
-    entries, e.g. ``{"eos_token_id": 0}``.
+    """Write a checkpoint of ``params`` (and, optionally, the training state) into ``directory``.
+
+    Args:
+        directory: the checkpoint directory (a str or Path); created if missing, files in it replaced.
+        params: the parameters, a dict of arrays (NumPy or CuPy) named as in :mod:`minitodi.model`;
+            checked against ``config`` before anything is written.
+        config: the model's GPTConfig or LlamaConfig, written as ``config.json``.
+        training_state: None, or a dict with an ``"optimizer"`` entry (the state of
+            :func:`minitodi.optim.adamw_init`) and any JSON-serialisable entries (step, RNG state, data
+            position, ...).
+        config_extra: extra ``config.json`` entries, e.g. ``{"eos_token_id": 0}``.
+    Returns the directory as a Path.
     """
     check_params(params, config)
     directory = Path(directory)
@@ -93,41 +114,54 @@ def save(directory, params, config, *, training_state=None, config_extra=None):
     if training_state is not None:
         state = dict(training_state)
         optimizer = state.pop("optimizer")
-        arrays = {f"{moment}.{name}": np.ascontiguousarray(to_numpy(x))
-                  for moment in ("m", "v") for name, x in optimizer[moment].items()}
+        arrays = {}
+        for moment in ("m", "v"):
+            for name, x in optimizer[moment].items():
+                arrays[f"{moment}.{name}"] = np.ascontiguousarray(to_numpy(x))
         _atomic_write(directory / STATE_FILE, lambda tmp: save_file(arrays, str(tmp), {"save_id": save_id}))
         write_json(directory / STATE_JSON, {"save_id": save_id, "optimizer_step": optimizer["step"], **state})
-    write_json(directory / CONFIG_FILE, hf_config(config, next(iter(params.values())).dtype, config_extra))
+    dtype = next(iter(params.values())).dtype
+    write_json(directory / CONFIG_FILE, hf_config(config, dtype, config_extra))
     tensors = {name: np.ascontiguousarray(to_numpy(x)) for name, x in params.items()}
     _atomic_write(directory / MODEL_FILE,
                   lambda tmp: save_file(tensors, str(tmp), {"format": "pt", "save_id": save_id}))
     return directory
 
 
+def _aside(directory, tag):
+    """The sibling ``<directory>.<tag>`` that :func:`save_replacing` writes to or moves the old one to."""
+    return directory.with_name(f"{directory.name}.{tag}")
+
+
 def save_replacing(directory, params, config, **kwargs):
     """:func:`save` into ``directory`` as a whole: either the old checkpoint or the new one is there, whole.
-    It is written to ``<directory>.new``; then ``directory`` is renamed to ``<directory>.old``, ``.new`` to
-    ``directory``, and ``.old`` is removed.
+
+    The new checkpoint is written to ``<directory>.new``; then ``directory`` is renamed to
+    ``<directory>.old``, ``.new`` to ``directory``, and ``.old`` is removed.
     """
     directory = Path(directory)
-    new, old = (directory.with_name(f"{directory.name}.{tag}") for tag in ("new", "old"))
+    new = _aside(directory, "new")
+    old = _aside(directory, "old")
     recover(directory)
     shutil.rmtree(new, ignore_errors=True)
     save(new, params, config, **kwargs)
-    if directory.exists():
+    had_old = directory.exists()
+    if had_old:
         os.replace(directory, old)
     os.replace(new, directory)
-    if old.exists():  # recover() left no .old behind, so this is the one just moved aside
+    if had_old:
         shutil.rmtree(old)
     return directory
 
 
 def recover(directory):
-    """Finish a :func:`save_replacing` that was interrupted: afterwards ``directory`` is the newest whole
-    checkpoint there is (or absent if there never was one).
+    """Finish a :func:`save_replacing` that was interrupted.
+
+    Afterwards ``directory`` is the newest whole checkpoint there is (or absent if there never was one).
     """
     directory = Path(directory)
-    new, old = (directory.with_name(f"{directory.name}.{tag}") for tag in ("new", "old"))
+    new = _aside(directory, "new")
+    old = _aside(directory, "old")
     if old.exists():
         if directory.exists():  # interrupted after the swap: only the clean-up was left
             shutil.rmtree(old)
@@ -192,8 +226,17 @@ def _gpt2_config_from_hf(hf, where):
 
 
 # config.json fields whose other values minitodi's Llama does not compute (absent means the first value)
-_LLAMA_ONLY = {"hidden_act": ("silu",), "mlp_bias": (False,), "pretraining_tp": (1,), "sliding_window": (None,),
-               "use_sliding_window": (False,), "rope_scaling": (None, {"rope_type": "default"})}
+_LLAMA_ONLY = {
+    "hidden_act": ("silu",),
+    "mlp_bias": (False,),
+    "pretraining_tp": (1,),
+    "sliding_window": (None,),
+    "use_sliding_window": (False,),
+    "rope_scaling": (None, {"rope_type": "default"}),
+}
+_LLAMA_REQUIRED = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+)
 
 
 def _llama_config_from_hf(hf, where):
@@ -203,15 +246,17 @@ def _llama_config_from_hf(hf, where):
     rope = hf.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"{where}: rope_parameters.rope_type = {rope['rope_type']!r} is not implemented")
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+    for name in _LLAMA_REQUIRED:
         if hf.get(name) is None:
             raise ValueError(f"{where}: missing field {name!r}")
     fields = {name: hf[name] for name in LlamaConfig.__dataclass_fields__ if hf.get(name) is not None}
     fields.setdefault("num_key_value_heads", hf["num_attention_heads"])  # transformers' default: no grouping
     fields["rope_theta"] = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     config = LlamaConfig(**fields)
-    if hf.get("head_dim") not in (None, config.hidden_size // config.num_attention_heads):
-        raise ValueError(f"{where}: head_dim = {hf['head_dim']} is not implemented (only hidden_size / heads)")
+    hs = config.hidden_size // config.num_attention_heads
+    if hf.get("head_dim") not in (None, hs):
+        raise ValueError(f"{where}: head_dim = {hf['head_dim']} is not implemented "
+                         "(only hidden_size / heads)")
     return config
 
 
@@ -235,29 +280,43 @@ FORMATS = {
 
 def _canonical(tensors, config, where):
     """Map a state dict's keys to minitodi's names: add a missing prefix, drop buffers and a tied head."""
-    fmt, shapes = FORMATS[config.model_type], param_shapes(config)
-    tensors = {k if k.startswith((fmt.prefix, "lm_head.")) else fmt.prefix + k: v for k, v in tensors.items()}
-    for name, value in tensors.items():
-        if name in shapes or name.endswith(fmt.buffers):
+    fmt = FORMATS[config.model_type]
+    shapes = param_shapes(config)
+    prefixed = {}
+    for key, value in tensors.items():
+        if not key.startswith((fmt.prefix, "lm_head.")):  # e.g. an original GPT-2 file's "h.0.attn.bias"
+            key = fmt.prefix + key
+        prefixed[key] = value
+    params = {}
+    for name, value in prefixed.items():
+        if name in shapes:
+            params[name] = value
+        elif name.endswith(fmt.buffers):
             continue
-        if name != "lm_head.weight":
+        elif name == "lm_head.weight":
+            if not np.array_equal(value, prefixed.get(fmt.embedding)):
+                raise ValueError(f"{where}: lm_head.weight differs from the token embedding (untied head)")
+        else:
             raise ValueError(f"{where}: unexpected tensor {name!r}")
-        if not np.array_equal(value, tensors.get(fmt.embedding)):
-            raise ValueError(f"{where}: lm_head.weight differs from the token embedding (untied head)")
-    return {name: value for name, value in tensors.items() if name in shapes}
+    return params
 
 
 def _read_weights(directory):
     """The tensors of model.safetensors, or of the shards model.safetensors.index.json lists."""
     if (directory / MODEL_FILE).is_file() or not (directory / INDEX_FILE).is_file():
         return _read_safetensors(directory / MODEL_FILE)
-    shards = sorted(set(_read_json(directory / INDEX_FILE).get("weight_map", {}).values()))
-    return {name: t for shard in shards for name, t in _read_safetensors(directory / shard).items()}
+    weight_map = _read_json(directory / INDEX_FILE).get("weight_map", {})
+    tensors = {}
+    for shard in sorted(set(weight_map.values())):
+        tensors.update(_read_safetensors(directory / shard))
+    return tensors
 
 
 def load(directory, *, dtype=None, device="cpu"):
-    """Read ``(params, config)`` from a checkpoint directory (minitodi's, a transformers GPT-2 or Llama one);
-    ``dtype``: the parameters' dtype (default: as stored; float16 is widened to float32).
+    """Read ``(params, config)`` from a checkpoint directory.
+
+    The directory is minitodi's, or a transformers GPT-2 or Llama one. ``dtype``: the parameters' dtype
+    (default: as stored; float16 is widened to float32).
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -268,10 +327,9 @@ def load(directory, *, dtype=None, device="cpu"):
         raise FileNotFoundError(f"{path} is missing; only safetensors are read (convert pytorch_model.bin "
                                 "with transformers: model.save_pretrained(dir, safe_serialization=True))")
     params = _canonical(_read_weights(directory), config, str(path))
-    stored = next(iter(params.values())).dtype if params else np.dtype(np.float32)
-    target = np.dtype(dtype) if dtype is not None else (np.dtype(np.float32) if stored.itemsize < 4 else stored)
-    params = {name: to_device(params[name].astype(target), device) for name in param_shapes(config)
-              if name in params}
+    target = _load_dtype(params, dtype)
+    params = {name: to_device(params[name].astype(target), device)
+              for name in param_shapes(config) if name in params}
     try:
         check_params(params, config)
     except (KeyError, ValueError, TypeError) as err:
@@ -279,8 +337,19 @@ def load(directory, *, dtype=None, device="cpu"):
     return params, config
 
 
+def _load_dtype(params, dtype):
+    """The parameters' dtype in :func:`load`: ``dtype`` if given, else as stored but at least float32."""
+    if dtype is not None:
+        return np.dtype(dtype)
+    stored = next(iter(params.values())).dtype if params else np.dtype(np.float32)
+    if stored.itemsize < 4:  # float16 is widened
+        return np.dtype(np.float32)
+    return stored
+
+
 def has_training_state(directory):
-    return all((Path(directory) / name).is_file() for name in (STATE_FILE, STATE_JSON))
+    directory = Path(directory)
+    return (directory / STATE_FILE).is_file() and (directory / STATE_JSON).is_file()
 
 
 def load_training_state(directory, *, device="cpu"):
@@ -288,7 +357,8 @@ def load_training_state(directory, *, device="cpu"):
     directory = Path(directory)
     state = _read_json(directory / STATE_JSON)
     arrays = _read_safetensors(directory / STATE_FILE)
-    ids = {state.get("save_id")} | {_read_metadata(directory / f).get("save_id") for f in (MODEL_FILE, STATE_FILE)}
+    model_id = _read_metadata(directory / MODEL_FILE).get("save_id")
+    ids = {state.get("save_id"), _read_metadata(directory / STATE_FILE).get("save_id"), model_id}
     if len(ids) != 1:
         raise ValueError(f"{directory}: the model and the training state come from different saves "
                          "(a save was interrupted); resume from another checkpoint or start afresh")

@@ -28,7 +28,21 @@ tokens from the left (its start), keeping at least one prompt token; when even t
 not fit behind one prompt token, :func:`encode_example` raises (``truncation="error"`` raises as soon as
 anything would be cut). A response is never silently shortened or dropped.
 
-**Batches** (:func:`collate`, :class:`BatchIterator`) are right-padded with the eos id.
+**Batches** (:func:`collate`; :class:`BatchIterator` for training, :func:`eval_batches` for evaluation)
+are two int64 arrays, NumPy or moved to a device: ``idx`` (B, T) and ``labels`` (B, T), T = the longest
+row in the batch (<= seq_len). ``labels`` is -100 wherever a position is not counted: where its target is
+a prompt token, and on padding. Shorter rows are right-padded, ``idx`` with the tokenizer's eos id and
+``labels`` with -100, so padding always *follows* every counted position of its row. Causal attention
+lets position t see only ``idx[:t + 1]``, so padding never changes a counted position's logits: a row's
+logits at its counted positions do not depend on what it is batched with. That is why the teacher's logit
+cache (:meth:`minitodi.teacher.Teacher.precompute`, filled from batches padded unlike the training ones)
+is exact: the same logits a forward pass over the training batch gives, up to the float rounding of a
+different batch shape. :class:`BatchIterator` draws batches endlessly from seeded per-epoch permutations;
+its position (epoch, offset) is a dict of ints, so a run resumes exactly.
+
+**The language-modelling corpus** (:func:`lm_corpus`) is the text of Python's help topics
+(``pydoc_data.topics``, in the standard library: nothing to download). :func:`lm_examples` cuts the token
+stream into chunks of ``seq_len + 1`` tokens, every label counted.
 """
 
 import hashlib
@@ -45,18 +59,39 @@ from .tokenizer import Tokenizer
 # --------------------------------------------------------------------------------------------------
 # the synthetic suite: closed vocabularies
 
-SHORT_WORDS = ["cat", "dog", "sun", "map", "cup", "pen", "box", "hat", "bed", "car", "bus", "egg", "fox", "ink", "jam", "key", "leg", "net", "owl", "pig", "rug", "toy", "van", "web", "yak", "bird", "fish", "frog", "lamp", "milk", "nest", "rain", "rose", "ship", "star", "tree", "wind", "book", "door", "gold", "hill", "kite", "lion", "moon", "road", "sand", "snow", "song", "wolf", "cake", "desk"]
+SHORT_WORDS = [
+    "cat", "dog", "sun", "map", "cup", "pen", "box", "hat", "bed", "car", "bus", "egg", "fox", "ink", "jam",
+    "key", "leg", "net", "owl", "pig", "rug", "toy", "van", "web", "yak", "bird", "fish", "frog", "lamp",
+    "milk", "nest", "rain", "rose", "ship", "star", "tree", "wind", "book", "door", "gold", "hill", "kite",
+    "lion", "moon", "road", "sand", "snow", "song", "wolf", "cake", "desk",
+]
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-MONTHS = tuple(["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"])
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
+          "October", "November", "December")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-FRUITS = ["apple", "apricot", "avocado", "banana", "blueberry", "blackberry", "cherry", "coconut", "cranberry", "date", "dragonfruit", "grape", "guava", "grapefruit", "kiwi", "kumquat", "lemon", "lime", "lychee", "mango", "melon", "mulberry", "orange", "olive", "pear", "peach", "plum", "papaya", "pineapple"]
-ANIMALS = ["bear", "bee", "bat", "cat", "cow", "crow", "camel", "dog", "duck", "deer", "dolphin", "fox", "frog", "fish", "goat", "goose", "giraffe", "horse", "hen", "hare", "lion", "lamb", "llama", "mouse", "mole", "monkey", "owl", "otter", "ox", "pig", "parrot", "panda", "snake", "shark", "sheep", "seal", "tiger", "toad", "turtle", "wolf", "whale", "worm"]
+FRUITS = [
+    "apple", "apricot", "avocado", "banana", "blueberry", "blackberry", "cherry", "coconut", "cranberry",
+    "date", "dragonfruit", "grape", "guava", "grapefruit", "kiwi", "kumquat", "lemon", "lime", "lychee",
+    "mango", "melon", "mulberry", "orange", "olive", "pear", "peach", "plum", "papaya", "pineapple",
+]
+ANIMALS = [
+    "bear", "bee", "bat", "cat", "cow", "crow", "camel", "dog", "duck", "deer", "dolphin", "fox", "frog",
+    "fish", "goat", "goose", "giraffe", "horse", "hen", "hare", "lion", "lamb", "llama", "mouse", "mole",
+    "monkey", "owl", "otter", "ox", "pig", "parrot", "panda", "snake", "shark", "sheep", "seal", "tiger",
+    "toad", "turtle", "wolf", "whale", "worm",
+]
 COLORS = ("red", "blue", "green", "yellow", "orange", "purple", "pink", "brown", "black", "white", "gray")
-RHYMES = tuple(tuple(group.split()) for group in (
-    "cat hat bat mat rat sat fat", "can fan man pan ran van tan", "king ring sing wing thing",
-    "cake lake make take bake snake", "light night right sight fight tight", "bell tell well sell shell smell",
-    "hill fill mill pill will still", "hot pot dot lot not got"))
+RHYMES = (
+    ("cat", "hat", "bat", "mat", "rat", "sat", "fat"),
+    ("can", "fan", "man", "pan", "ran", "van", "tan"),
+    ("king", "ring", "sing", "wing", "thing"),
+    ("cake", "lake", "make", "take", "bake", "snake"),
+    ("light", "night", "right", "sight", "fight", "tight"),
+    ("bell", "tell", "well", "sell", "shell", "smell"),
+    ("hill", "fill", "mill", "pill", "will", "still"),
+    ("hot", "pot", "dot", "lot", "not", "got"),
+)
 
 
 # each family: a function -> list of distinct prompts (instruction, context, references); `count` alone
@@ -74,12 +109,16 @@ def _add():
 
 
 def _next_item():
-    sequences = [("letter", LETTERS[:-1], LETTERS[1:]), ("day", DAYS, DAYS[1:] + DAYS[:1]),
+    sequences = [("letter", LETTERS[:-1], LETTERS[1:]),  # (kind, items, the item after each)
+                 ("day", DAYS, DAYS[1:] + DAYS[:1]),
                  ("month", MONTHS, MONTHS[1:] + MONTHS[:1]),
                  ("number", [str(i) for i in range(40)], [str(i) for i in range(1, 41)])]
     templates = ("What {kind} comes after {x}?", "Name the {kind} after {x}.", "Which {kind} follows {x}?")
-    return [(t.format(kind=kind, x=x), "", (y,)) for t in templates for kind, xs, ys in sequences
-            for x, y in zip(xs, ys)]
+    prompts = []
+    for t in templates:
+        for kind, xs, ys in sequences:
+            prompts += [(t.format(kind=kind, x=x), "", (y,)) for x, y in zip(xs, ys)]
+    return prompts
 
 
 def _count(rng):
@@ -97,48 +136,70 @@ def _starts_with():
              "Which {c} starts with {x}?", "Tell me {a} {c} whose name begins with {x}.")
     given = ("Name {a} {c} that starts with the given letter.", "Give me {a} {c} starting with this letter.")
     prompts = []
-    for a, c, names in (("a", "fruit", FRUITS), ("an", "animal", ANIMALS)):
+    for article, category, names in (("a", "fruit", FRUITS), ("an", "animal", ANIMALS)):
         by_letter = {}
         for name in names:
             by_letter.setdefault(name[0], []).append(name)
-        for x, answers in sorted(by_letter.items()):
-            if len(answers) >= 2:  # the letter in the instruction, then as the context
-                prompts += [(t.format(a=a, c=c, x=x), "", tuple(answers)) for t in asked]
-                prompts += [(t.format(a=a, c=c), x, tuple(answers)) for t in given]
+        for letter, answers in sorted(by_letter.items()):
+            if len(answers) < 2:
+                continue
+            # the letter in the instruction, then as the context
+            prompts += [(t.format(a=article, c=category, x=letter), "", tuple(answers)) for t in asked]
+            prompts += [(t.format(a=article, c=category), letter, tuple(answers)) for t in given]
     return prompts
 
 
 def _number_between():
-    return [(f"Name an {word} number between {lo} and {hi}.", "",
-             tuple(str(k) for k in range(lo + 1, hi) if k % 2 == parity))
-            for lo in range(31) for hi in (lo + 6, lo + 8, lo + 10) for parity, word in ((0, "even"), (1, "odd"))]
+    prompts = []
+    for lo in range(0, 31):
+        for width in (6, 8, 10):
+            hi = lo + width
+            for parity, word in ((0, "even"), (1, "odd")):
+                answers = tuple(str(k) for k in range(lo + 1, hi) if k % 2 == parity)
+                prompts.append((f"Name an {word} number between {lo} and {hi}.", "", answers))
+    return prompts
 
 
 def _other_color():
     prompts = []
     for i, a in enumerate(COLORS):
         others = tuple(c for c in COLORS if c != a)
-        prompts += [(f"Name a color other than {a}.", "", others), (f"Give me any color except {a}.", "", others)]
+        prompts.append((f"Name a color other than {a}.", "", others))
+        prompts.append((f"Give me any color except {a}.", "", others))
         for b in COLORS[i + 1:]:
             rest = tuple(c for c in others if c != b)
-            prompts += [(f"Name a color other than {a} and {b}.", "", rest), (f"Any color but {a} or {b}?", "", rest)]
+            prompts.append((f"Name a color other than {a} and {b}.", "", rest))
+            prompts.append((f"Any color but {a} or {b}?", "", rest))
     return prompts
 
 
 def _rhyme():
-    templates = ("Give a word that rhymes with {w}.", "Name a word that rhymes with {w}.", "What rhymes with {w}?")
-    return [(t.format(w=w), "", tuple(x for x in group if x != w))
-            for t in templates for group in RHYMES for w in group]
+    templates = ("Give a word that rhymes with {w}.", "Name a word that rhymes with {w}.",
+                 "What rhymes with {w}?")
+    prompts = []
+    for t in templates:
+        for group in RHYMES:
+            prompts += [(t.format(w=w), "", tuple(x for x in group if x != w)) for w in group]
+    return prompts
 
 
-FAMILIES = {"reverse": _reverse, "add": _add, "next": _next_item, "count": _count, "starts_with": _starts_with,
-            "number_between": _number_between, "other_color": _other_color, "rhyme": _rhyme}
+FAMILIES = {
+    "reverse": _reverse,
+    "add": _add,
+    "next": _next_item,
+    "count": _count,
+    "starts_with": _starts_with,
+    "number_between": _number_between,
+    "other_color": _other_color,
+    "rhyme": _rhyme,
+}
 MULTI_ANSWER = ("starts_with", "number_between", "other_color", "rhyme")
 
 
 def synthetic_suite(seed: int = 0, n_train: int = 4000, n_valid: int = 160, n_test: int = 320,
                     families=None) -> dict:
     """The built-in instruction suite: ``{"train": [...], "valid": [...], "test": [...]}`` of records.
+
     Every family's distinct prompts (instruction + context) are shuffled with ``seed`` and split, so the
     three splits share no prompt. Valid and test hold one record per prompt, ``n_valid`` / ``n_test`` in
     all, spread evenly over the families; a family may give at most half its prompts to them. Training
@@ -155,49 +216,71 @@ def synthetic_suite(seed: int = 0, n_train: int = 4000, n_valid: int = 160, n_te
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     rng = np.random.default_rng(seed)
     splits = {"train": [], "valid": [], "test": []}
-    k = len(names)  # each split's count spread evenly over the families, the first ones taking the remainder
-    counts = zip(*([n // k + (i < n % k) for i in range(k)] for n in (n_train, n_valid, n_test)))
+    counts = zip(_split_counts(n_train, len(names)), _split_counts(n_valid, len(names)),
+                 _split_counts(n_test, len(names)))
     for name, (k_train, k_valid, k_test) in zip(names, counts):
-        pool = FAMILIES[name](rng) if name == "count" else FAMILIES[name]()
+        if name == "count":  # the one family that draws its prompts from the suite's generator
+            pool = FAMILIES[name](rng)
+        else:
+            pool = FAMILIES[name]()
         order = rng.permutation(len(pool))
         if 2 * (k_valid + k_test) > len(pool):
             raise ValueError(f"family {name!r} has {len(pool)} prompts: at most {len(pool) // 2} can go to "
                              f"valid + test, asked for {k_valid + k_test}")
         held = [pool[i] for i in order[:k_valid + k_test]]
         train_pool = [pool[i] for i in order[k_valid + k_test:]]
-
-        def record(prompt, response):
-            instruction, context, references = prompt
-            return {"instruction": instruction, "context": context, "response": response,
-                    "references": list(references), "task": name}
-
-        splits["valid"] += [record(p, p[2][0]) for p in held[:k_valid]]
-        splits["test"] += [record(p, p[2][0]) for p in held[k_valid:]]
+        splits["valid"] += [_record(p, p[2][0], name) for p in held[:k_valid]]
+        splits["test"] += [_record(p, p[2][0], name) for p in held[k_valid:]]
         for i in range(k_train):
             prompt = train_pool[i % len(train_pool)]
-            answer = prompt[2][int(rng.integers(len(prompt[2])))] if name in MULTI_ANSWER else prompt[2][0]
-            splits["train"].append(record(prompt, answer))
-    splits["train"] = [splits["train"][i] for i in rng.permutation(len(splits["train"]))]
+            references = prompt[2]
+            if name in MULTI_ANSWER:  # one valid answer drawn at random each time
+                answer = references[int(rng.integers(len(references)))]
+            else:
+                answer = references[0]
+            splits["train"].append(_record(prompt, answer, name))
+    order = rng.permutation(len(splits["train"]))
+    splits["train"] = [splits["train"][i] for i in order]
     return splits
+
+
+def _split_counts(total, k):
+    """``total`` spread evenly over ``k`` families, the first ones taking the remainder."""
+    return [total // k + (i < total % k) for i in range(k)]
+
+
+def _record(prompt, response, task):
+    """The record of a prompt (instruction, context, references) with ``response``, from family ``task``."""
+    instruction, context, references = prompt
+    return {"instruction": instruction, "context": context, "response": response,
+            "references": list(references), "task": task}
 
 
 # --------------------------------------------------------------------------------------------------
 # the real-text corpus
 def _unit_hash(text: str) -> float:
-    """The sha256 of ``text`` read as a number in [0, 1): a split by it is deterministic and ignores the other items."""
+    """The sha256 of ``text`` read as a number in [0, 1).
+
+    A split by it is deterministic and independent of what else there is.
+    """
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
 def lm_corpus(valid_fraction: float = 0.1) -> dict:
-    """Python's help topics (``pydoc_data.topics``, in the standard library: nothing to download) as
-    ``{"train": [str, ...], "valid": [str, ...]}``; a topic is valid when the :func:`_unit_hash` of its name
-    is below ``valid_fraction``.
+    """Python's help topics as ``{"train": [str, ...], "valid": [str, ...]}``, split by topic.
+
+    The topics are ``pydoc_data.topics``, in the standard library: nothing to download. A topic goes to
+    valid when the :func:`_unit_hash` of its name is below ``valid_fraction``: deterministic, and
+    independent of which other topics exist.
     """
     if not 0.0 < valid_fraction < 1.0:
         raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
     split = {"train": [], "valid": []}
     for name in sorted(topics):
-        split["valid" if _unit_hash(name) < valid_fraction else "train"].append(topics[name])
+        if _unit_hash(name) < valid_fraction:
+            split["valid"].append(topics[name])
+        else:
+            split["train"].append(topics[name])
     return split
 
 
@@ -205,6 +288,7 @@ def lm_corpus(valid_fraction: float = 0.1) -> dict:
 # the user's own data
 def validate_record(obj, where: str = "record") -> dict:
     """A normalized copy of a Dolly-format record; ValueError naming ``where`` when it is malformed.
+
     ``instruction`` and ``response`` are required strings; ``context`` defaults to "", ``references`` to
     ``[response]`` (a non-empty list of str otherwise), ``task`` to "user". MiniLLM's names are read too:
     ``input`` as the context, ``output`` as the response, or as every reference when it is a list (the
@@ -212,9 +296,8 @@ def validate_record(obj, where: str = "record") -> dict:
     """
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    if "response" not in obj and "output" in obj:  # MiniLLM's names: input, output (a str or every reference)
-        refs = obj["output"] if isinstance(obj["output"], list) else [obj["output"]]
-        obj = {"context": obj.get("input", ""), "references": refs, **obj, "response": refs[0] if refs else ""}
+    if "response" not in obj and "output" in obj:
+        obj = _from_minillm(obj)
     for key in ("instruction", "response"):
         if key not in obj:
             raise ValueError(f"{where}: missing field {key!r}")
@@ -222,23 +305,39 @@ def validate_record(obj, where: str = "record") -> dict:
         if key in obj and not isinstance(obj[key], str):
             raise ValueError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__}")
     references = obj.get("references", [obj["response"]])
-    if not isinstance(references, list) or not references or not all(isinstance(r, str) for r in references):
+    all_strings = isinstance(references, list) and all(isinstance(r, str) for r in references)
+    if not all_strings or not references:
         raise ValueError(f"{where}: field 'references' must be a non-empty list of strings")
     return {"instruction": obj["instruction"], "context": obj.get("context", ""), "response": obj["response"],
             "references": list(references), "task": obj.get("task", "user")}
 
 
+def _from_minillm(obj):
+    """A record in MiniLLM's names (input, output: a str or every reference) with Dolly's names added.
+
+    Fields the record names itself (a ``context`` or ``references`` of its own) are kept.
+    """
+    if isinstance(obj["output"], list):
+        references = obj["output"]
+    else:
+        references = [obj["output"]]
+    response = references[0] if references else ""  # an empty list is refused as references later
+    return {"context": obj.get("input", ""), "references": references, **obj, "response": response}
+
+
 def load_jsonl(path) -> list[dict]:
-    """Records from a JSONL file in Dolly format, one object a line (blank lines are skipped). Raises
-    ValueError "<path>:<line>: <what is wrong>" for bytes that are not UTF-8, bad JSON, a non-object or a
-    missing or ill-typed field.
+    """Records from a JSONL file in Dolly format, one object a line (blank lines are skipped).
+
+    Raises ValueError "<path>:<line>: <what is wrong>" for bytes that are not UTF-8, bad JSON, a
+    non-object or a missing or ill-typed field.
     """
     return [record for _, record in _numbered_records(path)]
 
 
 def _numbered_records(path):
     """``[(line number, record), ...]`` of a JSONL file (see :func:`load_jsonl`)."""
-    path, records = Path(path), []
+    path = Path(path)
+    records = []
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
@@ -268,8 +367,10 @@ def write_jsonl(records, path) -> Path:
 
 def load_texts(paths) -> list[str]:
     """The contents of plain-text files (UTF-8), one document per file."""
+    if isinstance(paths, (str, Path)):  # one file
+        paths = [paths]
     texts = []
-    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+    for path in paths:
         try:
             texts.append(Path(path).read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
@@ -283,8 +384,10 @@ def load_texts(paths) -> list[str]:
 # prompts, examples, batches
 def format_prompt(record) -> str:
     """The prompt text of a record (see the module docstring); the response follows it directly."""
-    context = f"### Input:\n{record['context']}\n\n" if record.get("context") else ""
-    return f"### Instruction:\n{record['instruction']}\n\n{context}### Response:\n"
+    prompt = f"### Instruction:\n{record['instruction']}\n\n"
+    if record.get("context"):
+        prompt += f"### Input:\n{record['context']}\n\n"
+    return prompt + "### Response:\n"
 
 
 def record_text(record) -> str:
@@ -293,7 +396,10 @@ def record_text(record) -> str:
 
 
 def encode_example(tokenizer: Tokenizer, record, seq_len: int, truncation: str = "left") -> tuple[list, list]:
-    """``(idx, labels)`` of one record: int lists of equal length <= seq_len (masking, truncation: module docstring)."""
+    """``(idx, labels)`` of one record: two int lists of equal length <= seq_len.
+
+    Masking and truncation are as the module docstring says.
+    """
     if truncation not in ("left", "error"):
         raise ValueError(f"truncation must be 'left' or 'error', got {truncation!r}")
     prompt = tokenizer.encode(format_prompt(record))
@@ -303,40 +409,54 @@ def encode_example(tokenizer: Tokenizer, record, seq_len: int, truncation: str =
     overflow = len(prompt) + len(answer) - (seq_len + 1)
     if overflow > 0:
         if truncation == "error" or overflow >= len(prompt):
-            raise ValueError(f"example needs {len(prompt) + len(answer)} tokens ({len(prompt)} prompt, "
-                             f"{len(answer)} response + eos) but seq_len + 1 = {seq_len + 1}"
-                             + ("" if truncation == "error" else "; the response alone does not fit"))
-        prompt = prompt[overflow:]
-    return (prompt + answer)[:-1], [IGNORE_INDEX] * (len(prompt) - 1) + answer
+            message = (f"example needs {len(prompt) + len(answer)} tokens ({len(prompt)} prompt, "
+                       f"{len(answer)} response + eos) but seq_len + 1 = {seq_len + 1}")
+            if truncation != "error":  # even one prompt token leaves no room
+                message += "; the response alone does not fit"
+            raise ValueError(message)
+        prompt = prompt[overflow:]  # cut from the left
+    seq = prompt + answer
+    # labels[t] = seq[t + 1]: the targets inside the prompt (its tokens after the first) are not counted
+    labels = [IGNORE_INDEX] * (len(prompt) - 1) + answer
+    return seq[:-1], labels
 
 
 def instruction_examples(records, tokenizer: Tokenizer, seq_len: int, truncation: str = "left",
                          places=None) -> list:
-    """:func:`encode_example` over records; an error names the record's place (``places[i]``, such as
-    "file.jsonl:11") or its index.
+    """:func:`encode_example` over records; an error names the record's place or its index.
+
+    ``places[i]`` is record i's place, such as "file.jsonl:11".
     """
     examples = []
     for i, record in enumerate(records):
         try:
             examples.append(encode_example(tokenizer, record, seq_len, truncation))
         except ValueError as e:
-            raise ValueError(f"{places[i] if places else f'record {i}'} ({record.get('task', '?')}): {e}") from None
+            place = places[i] if places else f"record {i}"
+            raise ValueError(f"{place} ({record.get('task', '?')}): {e}") from None
     return examples
 
 
 def lm_examples(texts, tokenizer: Tokenizer, seq_len: int) -> list:
-    """Language-modelling examples: the texts' tokens, each text followed by eos, concatenated and cut
-    into chunks of seq_len + 1 tokens overlapping by one, so that every token after the first is a
-    label exactly once; the last incomplete chunk is dropped. Each example is ``(chunk[:-1], chunk[1:])``.
+    """Language-modelling examples: the texts' tokens cut into chunks of seq_len + 1 tokens.
+
+    Each text is followed by eos and the texts are concatenated; the chunks overlap by one, so that every
+    token after the first is a label exactly once; the last incomplete chunk is dropped. Each example is
+    ``(chunk[:-1], chunk[1:])``, every label counted.
     """
-    stream = [token for text in texts for token in tokenizer.encode(text) + [tokenizer.eos_id]]
+    stream = []
+    for text in texts:
+        stream += tokenizer.encode(text) + [tokenizer.eos_id]
     return [(stream[s:s + seq_len], stream[s + 1:s + seq_len + 1])
             for s in range(0, len(stream) - seq_len, seq_len)]
 
 
 def collate(examples, pad_id: int, device: str | None = None):
-    """``idx`` (B, T) and ``labels`` (B, T) int64 from a list of (idx, labels) rows, T = the longest row;
-    padding is ``pad_id`` in idx and -100 in labels. NumPy arrays, or moved to ``device`` when given.
+    """A batch ``(idx, labels)``, each (B, T) int64, from a list of (idx, labels) rows.
+
+    T = the longest row; shorter rows are right-padded with ``pad_id`` (the tokenizer's eos id) in idx
+    and -100 in labels, so padding follows every counted position (the batch contract in the module
+    docstring). NumPy arrays, or moved to ``device`` when given.
     """
     if not examples:
         raise ValueError("cannot collate an empty batch")
@@ -347,12 +467,14 @@ def collate(examples, pad_id: int, device: str | None = None):
         idx[b, :len(x)] = x
         labels[b, :len(y)] = y
     if device is not None:
-        idx, labels = to_device(idx, device), to_device(labels, device)
+        idx = to_device(idx, device)
+        labels = to_device(labels, device)
     return idx, labels
 
 
 class BatchIterator:
     """Endless batches of ``batch_size`` examples in seeded random order.
+
     Epoch e visits the examples in the order ``default_rng([seed, e]).permutation(n)``; a batch that
     reaches the end of an epoch continues into the next, so every batch has ``batch_size`` rows and no
     example is skipped. ``state()`` is ``{"seed", "epoch", "offset"}`` (ints); ``restore(state)`` returns
@@ -364,8 +486,13 @@ class BatchIterator:
             raise ValueError("no examples to batch")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        self.examples, self.batch_size, self.pad_id, self.device = list(examples), batch_size, pad_id, device
-        self.seed, self.epoch, self.offset = int(seed), 0, 0
+        self.examples = list(examples)
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        self.device = device
+        self.seed = int(seed)
+        self.epoch = 0
+        self.offset = 0  # the position in this epoch's permutation
         self._order = self._permutation(0)
 
     def _permutation(self, epoch):
@@ -379,7 +506,8 @@ class BatchIterator:
             raise ValueError(f"state was saved with seed {state['seed']}, this iterator has seed {self.seed}")
         if not 0 <= int(state["offset"]) < len(self.examples) or int(state["epoch"]) < 0:
             raise ValueError(f"state {state} does not fit {len(self.examples)} examples")
-        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self.epoch = int(state["epoch"])
+        self.offset = int(state["offset"])
         self._order = self._permutation(self.epoch)
         return self
 
@@ -392,8 +520,9 @@ class BatchIterator:
             take = self._order[self.offset:self.offset + self.batch_size - len(rows)]
             rows += [self.examples[i] for i in take]
             self.offset += len(take)
-            if self.offset == len(self.examples):
-                self.epoch, self.offset = self.epoch + 1, 0
+            if self.offset == len(self.examples):  # the epoch is done: the batch continues into the next
+                self.epoch += 1
+                self.offset = 0
                 self._order = self._permutation(self.epoch)
         return collate(rows, self.pad_id, self.device)
 
@@ -408,6 +537,7 @@ def eval_batches(examples, batch_size: int, pad_id: int, device: str | None = No
 # choosing a dataset by name
 def load_dataset(spec: str) -> dict:
     """A dataset by name or path, as ``{"kind", "train", "valid", "test"}``.
+
     - ``"synthetic"``: the built-in instruction suite (``kind = "instructions"``, records);
     - ``"pydoc"``: Python's help topics (``kind = "text"``, strings; test = valid);
     - a ``.jsonl`` file: Dolly-format records; a ``.txt`` file or a directory of them: plain text.
@@ -422,44 +552,67 @@ def load_dataset(spec: str) -> dict:
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"no dataset {spec!r}: use 'synthetic', 'pydoc', a .jsonl file or text files")
-    places = None  # each record's "file:line", for error messages (dataset["places"][split])
-    if path.suffix == ".jsonl":
-        numbered, kind = _numbered_records(path), "instructions"
-        items, places = [r for _, r in numbered], [f"{path}:{n}" for n, _ in numbered]
-    else:
-        items, kind = load_texts(sorted(path.glob("*.txt")) if path.is_dir() else [path]), "text"
-        if len(items) == 1:  # a single text file: its last tenth of lines is held out (the rule below)
-            lines = items[0].splitlines(keepends=True)
-            cut = len(lines) - max(len(lines) // 10, 1)
-            items = ["".join(lines[:cut]), "".join(lines[cut:])] if cut > 0 else items
+    kind, items, places = _read_dataset_files(path)
     if len(items) < 2:
-        raise ValueError(f"{path}: at least two records, files or lines are needed (one to train, one to validate)")
-    held = {i for i in range(len(items)) if _unit_hash(str(i)) < 0.1} or {len(items) - 1}
+        raise ValueError(f"{path}: at least two records, files or lines are needed "
+                         "(one to train, one to validate)")
+    held = {i for i in range(len(items)) if _unit_hash(str(i)) < 0.1}
+    if not held:  # too few items for the hash to pick one: the last is held out
+        held = {len(items) - 1}
 
     def split(xs, valid):
         return [x for i, x in enumerate(xs) if (i in held) == valid]
 
     dataset = {"kind": kind, "source": str(path), "train": split(items, False), "valid": split(items, True)}
     if places:
-        dataset["places"] = {"train": split(places, False), "valid": split(places, True), "test": split(places, True)}
+        dataset["places"] = {"train": split(places, False), "valid": split(places, True),
+                             "test": split(places, True)}
     return {**dataset, "test": dataset["valid"]}
+
+
+def _read_dataset_files(path):
+    """``(kind, items, places)`` of a .jsonl file (records) or of text files (strings, places None).
+
+    ``places`` holds each record's "file:line", for error messages (``dataset["places"][split]``).
+    """
+    if path.suffix == ".jsonl":
+        numbered = _numbered_records(path)
+        items = [record for _, record in numbered]
+        places = [f"{path}:{lineno}" for lineno, _ in numbered]
+        return "instructions", items, places
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+    else:
+        files = [path]
+    items = load_texts(files)
+    if len(items) == 1:  # a single text file: its last tenth of lines becomes a second item, held out
+        lines = items[0].splitlines(keepends=True)
+        cut = len(lines) - max(len(lines) // 10, 1)
+        if cut > 0:
+            items = ["".join(lines[:cut]), "".join(lines[cut:])]
+    return "text", items, None
 
 
 def examples_for(dataset: dict, split: str, tokenizer: Tokenizer, seq_len: int) -> list:
     """Encoded examples of one split (instruction masking or language modelling, by the dataset's kind)."""
     if dataset["kind"] == "instructions":
-        return instruction_examples(dataset[split], tokenizer, seq_len, places=dataset.get("places", {}).get(split))
+        places = dataset.get("places", {}).get(split)
+        return instruction_examples(dataset[split], tokenizer, seq_len, places=places)
     return lm_examples(dataset[split], tokenizer, seq_len)
 
 
 def prepare(dataset: dict, seq_len: int, *, tokenizer: Tokenizer | None = None, vocab_size: int = 1024,
             splits=("train", "valid", "test")) -> tuple[Tokenizer, dict]:
-    """The pipeline data -> tokenizer -> examples: ``(tokenizer, {split: examples})`` for a dataset of
-    :func:`load_dataset`'s form; a byte-level BPE of ``vocab_size`` is trained on the training texts
-    unless ``tokenizer`` is given (a teacher's, say).
+    """The pipeline data -> tokenizer -> examples: ``(tokenizer, {split: examples})``.
+
+    ``dataset`` is of :func:`load_dataset`'s form; a byte-level BPE of ``vocab_size`` is trained on the
+    training texts unless ``tokenizer`` is given (a teacher's, say).
     """
     if tokenizer is None:  # trained on the training split, each record as prompt + response
-        texts = [record_text(r) for r in dataset["train"]] if dataset["kind"] == "instructions" else dataset["train"]
+        if dataset["kind"] == "instructions":
+            texts = [record_text(r) for r in dataset["train"]]
+        else:
+            texts = dataset["train"]
         tokenizer = Tokenizer.train(texts, vocab_size)
     examples = {split: examples_for(dataset, split, tokenizer, seq_len) for split in splits}
     for split, rows in examples.items():

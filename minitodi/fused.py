@@ -14,6 +14,7 @@ comes here for CuPy arrays without -inf (0 log 0 and +inf stay with the array pa
 """
 
 import functools
+from string import Template
 
 # One entry's quantities from its two logits and its row's log-sum-exps (all of type T).
 _PREAMBLE = r"""
@@ -30,32 +31,64 @@ template <typename T> struct Entry {
 """
 
 # name: (per-token divergence, g_v = dD / d log q_v), written with an Entry<T> e
-TERMS = {"fkl": ("e.p * (e.lp - e.lq)", "-e.p"),
-         "rkl": ("e.q * (e.lq - e.lp)", "e.q * (e.lq - e.lp + T(1))"),
-         "todi": ("(e.a * e.p - (T(1) - e.a) * e.q) * (e.lp - e.lq)",
-                  "(T(1) - e.a) * e.q * (e.lq - e.lp + T(1)) - e.a * e.p")}
+TERMS = {
+    "fkl": ("e.p * (e.lp - e.lq)", "-e.p"),
+    "rkl": ("e.q * (e.lq - e.lp)", "e.q * (e.lq - e.lp + T(1))"),
+    "todi": ("(e.a * e.p - (T(1) - e.a) * e.q) * (e.lp - e.lq)",
+             "(T(1) - e.a) * e.q * (e.lq - e.lp + T(1)) - e.a * e.p"),
+}
 
-_ARGS = "T s, T t, T lse_s, T lse_t, T inv_t, T beta"
+_ARGS = "T s, T t, T lse_s, T lse_t, T inv_t, T beta"  # an entry's inputs, as every kernel declares them
+
+# A device function for one part of a divergence (its per-token term, or g), summed by a row reduction.
+_PART_FUNCTION = Template("""\
+template <typename T> __device__ T ${function}(${args}) {
+    Entry<T> e(s, t, lse_s, lse_t, inv_t, beta);
+    return ${expr};
+}
+""")
+
+# The gradient kernel's body, per entry: dloss/ds = (g_v - q_v G) * w_row.
+_GRAD_OPERATION = Template("""\
+Entry<T> e(s, t, lse_s, lse_t, inv_t, beta);
+dz = (${g} - e.q * G) * w;""")
+
+
+def _sources(name):
+    """The CUDA sources of ``name``'s kernels: ``(preamble, {part: row-sum map expression}, grad operation)``.
+
+    Pure strings, built without CuPy; ``part`` is "term" or "g".
+    """
+    term, g = TERMS[name]
+    preamble = _PREAMBLE
+    map_exprs = {}
+    for part, expr in (("term", term), ("g", g)):
+        function = f"{name}_{part}"
+        preamble += _PART_FUNCTION.substitute(function=function, args=_ARGS, expr=expr)
+        map_exprs[part] = f"{function}(s, t, lse_s, lse_t, inv_t, beta)"
+    grad_operation = _GRAD_OPERATION.substitute(g=g)
+    return preamble, map_exprs, grad_operation
 
 
 @functools.cache
 def _kernels(name):
+    """``(row sum of the terms, row sum of g, gradient)`` kernels of ``name``, compiled once."""
     import cupy
-    term, g = TERMS[name]
-    functions = _PREAMBLE + "".join(f"template <typename T> __device__ T {name}_{part}({_ARGS}) {{\n"
-                                    f"    Entry<T> e(s, t, lse_s, lse_t, inv_t, beta);\n    return {expr};\n}}\n"
-                                    for part, expr in (("term", term), ("g", g)))
-    row_sum = {part: cupy.ReductionKernel(_ARGS, "T y", f"{name}_{part}(s, t, lse_s, lse_t, inv_t, beta)", "a + b",
-                                          "y = a", "0", f"minitodi_{name}_{part}_sum", preamble=functions)
-               for part in ("term", "g")}
-    grad = cupy.ElementwiseKernel(_ARGS + ", T G, T w", "T dz", f"Entry<T> e(s, t, lse_s, lse_t, inv_t, beta);\n"
-                                  f"dz = ({g} - e.q * G) * w;", f"minitodi_{name}_grad", preamble=_PREAMBLE)
+
+    preamble, map_exprs, grad_operation = _sources(name)
+    row_sum = {}
+    for part in ("term", "g"):
+        row_sum[part] = cupy.ReductionKernel(_ARGS, "T y", map_exprs[part], "a + b", "y = a", "0",
+                                             f"minitodi_{name}_{part}_sum", preamble=preamble)
+    grad = cupy.ElementwiseKernel(_ARGS + ", T G, T w", "T dz", grad_operation, f"minitodi_{name}_grad",
+                                  preamble=_PREAMBLE)
     return row_sum["term"], row_sum["g"], grad
 
 
 @functools.cache
 def _sumexp():
     import cupy
+
     return cupy.ReductionKernel("T x, T m, T inv_t", "T y", "exp((x - m) * inv_t)", "a + b", "y = a", "0",
                                 "minitodi_sumexp")
 
@@ -63,23 +96,33 @@ def _sumexp():
 def _log_sum_exp(x, inv_t):
     """(M, 1) log-sum-exp of x * inv_t over each row."""
     import cupy
+
     m = x.max(axis=1, keepdims=True)
     return m * inv_t + cupy.log(_sumexp()(x, m, inv_t, axis=1, keepdims=True))
 
 
 def loss_and_grad(name, s2, t2, rows, temperature, beta=1.0):
-    """Mean divergence over counted rows and its gradient, for CuPy logits (M, V) with no -inf;
+    """Mean divergence over counted rows and its gradient, for CuPy logits (M, V) with no -inf.
+
     ``rows``: indices of the counted rows, or None when all count.
     """
     import cupy
+
     term_sum, g_sum, grad_kernel = _kernels(name)
-    inv_t, b = cupy.asarray(1.0 / temperature, dtype=s2.dtype), cupy.asarray(beta, dtype=s2.dtype)
-    lse_s, lse_t = _log_sum_exp(s2, inv_t), _log_sum_exp(t2, inv_t)
+    dtype = s2.dtype
+    inv_t = cupy.asarray(1.0 / temperature, dtype=dtype)
+    b = cupy.asarray(beta, dtype=dtype)
+    lse_s = _log_sum_exp(s2, inv_t)  # (M, 1)
+    lse_t = _log_sum_exp(t2, inv_t)
     values = cupy.maximum(term_sum(s2, t2, lse_s, lse_t, inv_t, b, axis=1), 0)  # (M,)
     G = g_sum(s2, t2, lse_s, lse_t, inv_t, b, axis=1, keepdims=True)  # (M, 1)
-    counted = cupy.zeros(s2.shape[0], dtype=s2.dtype)
-    counted[slice(None) if rows is None else rows] = 1
-    n = s2.shape[0] if rows is None else int(rows.size)
+    if rows is None:
+        counted = cupy.ones(s2.shape[0], dtype=dtype)
+        n = s2.shape[0]
+    else:
+        counted = cupy.zeros(s2.shape[0], dtype=dtype)
+        counted[rows] = 1
+        n = int(rows.size)
     w = (counted * (1.0 / (n * temperature)))[:, None]
     grad = grad_kernel(s2, t2, lse_s, lse_t, inv_t, b, G, w)
     return float((values * counted).sum()) / n, grad

@@ -16,6 +16,19 @@ in float32 the rounding term alone is ~1e-2 and a check says nothing.
 
 Functions take a zero-argument callable ``f`` that returns the scalar loss and reads the array being
 perturbed: the array is modified in place, one entry at a time, and always restored.
+
+The entry points, from one number to the whole table:
+
+- :func:`central_difference`: d f / d x[index] for one entry (second- or fourth-order stencil);
+- :func:`check_array`: every entry of a small array, or a random sample of a large one (optionally
+  restricted to some rows, e.g. the embedding rows a batch actually uses);
+- :func:`check_arrays`: the same for a dict of parameters, never skipping a tensor;
+- :func:`directional_check`: one number for a whole model, <grad, u> against the difference quotient
+  along a random direction u (two loss evaluations instead of two per entry);
+- :func:`check_loss`: one divergence of :mod:`minitodi.losses`, its stop-gradient weights (ToDi, AKL)
+  held fixed at the base point so that finite differences see the gradient training uses;
+- :func:`gradcheck_table`: every divergence and option of :data:`GRADCHECK_CASES` at each temperature,
+  the table ``minitodi gradcheck`` prints.
 """
 
 from dataclasses import dataclass
@@ -30,13 +43,15 @@ DEFAULT_EPS = 1e-5
 
 def rel_error(analytic, numeric):
     """Elementwise |a - n| / max(|a| + |n|, 1e-12) (NumPy arrays or floats)."""
-    a, n = np.asarray(analytic, dtype=np.float64), np.asarray(numeric, dtype=np.float64)
+    a = np.asarray(analytic, dtype=np.float64)
+    n = np.asarray(numeric, dtype=np.float64)
     return np.abs(a - n) / np.maximum(np.abs(a) + np.abs(n), 1e-12)
 
 
 @dataclass
 class CheckResult:
     """Outcome of a check: the worst relative error over the entries checked, and where it was."""
+
     max_rel_error: float
     n_checked: int
     worst_index: tuple
@@ -54,6 +69,7 @@ def _require_float64(x, what="x"):
 
 def central_difference(f, x, index, eps=DEFAULT_EPS, order=2) -> float:
     """d f / d x[index] by central differences; x is restored afterwards.
+
     order=2:  (f(+eps) - f(-eps)) / (2 eps),                                  error O(eps^2)
     order=4:  (8 (f(+eps) - f(-eps)) - (f(+2 eps) - f(-2 eps))) / (12 eps),    error O(eps^4)
     The fourth-order stencil costs twice the evaluations and leaves only the rounding term; that
@@ -94,8 +110,10 @@ def _choose_indices(shape, max_entries, rows, rng):
 
 def check_array(f, x, analytic, *, eps=DEFAULT_EPS, order=2, max_entries=None, rows=None, rng=None,
                 skip_nonfinite=True) -> CheckResult:
-    """Compare ``analytic`` (d f / d x, the shape of ``x``) with central differences of ``f`` over entries of ``x``.
+    """Compare ``analytic`` (d f / d x) with central differences of ``f`` over entries of ``x``.
+
     Args (``f`` and ``x`` as in the module docstring; ``x`` float64, NumPy or CuPy):
+        analytic: the gradient to check, same shape as ``x``.
         max_entries: check every entry when ``x.size <= max_entries`` (or None), else a random sample.
         rows: only these indices along axis 0 (e.g. embedding rows that the batch uses).
         rng: a ``np.random.Generator`` for the sample (default: seeded 0).
@@ -106,7 +124,8 @@ def check_array(f, x, analytic, *, eps=DEFAULT_EPS, order=2, max_entries=None, r
     if analytic.shape != x.shape:
         raise ValueError(f"analytic gradient has shape {analytic.shape}, x has shape {x.shape}")
     rng = np.random.default_rng(0) if rng is None else rng
-    host_x, host_a = to_numpy(x), to_numpy(analytic)
+    host_x = to_numpy(x)
+    host_a = to_numpy(analytic)
     indices = _choose_indices(x.shape, max_entries, rows, rng)
     if skip_nonfinite:
         indices = [i for i in indices if np.isfinite(host_x[i])]
@@ -122,20 +141,28 @@ def check_array(f, x, analytic, *, eps=DEFAULT_EPS, order=2, max_entries=None, r
 def check_arrays(f, arrays: dict, grads: dict, *, eps=DEFAULT_EPS, order=2, max_entries=None, rows=None,
                  rng=None) -> dict:
     """:func:`check_array` for every array of a dict (e.g. model parameters); no tensor is skipped.
+
     ``rows`` maps names to the rows to check (e.g. ``{"transformer.wte.weight": used_ids}``; for a
     vector, its entries). ``order``: the stencil, as in :func:`check_array`. Returns ``{name: CheckResult}``.
     """
-    if missing := set(arrays) ^ set(grads):
+    missing = set(arrays) ^ set(grads)
+    if missing:
         raise KeyError(f"arrays and gradients have different keys: {sorted(missing)}")
     rng = np.random.default_rng(0) if rng is None else rng
-    return {name: check_array(f, arrays[name], grads[name], eps=eps, order=order, max_entries=max_entries,
-                              rows=(rows or {}).get(name), rng=rng) for name in arrays}
+    rows = rows or {}
+    results = {}
+    for name in arrays:
+        results[name] = check_array(f, arrays[name], grads[name], eps=eps, order=order,
+                                    max_entries=max_entries, rows=rows.get(name), rng=rng)
+    return results
 
 
 def directional_check(f, arrays: dict, grads: dict, *, eps=DEFAULT_EPS, rng=None):
-    """Check a whole gradient at once along a random unit direction u (two evaluations of f, not two per entry).
-    Returns ``(analytic, numeric, rel_error)`` with analytic = sum_k <grads[k], u_k> and
-    numeric = (f(x + eps u) - f(x - eps u)) / (2 eps). Arrays are restored afterwards.
+    """Check a whole gradient at once along a random unit direction u.
+
+    It costs two evaluations of f, not two per entry. Returns ``(analytic, numeric, rel_error)`` with
+    analytic = sum_k <grads[k], u_k> and numeric = (f(x + eps u) - f(x - eps u)) / (2 eps). Arrays are
+    restored afterwards.
     """
     rng = np.random.default_rng(0) if rng is None else rng
     for name, x in arrays.items():
@@ -171,34 +198,62 @@ eight seeds, worst relative error: second order 1.1e-5 at eps 1e-3, 2.5e-6 at 1e
 Entries whose gradient is small by cancellation set the worst case; the fourth-order stencil
 removes their truncation error."""
 
-GRADCHECK_CASES = [("fkl", {}), ("rkl", {}), ("todi", {}), ("todi", {"beta": 2.0}), ("todi", {"beta": 0.0}),
-                   ("jsd", {}), ("tvd", {}), ("sfkl", {}), ("sfkl", {"lam": 0.3}), ("srkl", {}),
-                   ("srkl", {"lam": 0.3}), ("akl", {})]
+GRADCHECK_CASES = [
+    ("fkl", {}),
+    ("rkl", {}),
+    ("todi", {}),
+    ("todi", {"beta": 2.0}),
+    ("todi", {"beta": 0.0}),
+    ("jsd", {}),
+    ("tvd", {}),
+    ("sfkl", {}),
+    ("sfkl", {"lam": 0.3}),
+    ("srkl", {}),
+    ("srkl", {"lam": 0.3}),
+    ("akl", {}),
+]
 """(loss, options) rows of :func:`gradcheck_table`: every loss with its defaults, plus options that
 change the gradient (a sharper ToDi weight, a constant one a = 1/2, other skews)."""
 
 
 def check_loss(name, student_logits, teacher_logits, mask=None, *, temperature=1.0, eps=LOSS_CHECK_EPS,
                order=LOSS_CHECK_ORDER, max_entries=None, rng=None, **options):
-    """Check ``LOSSES[name]``'s gradient against central differences of its value, in float64, with the
-    stop-gradient weights (ToDi, AKL) held at the base logits (``stopgrad_at``, see losses). -> CheckResult
+    """Check ``LOSSES[name]``'s gradient against central differences of its value, in float64.
+
+    Stop-gradient weights (ToDi, AKL) are frozen at the base point by passing ``stopgrad_at`` = the
+    base student logits to every evaluation: finite differences then measure exactly the gradient
+    training uses (the derivation is in :mod:`minitodi.losses`). Returns a :class:`CheckResult`.
     """
     fn = losses.LOSSES[name]
-    student = student_logits.copy()
+    student = student_logits.copy()  # perturbed in place by the check
     if name in losses.STOPGRAD_LOSSES:
         options = {**options, "stopgrad_at": student.copy()}
     _, grad = fn(student, teacher_logits, mask, temperature=temperature, **options)
-    return check_array(lambda: fn(student, teacher_logits, mask, temperature=temperature, **options)[0],
-                       student, grad, eps=eps, order=order, max_entries=max_entries, rng=rng)
+
+    def value():
+        loss, _ = fn(student, teacher_logits, mask, temperature=temperature, **options)
+        return loss
+
+    return check_array(value, student, grad, eps=eps, order=order, max_entries=max_entries, rng=rng)
 
 
 def gradcheck_table(seed=0, temperatures=(1.0, 2.0), names=None, eps=LOSS_CHECK_EPS):
-    """Rows (name, options, temperature, entries checked, max relative error) in float64 (``minitodi gradcheck``).
-    Logits (2, 3, 11) ~ N(0, 1) (an untrained model's scale), a mask that turns off two of the six
-    positions; every entry of the student's logits is checked with :func:`check_loss`.
+    """The table ``minitodi gradcheck`` prints, in float64.
+
+    Rows (name, options, temperature, entries checked, max relative error), one per case of
+    :data:`GRADCHECK_CASES` (only the losses in ``names``, if given) and temperature. Logits (2, 3, 11)
+    ~ N(0, 1) (an untrained model's scale), a mask that turns off two of the six positions; every entry
+    of the student's logits is checked with :func:`check_loss`.
     """
-    student, teacher = np.random.default_rng(seed).standard_normal((2, 2, 3, 11))  # the student's draw first
+    rng = np.random.default_rng(seed)
+    student = rng.standard_normal((2, 3, 11))
+    teacher = rng.standard_normal((2, 3, 11))
     mask = np.array([[True, False, True], [True, True, False]])
-    checked = [(name, options, T, check_loss(name, student, teacher, mask, temperature=T, eps=eps, **options))
-               for name, options in GRADCHECK_CASES if not names or name in names for T in temperatures]
-    return [(name, options, T, res.n_checked, res.max_rel_error) for name, options, T, res in checked]
+    rows = []
+    for name, options in GRADCHECK_CASES:
+        if names and name not in names:
+            continue
+        for temperature in temperatures:
+            res = check_loss(name, student, teacher, mask, temperature=temperature, eps=eps, **options)
+            rows.append((name, options, temperature, res.n_checked, res.max_rel_error))
+    return rows

@@ -1,12 +1,13 @@
 """A frozen teacher: a model whose logits distillation matches, its tokenizer, and a cache of its logits.
 
-The teacher never changes, so its logits for a training example are the same at every epoch and for every
-student. :meth:`Teacher.precompute` runs it once over the distinct training examples (in a fixed order and
-batch size, so every process gets the same numbers, which keeps resume exact) and keeps the logits at their
-counted positions only: for instruction data that is a few response tokens per example.
-:meth:`Teacher.batch_logits` then gathers a batch's teacher logits at its counted positions from that cache
-instead of a forward pass. Causal attention makes an example's logits independent of the padding that follows
-it in a batch, so the cache holds what a forward pass would give, up to float rounding.
+The teacher never changes, so its logits for a training example are the same at every epoch and for
+every student. :meth:`Teacher.precompute` runs it once over the distinct training examples (in a fixed
+order and batch size, so every process gets the same numbers, which keeps resume exact) and keeps the
+logits at their counted positions only: for instruction data that is a few response tokens per example.
+:meth:`Teacher.batch_logits` then gathers a batch's teacher logits at its counted positions from that
+cache instead of a forward pass. Causal attention makes an example's logits independent of the padding
+that follows it in a batch (the batch contract of :mod:`minitodi.data`), so the cache holds what a forward
+pass would give, up to float rounding.
 """
 
 import numpy as np
@@ -26,7 +27,9 @@ class Teacher:
     CACHE_BATCH = 64
 
     def __init__(self, params, config, tokenizer):
-        self.params, self.config, self.tokenizer = params, config, tokenizer
+        self.params = params
+        self.config = config
+        self.tokenizer = tokenizer
         self._cache = {}  # example ids (int64 bytes) -> logits at its counted positions (n, V)
 
     @classmethod
@@ -40,37 +43,51 @@ class Teacher:
 
     def precompute(self, examples, device="cpu"):
         """Cache the logits at counted positions of every distinct example; False if it would not fit."""
-        unique = {}
+        unique = {}  # an example's ids (int64 bytes) -> the example, first occurrence kept
         for x, y in examples:
             unique.setdefault(np.asarray(x, dtype=np.int64).tobytes(), (x, y))
         if unique.keys() <= self._cache.keys():
             return True
-        counted = sum(sum(label != IGNORE_INDEX for label in y) for x, y in unique.values())
+        n_counted = sum(sum(label != IGNORE_INDEX for label in y) for x, y in unique.values())
         itemsize = next(iter(self.params.values())).dtype.itemsize
-        if counted * self.config.vocab_size * itemsize > self.CACHE_BYTES:
+        if n_counted * self.config.vocab_size * itemsize > self.CACHE_BYTES:
             return False
         self._cache = {}
         items = list(unique.items())
         for start in range(0, len(items), self.CACHE_BATCH):
             chunk = items[start:start + self.CACHE_BATCH]
-            idx, labels = collate([example for _, example in chunk], pad_id=self.tokenizer.eos_id, device=device)
+            # padding (the tokenizer's eos id) follows every counted position: causal attention ignores it
+            idx, labels = collate([example for _, example in chunk], pad_id=self.tokenizer.eos_id,
+                                  device=device)
             counted = labels != IGNORE_INDEX
+            logits = self.logits(idx, counted)  # (n, V), the counted positions in row-major order
             ends = np.cumsum(to_numpy(counted).sum(axis=1))[:-1]  # where each example's rows end
-            for (key, _), rows in zip(chunk, array_module(idx).split(self.logits(idx, counted), ends)):
+            per_example = array_module(idx).split(logits, ends)
+            for (key, _), rows in zip(chunk, per_example):
                 self._cache[key] = rows  # (n_b, V)
         return True
 
     def batch_logits(self, idx, labels):
-        """The teacher's logits at a training batch's counted positions, (n, V) in row-major order: from the
-        cache when every row is in it, else a forward pass.
+        """The teacher's logits at a training batch's counted positions, (n, V) in row-major order.
+
+        They come from the cache when every row is in it, else from a forward pass.
         """
         counted = labels != IGNORE_INDEX
-        if self._cache:  # an example ends with its eos, a counted token
-            ends = [int(p[-1]) + 1 if p.size else 0 for p in map(np.flatnonzero, to_numpy(counted))]
-            rows = [self._cache.get(ids[:end].tobytes()) for ids, end in zip(to_numpy(idx), ends)]
+        if self._cache:
+            rows = [self._cache.get(key) for key in self._row_keys(idx, counted)]
             if all(r is not None for r in rows):
                 return array_module(idx).concatenate(rows)
         return self.logits(idx, counted)
+
+    @staticmethod
+    def _row_keys(idx, counted):
+        """Each row's cache key: its ids up to its last counted position, the padding after it dropped."""
+        keys = []
+        for ids, row_counted in zip(to_numpy(idx), to_numpy(counted)):
+            positions = np.flatnonzero(row_counted)
+            length = int(positions[-1]) + 1 if positions.size else 0  # an example ends with its eos, counted
+            keys.append(ids[:length].tobytes())
+        return keys
 
 
 def require_same_tokenizer(teacher, tokenizer):

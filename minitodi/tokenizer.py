@@ -1,9 +1,10 @@
 """Byte-level BPE, trained with the ``tokenizers`` library, behind a small class.
 
-Why byte-level: every string is first turned into its UTF-8 bytes, and all 256 bytes are in the vocabulary from the
-start (``initial_alphabet``), so *any* unicode text encodes, and ``decode(encode(text)) == text`` exactly. No
-normalizer runs (no NFC, no lowercasing, no stripping) and no prefix space is added, so nothing is lost on the way in.
-BPE merges, learned from the training texts, then join frequent byte pairs into bigger tokens.
+Why byte-level: every string is first turned into its UTF-8 bytes, and all 256 bytes are in the
+vocabulary from the start (``initial_alphabet``), so *any* unicode text encodes, and
+``decode(encode(text)) == text`` exactly. No normalizer runs (no NFC, no lowercasing, no stripping) and
+no prefix space is added, so nothing is lost on the way in. BPE merges, learned from the training texts,
+then join frequent byte pairs into bigger tokens.
 
 One special token, ``<|endoftext|>`` (:data:`EOS`), ends every example and also serves as padding: padded
 positions get label -100, so losses never see them (see ``data``). The literal string ``<|endoftext|>``
@@ -28,8 +29,10 @@ MIN_VOCAB_SIZE = 257  # 256 bytes + the end-of-text token
 
 
 class Tokenizer:
-    """A byte-level BPE tokenizer with one end-of-text token. Build one with :meth:`train` or :meth:`load`;
-    the constructor wraps an existing ``tokenizers.Tokenizer`` that already contains :data:`EOS`.
+    """A byte-level BPE tokenizer with one end-of-text token.
+
+    Build one with :meth:`train` or :meth:`load`; the constructor wraps an existing
+    ``tokenizers.Tokenizer`` that already contains :data:`EOS`.
     """
 
     def __init__(self, hf_tokenizer: _HFTokenizer):
@@ -42,12 +45,14 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts, vocab_size: int) -> "Tokenizer":
-        """Learn BPE merges from ``texts`` (an iterable of str) up to ``vocab_size`` tokens in all. The
-        vocabulary holds the end-of-text token (id 0), the 256 bytes, then merges in the order learned; it
-        can end up smaller than ``vocab_size`` when the texts offer no more pairs to merge.
+        """Learn BPE merges from ``texts`` (an iterable of str) up to ``vocab_size`` tokens in all.
+
+        The vocabulary holds the end-of-text token (id 0), the 256 bytes, then merges in the order
+        learned; it can end up smaller than ``vocab_size`` when the texts offer no more pairs to merge.
         """
         if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
-            raise ValueError(f"vocab_size must be an int >= {MIN_VOCAB_SIZE} (256 bytes + {EOS}), got {vocab_size!r}")
+            raise ValueError(f"vocab_size must be an int >= {MIN_VOCAB_SIZE} (256 bytes + {EOS}), "
+                             f"got {vocab_size!r}")
         texts = list(texts)
         for i, text in enumerate(texts):
             if not isinstance(text, str):
@@ -55,15 +60,22 @@ class Tokenizer:
         tok = _HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=2,
+            special_tokens=[EOS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok)
 
     @classmethod
     def load(cls, path) -> "Tokenizer":
         """Read ``tokenizer.json``: ``path`` is the file or the directory holding it."""
-        path = Path(path) / FILENAME if Path(path).is_dir() else Path(path)
+        path = Path(path)
+        if path.is_dir():
+            path = path / FILENAME
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer file at {path}")
         return cls(_HFTokenizer.from_file(str(path)))
@@ -82,19 +94,22 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
-        """The text of ``ids`` (ints in [0, vocab_size)); the end-of-text token decodes to its literal. A cut
-        through a multi-byte character (e.g. decoding a prefix of a sequence) gives U+FFFD there.
+        """The text of ``ids`` (ints in [0, vocab_size)); the end-of-text token decodes to its literal.
+
+        A cut through a multi-byte character (e.g. decoding a prefix of a sequence) gives U+FFFD there.
         """
         ids = [int(i) for i in ids]
-        if bad := [i for i in ids if not 0 <= i < self.vocab_size]:
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
             raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
         return self._tok.decode(ids, skip_special_tokens=False)
 
     def fingerprint(self) -> str:
         """sha256 (hex) of the tokenizer's canonical JSON (keys sorted, no whitespace)."""
-        canonical = json.dumps(json.loads(self._tok.to_str()), sort_keys=True, separators=(",", ":"),
-                               ensure_ascii=False)
+        content = json.loads(self._tok.to_str())
+        canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id}, fingerprint={self.fingerprint()[:12]})"
+        fingerprint = self.fingerprint()[:12]
+        return f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id}, fingerprint={fingerprint})"
