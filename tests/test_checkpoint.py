@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import cross_entropy_both, perturbed_params, small_config
+from helpers import cross_entropy_both, perturbed_params, random_hf_model, small_gpt2_config
 from safetensors.numpy import load_file, save_file
 
 from minitodi import checkpoint, optim
@@ -23,8 +23,8 @@ def make_training_state(params, seed=0):
         optim.adamw_step(params, grads, state, lr=1e-3)
     data_rng = np.random.default_rng(0)
     data_rng.random(5)  # advance it, so the state is not the seed's
-    return {"optimizer": state, "rng": data_rng.bit_generator.state, "data_position": {"epoch": 1, "batch": 17},
-            "step": 2}
+    return {"optimizer": state, "rng": data_rng.bit_generator.state,
+            "data_position": {"epoch": 1, "batch": 17}, "step": 2}
 
 
 def _assert_params_equal(a, b):
@@ -43,7 +43,7 @@ def _leftovers(directory):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_round_trip_is_exact(tmp_path, dtype):
-    config = small_config()
+    config = small_gpt2_config()
     params = make_params(config, dtype=dtype)
     assert checkpoint.save(tmp_path / "ck", params, config) == tmp_path / "ck"
     loaded, loaded_config = checkpoint.load(tmp_path / "ck")
@@ -55,11 +55,12 @@ def test_round_trip_is_exact(tmp_path, dtype):
     # loading into another dtype converts
     as64, _ = checkpoint.load(tmp_path / "ck", dtype=np.float64)
     assert all(x.dtype == np.float64 for x in as64.values())
-    np.testing.assert_array_equal(as64["transformer.wte.weight"], params["transformer.wte.weight"].astype(np.float64))
+    np.testing.assert_array_equal(as64["transformer.wte.weight"],
+                                  params["transformer.wte.weight"].astype(np.float64))
 
 
 def test_training_state_round_trip(tmp_path):
-    config = small_config()
+    config = small_gpt2_config()
     params = make_params(config)
     state = make_training_state(params)
     checkpoint.save(tmp_path, params, config, training_state=state, config_extra={"eos_token_id": 0})
@@ -88,7 +89,7 @@ def test_training_state_round_trip(tmp_path):
 
 
 def test_save_overwrites_previous_checkpoint(tmp_path):
-    config = small_config()
+    config = small_gpt2_config()
     checkpoint.save(tmp_path, make_params(config, seed=0), config,
                     training_state=make_training_state(make_params(config)))
     newer = make_params(config, seed=5)
@@ -117,7 +118,7 @@ def _fail_on(monkeypatch, filename, partial):
 
 @pytest.mark.parametrize("partial", [False, True])
 def test_interrupted_model_write_keeps_previous_model(tmp_path, monkeypatch, partial):
-    config = small_config()
+    config = small_gpt2_config()
     old = make_params(config, seed=0)
     checkpoint.save(tmp_path, old, config, training_state=make_training_state(make_params(config)))
     _fail_on(monkeypatch, MODEL_FILE, partial)
@@ -132,7 +133,7 @@ def test_interrupted_model_write_keeps_previous_model(tmp_path, monkeypatch, par
 
 
 def test_interrupted_state_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    config = small_config()
+    config = small_gpt2_config()
     old = make_params(config, seed=0)
     old_state = make_training_state(make_params(config))
     checkpoint.save(tmp_path, old, config, training_state=old_state)
@@ -149,7 +150,7 @@ def test_interrupted_state_write_keeps_previous_checkpoint(tmp_path, monkeypatch
 
 
 def test_mismatched_save_ids(tmp_path):
-    config = small_config()
+    config = small_gpt2_config()
     for name in ("a", "b"):
         checkpoint.save(tmp_path / name, make_params(config), config,
                         training_state=make_training_state(make_params(config)))
@@ -169,7 +170,7 @@ def test_mismatched_save_ids(tmp_path):
 
 @pytest.fixture
 def saved(tmp_path):
-    config = small_config()
+    config = small_gpt2_config()
     params = make_params(config)
     checkpoint.save(tmp_path, params, config, training_state=make_training_state(make_params(config)))
     return tmp_path, params, config
@@ -224,17 +225,21 @@ MISMATCH = f"{MODEL_FILE} does not match .*{CONFIG_FILE}: "
 
 
 def _edit_config(directory, field, value):
-    hf = json.loads((directory / CONFIG_FILE).read_text())
-    hf[field] = value
-    (directory / CONFIG_FILE).write_text(json.dumps(hf))
+    config_json = json.loads((directory / CONFIG_FILE).read_text())
+    config_json[field] = value
+    (directory / CONFIG_FILE).write_text(json.dumps(config_json))
+
+
+WTE_SHAPE = MISMATCH + r"parameter transformer.wte.weight has shape \(37, 16\), "
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("n_embd", 32, MISMATCH + r"parameter transformer.wte.weight has shape \(37, 16\), the config says \(37, 32\)"),
-    ("vocab_size", 40, MISMATCH + r"parameter transformer.wte.weight has shape \(37, 16\), the config says \(40, 16\)"),
+    ("n_embd", 32, WTE_SHAPE + r"the config says \(37, 32\)"),
+    ("vocab_size", 40, WTE_SHAPE + r"the config says \(40, 16\)"),
     # (str of a KeyError quotes its message)
     ("n_layer", 3, MISMATCH + '"?' + r"parameters do not match the config: missing \['transformer.h.2."),
-    ("n_layer", 1, f"{MODEL_FILE}: unexpected tensor 'transformer.h.1."),  # a tensor no layer of the config has
+    # a tensor no layer of the config has
+    ("n_layer", 1, f"{MODEL_FILE}: unexpected tensor 'transformer.h.1."),
 ])
 def test_config_disagreeing_with_tensors(saved, field, value, message):
     _edit_config(saved[0], field, value)
@@ -255,7 +260,7 @@ def test_unsupported_config(saved, field, value, message):
 
 
 def test_save_refuses_bad_params(tmp_path):
-    config = small_config()
+    config = small_gpt2_config()
     params = make_params(config)
     del params["transformer.ln_f.bias"]
     with pytest.raises(KeyError, match="ln_f.bias"):
@@ -267,8 +272,9 @@ def test_save_refuses_bad_params(tmp_path):
 
 
 def _write_gpt2_layout(directory, params, config, lm_head=None):
-    """A checkpoint as the original GPT-2 files have it: no ``transformer.`` prefix, mask buffers,
-    an explicit lm_head.
+    """Write a checkpoint as the original GPT-2 files have it.
+
+    That is: no ``transformer.`` prefix, the attention mask buffers, an explicit lm_head.
     """
     P = config.n_positions
     tensors = {k.removeprefix("transformer."): v for k, v in params.items()}
@@ -282,7 +288,7 @@ def _write_gpt2_layout(directory, params, config, lm_head=None):
 
 
 def test_original_gpt2_layout_loads(tmp_path):
-    config = small_config()
+    config = small_gpt2_config()
     params = make_params(config)
     _write_gpt2_layout(tmp_path, params, config)
     assert "h.0.attn.bias" in load_file(str(tmp_path / MODEL_FILE))
@@ -292,7 +298,7 @@ def test_original_gpt2_layout_loads(tmp_path):
 
 
 def test_untied_lm_head_is_refused(tmp_path):
-    config = small_config()
+    config = small_gpt2_config()
     params = make_params(config)
     head = params["transformer.wte.weight"].copy()
     head[3, 4] += 1e-3
@@ -302,7 +308,7 @@ def test_untied_lm_head_is_refused(tmp_path):
 
 
 def test_unexpected_tensor_is_refused(tmp_path):
-    config = small_config()
+    config = small_gpt2_config()
     params = make_params(config)
     save_file({**params, "transformer.h.0.attn.rotary": np.zeros(3, np.float32)}, str(tmp_path / MODEL_FILE))
     (tmp_path / CONFIG_FILE).write_text(json.dumps(checkpoint.hf_config(config, np.float32)))
@@ -313,23 +319,19 @@ def test_unexpected_tensor_is_refused(tmp_path):
 # ------------------------------------------------------------------------------------------ transformers
 
 
-def test_transformers_round_trip(tmp_path):
-    """A random transformers GPT-2 loads here with the same logits and CE gradients; saved back, it loads
-    in transformers with the same logits. Runs only where torch and transformers are installed.
+def test_transformers_round_trip(tmp_path, torch, transformers):
+    """A random transformers GPT-2 round-trips through minitodi with the same logits and CE gradients.
+
+    Loaded here it gives transformers' logits and CE gradients; saved back, it loads in transformers
+    with the same logits. Runs only where torch and transformers are installed.
     """
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     hf_config = transformers.GPT2Config(vocab_size=37, n_positions=16, n_embd=16, n_layer=2, n_head=2,
                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                         bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(hf_config).double().eval()
-    with torch.no_grad():  # move layer norms and biases off 1 and 0
-        for p in hf.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    hf = random_hf_model(torch, transformers.GPT2LMHeadModel, hf_config)
     hf.save_pretrained(tmp_path / "hf")
     params, config = checkpoint.load(tmp_path / "hf")
-    assert config == small_config()
+    assert config == small_gpt2_config()
     assert all(x.dtype == np.float64 for x in params.values())
 
     idx, (logits, loss, grads), (hf_logits, hf_loss, hf_grads) = cross_entropy_both(params, config, hf, torch)

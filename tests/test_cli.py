@@ -105,7 +105,8 @@ def test_bad_settings_are_one_line_and_write_nothing(runs, tmp_path, capsys, fla
 def test_unusable_out_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"instruction": f"say {w}", "response": w}) + "\n" for w in "abcdefghij"))
+    lines = [json.dumps({"instruction": f"say {w}", "response": w}) + "\n" for w in "abcdefghij"]
+    data.write_text("".join(lines))
     for out in (tmp_path / "file", tmp_path / "file" / "run"):
         assert main(["train", "--out", str(out), "--data", str(data), *TINY]) == 2
         err = capsys.readouterr().err

@@ -12,13 +12,15 @@ from minitodi.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
-def suite():
+def large_suite():
+    """The synthetic suite at seed 0 with 1600 training, 80 validation and 160 test records."""
     return data.synthetic_suite(seed=0, n_train=1600, n_valid=80, n_test=160)
 
 
 @pytest.fixture(scope="module")
-def tok(suite):
-    return Tokenizer.train([data.record_text(r) for r in suite["train"]], 400)
+def large_suite_tokenizer(large_suite):
+    """A byte-level BPE of 400 tokens trained on the large suite's training records."""
+    return Tokenizer.train([data.record_text(r) for r in large_suite["train"]], 400)
 
 
 def _prompt(r):
@@ -28,35 +30,35 @@ def _prompt(r):
 # ------------------------------------------------------------------------------- the synthetic suite
 
 
-def test_suite_sizes_fields_and_families(suite):
-    assert [len(suite[s]) for s in ("train", "valid", "test")] == [1600, 80, 160]
-    for split in suite.values():
+def test_suite_sizes_fields_and_families(large_suite):
+    assert [len(large_suite[s]) for s in ("train", "valid", "test")] == [1600, 80, 160]
+    for split in large_suite.values():
         for r in split:
             assert data.validate_record(r) == r
-    assert {r["task"] for r in suite["test"]} == set(data.FAMILIES)
+    assert {r["task"] for r in large_suite["test"]} == set(data.FAMILIES)
     assert set(data.MULTI_ANSWER) < set(data.FAMILIES)
 
 
-def test_splits_share_no_prompt(suite):
-    train, valid, test = ({_prompt(r) for r in suite[s]} for s in ("train", "valid", "test"))
+def test_splits_share_no_prompt(large_suite):
+    train, valid, test = ({_prompt(r) for r in large_suite[s]} for s in ("train", "valid", "test"))
     assert not train & valid and not train & test and not valid & test
     assert len(valid) == 80 and len(test) == 160  # one record per held-out prompt
 
 
-def test_every_response_is_one_of_its_references(suite):
-    for split in suite.values():
+def test_every_response_is_one_of_its_references(large_suite):
+    for split in large_suite.values():
         for r in split:
             assert r["response"] in r["references"]
             assert exact_match(r["response"], r["references"]) == 100.0
 
 
-def test_multi_answer_families_spread_training_answers(suite):
+def test_multi_answer_families_spread_training_answers(large_suite):
     for family in data.MULTI_ANSWER:
-        records = [r for r in suite["train"] if r["task"] == family]
+        records = [r for r in large_suite["train"] if r["task"] == family]
         assert all(len(r["references"]) >= 2 for r in records)
         assert len({r["response"] for r in records}) >= 5
     answers = {}
-    for r in suite["train"]:
+    for r in large_suite["train"]:
         answers.setdefault(_prompt(r), set()).add(r["response"])
     varied = [a for a in answers.values() if len(a) > 1]
     assert varied, "some multi-answer prompt should be trained with different answers"
@@ -65,7 +67,10 @@ def test_multi_answer_families_spread_training_answers(suite):
 @pytest.mark.parametrize("family", sorted(data.FAMILIES))
 def test_each_family_answers_correctly(family):
     """Spot-check the references of each family against the task's meaning."""
-    prompts = data.FAMILIES[family](np.random.default_rng(1)) if family == "count" else data.FAMILIES[family]()
+    if family == "count":  # the one family that draws its prompts from a generator
+        prompts = data.FAMILIES[family](np.random.default_rng(1))
+    else:
+        prompts = data.FAMILIES[family]()
     assert len({(i, c) for i, c, _ in prompts}) == len(prompts)
     for instruction, context, refs in prompts:
         words = instruction.rstrip(".?").split()
@@ -101,11 +106,11 @@ def test_each_family_answers_correctly(family):
                 assert refs == (chr(ord(x) + 1),)
 
 
-def test_suite_is_seeded(suite):
+def test_suite_is_seeded(large_suite):
     again = data.synthetic_suite(seed=0, n_train=1600, n_valid=80, n_test=160)
     other = data.synthetic_suite(seed=1, n_train=1600, n_valid=80, n_test=160)
-    assert again == suite
-    assert other["test"] != suite["test"]
+    assert again == large_suite
+    assert other["test"] != large_suite["test"]
 
 
 def test_suite_rejects_impossible_requests():
@@ -131,9 +136,11 @@ def test_lm_corpus_split_is_deterministic_and_disjoint():
 def test_load_jsonl_defaults_and_round_trip(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"instruction": "Say hi.", "response": "hi"}\n\n'
-                    '{"instruction": "Sum", "context": "1 2", "response": "3", "references": ["3", "three"]}\n')
+                    '{"instruction": "Sum", "context": "1 2", "response": "3", '
+                    '"references": ["3", "three"]}\n')
     records = data.load_jsonl(path)
-    assert records[0] == {"instruction": "Say hi.", "context": "", "response": "hi", "references": ["hi"], "task": "user"}
+    assert records[0] == {"instruction": "Say hi.", "context": "", "response": "hi", "references": ["hi"],
+                          "task": "user"}
     assert records[1]["references"] == ["3", "three"]
     data.write_jsonl(records, tmp_path / "back.jsonl")
     assert data.load_jsonl(tmp_path / "back.jsonl") == records
@@ -170,11 +177,13 @@ def test_load_texts(tmp_path):
 def test_prompt_format_omits_empty_input():
     with_context = data.format_prompt({"instruction": "Reverse the word.", "context": "cat"})
     assert with_context == "### Instruction:\nReverse the word.\n\n### Input:\ncat\n\n### Response:\n"
-    assert data.format_prompt({"instruction": "Add 1 and 2.", "context": ""}) == "### Instruction:\nAdd 1 and 2.\n\n### Response:\n"
+    without_context = data.format_prompt({"instruction": "Add 1 and 2.", "context": ""})
+    assert without_context == "### Instruction:\nAdd 1 and 2.\n\n### Response:\n"
 
 
-def test_masking_counts_exactly_the_response_and_eos(suite, tok):
-    records = suite["test"][::20]
+def test_masking_counts_exactly_the_response_and_eos(large_suite, large_suite_tokenizer):
+    tok = large_suite_tokenizer
+    records = large_suite["test"][::20]
     examples = data.instruction_examples(records, tok, seq_len=64)
     idx, labels = data.collate(examples, tok.eos_id)
     assert idx.dtype == labels.dtype == np.int64 and idx.shape == labels.shape
@@ -192,7 +201,8 @@ def test_masking_counts_exactly_the_response_and_eos(suite, tok):
         assert tok.decode(labels[b][labels[b] != IGNORE_INDEX]) == r["response"] + "<|endoftext|>"
 
 
-def test_truncation_cuts_the_prompt_from_the_left_or_raises(tok):
+def test_truncation_cuts_the_prompt_from_the_left_or_raises(large_suite_tokenizer):
+    tok = large_suite_tokenizer
     record = {"instruction": "word " * 40, "context": "", "response": "banana split"}
     prompt, answer = tok.encode(data.format_prompt(record)), tok.encode("banana split") + [tok.eos_id]
     x, y = data.encode_example(tok, record, seq_len=16)
@@ -210,7 +220,8 @@ def test_truncation_cuts_the_prompt_from_the_left_or_raises(tok):
 # --------------------------------------------------------------------------------- LM chunking
 
 
-def test_lm_chunks_cover_the_stream_with_every_label_counted(tok):
+def test_lm_chunks_cover_the_stream_with_every_label_counted(large_suite_tokenizer):
+    tok = large_suite_tokenizer
     texts = ["first text. " * 5, "second one!", "third " * 9]
     stream = []
     for t in texts:
@@ -227,12 +238,12 @@ def test_lm_chunks_cover_the_stream_with_every_label_counted(tok):
 # --------------------------------------------------------------------------------- batching
 
 
-def _rows(n):
+def _examples(n):
     return [([i] * (1 + i % 3), [i] * (1 + i % 3)) for i in range(n)]
 
 
 def test_iterator_visits_every_example_once_per_epoch():
-    it = data.BatchIterator(_rows(10), batch_size=4, pad_id=99, seed=3)
+    it = data.BatchIterator(_examples(10), batch_size=4, pad_id=99, seed=3)
     seen = [int(v) for _ in range(5) for v in next(it)[0][:, 0]]  # 20 rows = two epochs
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
     assert seen[:10] != seen[10:]  # a new permutation each epoch
@@ -240,7 +251,7 @@ def test_iterator_visits_every_example_once_per_epoch():
 
 
 def test_iterator_resume_reproduces_the_batches():
-    rows = _rows(13)
+    rows = _examples(13)
     straight = data.BatchIterator(rows, batch_size=5, pad_id=99, seed=7)
     for _ in range(4):
         next(straight)
@@ -258,7 +269,7 @@ def test_collate_pads_and_eval_batches_keep_order():
     idx, labels = data.collate([([1, 2, 3], [2, 3, 4]), ([5], [IGNORE_INDEX])], pad_id=0)
     np.testing.assert_array_equal(idx, [[1, 2, 3], [5, 0, 0]])
     np.testing.assert_array_equal(labels, [[2, 3, 4], [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]])
-    batches = list(data.eval_batches(_rows(7), batch_size=3, pad_id=0))
+    batches = list(data.eval_batches(_examples(7), batch_size=3, pad_id=0))
     assert [b[0].shape[0] for b in batches] == [3, 3, 1]
     assert [int(v) for b in batches for v in b[0][:, 0]] == list(range(7))
     with pytest.raises(ValueError, match="empty"):

@@ -16,10 +16,12 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(presets.MODELS, "micro", {"n_embd": 16, "n_layer": 1, "n_head": 2})
-        mp.setitem(presets.PRESETS, "micro", presets.Preset(
+        micro = presets.Preset(
             n_train=240, n_valid=16, n_test=16, vocab_size=300, seq_len=48, n_positions=56, teacher="micro",
             student="micro", teacher_train=TrainConfig(steps=8, batch_size=8, eval_every=4),
-            student_train=TrainConfig(steps=4, batch_size=8, eval_every=2), seeds=(0, 1, 2), max_new_tokens=8))
+            student_train=TrainConfig(steps=4, batch_size=8, eval_every=2), seeds=(0, 1, 2),
+            max_new_tokens=8)
+        mp.setitem(presets.PRESETS, "micro", micro)
         mp.setenv("MINITODI_CACHE", str(root / "cache"))
         return [demo.run(root / f"out{jobs}", preset="micro", loss_names=("fkl", "rkl", "todi"), jobs=jobs,
                          progress=False, log=lambda *_: None) for jobs in (1, 2)]
@@ -121,7 +123,11 @@ def test_the_command_line_passes_the_protocol(monkeypatch, tmp_path):
     from minitodi.cli import main
 
     seen = {}
-    monkeypatch.setattr(demo, "run", lambda out, **kw: seen.update(kw) or (_ for _ in ()).throw(KeyboardInterrupt))
+    def interrupted_run(out, **settings):  # records what the command line passed, then is interrupted
+        seen.update(settings)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run", interrupted_run)
     assert main(["demo", "--decoding", "greedy", "--eval-seeds", "1", "2", "--out", str(tmp_path)]) == 130
     assert seen["protocol"] == Protocol(decoding="greedy", eval_seeds=(1, 2))
     assert main(["demo", "--eval-seeds", "3", "3", "--out", str(tmp_path)]) == 2  # one line, exit status 2

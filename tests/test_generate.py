@@ -63,7 +63,8 @@ def test_long_prompts_are_cut_and_the_context_end_is_said(params, capsys):
     err = capsys.readouterr().err
     assert "1 prompt(s) cut from the left by up to 7 tokens" in err
     assert "stopped at the end of the context (24 positions)" in err
-    assert generate(params, CFG, [prompt[:4]], max_new_tokens=12)[0] == greedy_without_cache(params, prompt[:4], 12)
+    short = generate(params, CFG, [prompt[:4]], max_new_tokens=12)[0]
+    assert short == greedy_without_cache(params, prompt[:4], 12)
     assert capsys.readouterr().err == ""  # 4 + 12 - 1 <= 24: nothing to say
 
 
@@ -83,10 +84,12 @@ def test_sampling_is_reproducible_and_depends_on_the_seed(params):
 
 def test_a_sample_does_not_depend_on_the_batch(params):
     prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [2, 2]]
-    settings = dict(max_new_tokens=10, temperature=1.0, top_k=0, top_p=1.0, no_repeat_ngram_size=2, seed=4)
+    settings = {"max_new_tokens": 10, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "no_repeat_ngram_size": 2,
+                "seed": 4}
     together = generate(params, CFG, prompts, batch_size=64, **settings)
     assert together == generate(params, CFG, prompts, batch_size=1, **settings)
-    assert together[:3] == generate(params, CFG, prompts[:3], **settings)  # prompt i draws from stream (seed, i)
+    # prompt i draws from the random stream (seed, i), whichever prompts come with it
+    assert together[:3] == generate(params, CFG, prompts[:3], **settings)
 
 
 def test_sampled_frequencies_follow_softmax_over_temperature():
@@ -144,12 +147,15 @@ def test_top_k_0_and_top_p_1_are_off():
     many = np.repeat(logits, 4000, axis=0)
     plain = next_token(many, np.random.default_rng(3), temperature=1.0)
     assert set(plain) == {0, 1, 2, 3}
-    np.testing.assert_array_equal(next_token(many, np.random.default_rng(3), temperature=1.0, top_k=0, top_p=1.0),
-                                  plain)
+    both_off = next_token(many, np.random.default_rng(3), temperature=1.0, top_k=0, top_p=1.0)
+    np.testing.assert_array_equal(both_off, plain)
 
 
 def ngram_rule_by_definition(text, n):
-    """Tokens completing an n-gram already in ``text``: every window whose first n-1 tokens are text's last."""
+    """The tokens that would complete an n-gram already in ``text``, by the definition.
+
+    They are the last tokens of every window whose first n-1 tokens are text's last n-1.
+    """
     last = tuple(text[len(text) - n + 1:])
     return {text[i + n - 1] for i in range(len(text) - n + 1) if tuple(text[i:i + n - 1]) == last}
 
@@ -169,10 +175,8 @@ def test_no_repeat_ngram_greedy_never_repeats_and_bans_only_repeats(params, n):
         assert text[t] == max(allowed, key=lambda v: logits[0, -1, v])
 
 
-def test_no_repeat_ngram_matches_transformers_greedy(params, tmp_path):
+def test_no_repeat_ngram_matches_transformers_greedy(params, tmp_path, torch, transformers):
     """Greedy decoding with no_repeat_ngram_size gives transformers' tokens for the same float64 GPT-2."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     checkpoint.save(tmp_path, params, CFG)
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, dtype=torch.float64).eval()
     rng = np.random.default_rng(7)
@@ -181,7 +185,8 @@ def test_no_repeat_ngram_matches_transformers_greedy(params, tmp_path):
             prompt = rng.integers(0, CFG.vocab_size, size=length).tolist()
             mine = generate(params, CFG, [prompt], max_new_tokens=16, no_repeat_ngram_size=n)[0]
             with torch.no_grad():
-                theirs = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, length, dtype=torch.long),
+                theirs = hf.generate(torch.tensor([prompt]),
+                                     attention_mask=torch.ones(1, length, dtype=torch.long),
                                      do_sample=False, num_beams=1, max_new_tokens=16, min_new_tokens=16,
                                      no_repeat_ngram_size=n, eos_token_id=None, pad_token_id=0)
             assert mine == theirs[0, length:].tolist(), (n, prompt)

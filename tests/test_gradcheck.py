@@ -1,3 +1,5 @@
+"""minitodi.gradcheck: central differences, sampled and directional checks, and that they can fail."""
+
 import numpy as np
 import pytest
 

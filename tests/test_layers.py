@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import fake_loss, perturbed_params, small_config
+from helpers import check_layer_gradients, fake_loss
 
 from minitodi import layers, model
 from minitodi.gradcheck import check_array
@@ -55,9 +55,7 @@ def test_layernorm_backward():
     dy = rng.standard_normal(y.shape)
     dx, dw, db = layers.layernorm_backward(dy, cache)
     f = fake_loss(lambda: layers.layernorm_forward(x, w, b), dy)
-    for arr, grad in ((x, dx), (w, dw), (b, db)):
-        assert grad.shape == arr.shape
-        assert check_array(f, arr, grad).max_rel_error < TOL
+    check_layer_gradients(f, ((x, dx), (w, dw), (b, db)), TOL)
 
 
 # ------------------------------------------------------------------------------------------ linear
@@ -72,9 +70,7 @@ def test_linear_backward_with_3d_input():
     dy = rng.standard_normal(y.shape)
     dx, dw, db = layers.linear_backward(dy, cache)
     f = fake_loss(lambda: layers.linear_forward(x, w, b), dy)
-    for arr, grad in ((x, dx), (w, dw), (b, db)):
-        assert grad.shape == arr.shape
-        assert check_array(f, arr, grad).max_rel_error < TOL
+    check_layer_gradients(f, ((x, dx), (w, dw), (b, db)), TOL)
 
 
 # ------------------------------------------------------------------------------------------ GELU
@@ -92,8 +88,10 @@ def test_gelu_backward():
 
 
 def test_gelu_is_gpt2_tanh_form():
-    """The readable reference, 0.5 x (1 + tanh(u)), evaluated in extended precision: in float64 its
-    1 + tanh(u) cancels for negative x (6e-15 relative at x = -3), which the layer's sigmoid form avoids.
+    """GELU equals GPT-2's tanh form 0.5 x (1 + tanh(u)), the readable reference, to float64 rounding.
+
+    The reference is evaluated in extended precision: in float64 its 1 + tanh(u) cancels for negative x
+    (6e-15 relative at x = -3), which the layer's sigmoid form avoids.
     """
     x = np.array([-3.0, -1.0, 0.0, 0.5, 2.0])
     xl = x.astype(np.longdouble)
@@ -202,13 +200,8 @@ def test_cross_entropy_rejects_bad_targets():
 # ------------------------------------------------------------------------------------------ through the model
 
 
-def _tiny_model(seed=0):
-    config = small_config()
-    return config, perturbed_params(config, seed)
-
-
-def test_model_is_causal():
-    config, params = _tiny_model()
+def test_model_is_causal(small_gpt2):
+    config, params = small_gpt2
     idx = _rng(9).integers(0, config.vocab_size, size=(2, 10))
     logits, _ = model.forward(params, idx, config)
     changed = idx.copy()
@@ -219,8 +212,8 @@ def test_model_is_causal():
 
 
 @pytest.mark.parametrize("split", [1, 4, 9])
-def test_model_kv_cache_equals_full_forward(split):
-    config, params = _tiny_model()
+def test_model_kv_cache_equals_full_forward(small_gpt2, split):
+    config, params = small_gpt2
     idx = _rng(10).integers(0, config.vocab_size, size=(2, 10))
     full, _ = model.forward(params, idx, config)
     first, cache = model.forward(params, idx[:, :split], config)
@@ -230,8 +223,8 @@ def test_model_kv_cache_equals_full_forward(split):
     assert cache2["present"][0][0].shape[2] == 10
 
 
-def test_model_kv_cache_one_token_at_a_time():
-    config, params = _tiny_model()
+def test_model_kv_cache_one_token_at_a_time(small_gpt2):
+    config, params = small_gpt2
     idx = _rng(11).integers(0, config.vocab_size, size=(1, 16))  # the whole context
     full, _ = model.forward(params, idx, config)
     past, steps = None, []

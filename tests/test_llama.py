@@ -10,20 +10,21 @@ import json
 
 import numpy as np
 import pytest
-from conftest import cross_entropy_both, fake_loss
+from helpers import (
+    check_layer_gradients,
+    cross_entropy_both,
+    cross_entropy_pass,
+    fake_loss,
+    random_hf_model,
+    small_llama_config,
+)
 from safetensors.numpy import save_file
 
 from minitodi import checkpoint, device, layers, model
 from minitodi.generate import generate
-from minitodi.gradcheck import check_array, check_arrays, directional_check
+from minitodi.gradcheck import check_arrays, directional_check
 
 TOL = 1e-6
-
-
-def _check_all(f, pairs):
-    for arr, grad in pairs:
-        assert grad.shape == arr.shape
-        assert check_array(f, arr, grad).max_rel_error < TOL
 
 
 # ------------------------------------------------------------------------------------------ layers
@@ -37,7 +38,7 @@ def test_rmsnorm_backward():
     np.testing.assert_allclose(y, x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-5) * w, rtol=1e-14)
     dy = rng.standard_normal(y.shape)
     dx, dw = layers.rmsnorm_backward(dy, cache)
-    _check_all(fake_loss(lambda: layers.rmsnorm_forward(x, w, 1e-5), dy), ((x, dx), (w, dw)))
+    check_layer_gradients(fake_loss(lambda: layers.rmsnorm_forward(x, w, 1e-5), dy), ((x, dx), (w, dw)), TOL)
 
 
 def test_rope_tables_follow_transformers_layout():
@@ -60,7 +61,7 @@ def test_rotary_backward_is_the_inverse_rotation():
     np.testing.assert_array_equal(layers.rotary_forward(x[:, :1], c0, s0, H)[0], x[:, :1])
     dy = rng.standard_normal(y.shape)
     dx = layers.rotary_backward(dy, cache)
-    _check_all(fake_loss(lambda: layers.rotary_forward(x, cos, sin, H), dy), ((x, dx),))
+    check_layer_gradients(fake_loss(lambda: layers.rotary_forward(x, cos, sin, H), dy), ((x, dx),), TOL)
     np.testing.assert_allclose(layers.rotary_backward(y, cache), x, rtol=1e-12)  # R^T R = 1
 
 
@@ -71,7 +72,7 @@ def test_swiglu_backward():
     np.testing.assert_allclose(y, g / (1.0 + np.exp(-g)) * u, rtol=1e-14)
     dy = rng.standard_normal(y.shape)
     dg, du = layers.swiglu_backward(dy, cache)
-    _check_all(fake_loss(lambda: layers.swiglu_forward(g, u), dy), ((g, dg), (u, du)))
+    check_layer_gradients(fake_loss(lambda: layers.swiglu_forward(g, u), dy), ((g, dg), (u, du)), TOL)
     with np.errstate(over="raise"):  # sigmoid through tanh: no overflow far out
         assert np.all(np.isfinite(layers.swiglu_forward(np.array([-1e4, 1e4]), np.ones(2))[0]))
 
@@ -86,7 +87,7 @@ def test_grouped_attention_backward(n_head, n_kv_head):
     dy = rng.standard_normal(y.shape)
     dq, dk, dv = layers.grouped_attention_backward(dy, cache)
     f = fake_loss(lambda: layers.grouped_attention_forward(q, k, v, n_head, n_kv_head), dy)
-    _check_all(f, ((q, dq), (k, dk), (v, dv)))
+    check_layer_gradients(f, ((q, dq), (k, dk), (v, dv)), TOL)
 
 
 def test_grouped_attention_is_multi_head_attention_on_repeated_heads():
@@ -95,7 +96,7 @@ def test_grouped_attention_is_multi_head_attention_on_repeated_heads():
     B, T, H, Hkv, hs = 2, 6, 6, 2, 4
     q = rng.standard_normal((B, T, H * hs))
     k, v = (rng.standard_normal((B, T, Hkv * hs)) for _ in range(2))
-    repeat = lambda a: np.repeat(a.reshape(B, T, Hkv, 1, hs), H // Hkv, axis=3).reshape(B, T, H * hs)  # noqa
+    repeat = lambda a: np.repeat(a.reshape(B, T, Hkv, 1, hs), H // Hkv, axis=3).reshape(B, T, H * hs)  # noqa: E731
     want, _ = layers.attention_forward(np.concatenate([q, repeat(k), repeat(v)], axis=-1), H)
     got, _ = layers.grouped_attention_forward(q, k, v, H, Hkv)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
@@ -115,11 +116,13 @@ def test_grouped_attention_with_past_matches_the_full_sequence():
 # ------------------------------------------------------------------------------------------ the model
 
 
-def small_config(**overrides):
-    return model.LlamaConfig(**{"vocab_size": 37, "hidden_size": 16, "intermediate_size": 24,
-                                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                                "max_position_embeddings": 16, "rms_norm_eps": 1e-5, "rope_theta": 500.0,
-                                **overrides})
+def grouped_llama_config(**overrides):
+    """The small Llama with 4 query heads in 2 key/value groups, RMSNorm eps 1e-5 and rope_theta 500.
+
+    _hf_llama below builds the same model in transformers, so a checkpoint of either loads as this config.
+    """
+    grouped = {"num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 500.0}
+    return small_llama_config(**{**grouped, **overrides})
 
 
 def _random_params(config, seed=0):
@@ -132,10 +135,12 @@ def _random_params(config, seed=0):
 @pytest.mark.parametrize("overrides", [{}, {"attention_bias": True, "tie_word_embeddings": True},
                                        {"num_key_value_heads": 1}])
 def test_every_parameter_gradient(overrides):
-    """Cross-entropy gradient of every tensor against central differences (sampled entries, the embedding's
-    used rows), and along a random direction through all of them.
+    """The cross-entropy gradient of every tensor against central differences.
+
+    Sampled entries of each tensor (of the embedding, the rows the batch uses), then a directional check
+    along a random direction through all of them.
     """
-    config = small_config(**overrides)
+    config = grouped_llama_config(**overrides)
     params = _random_params(config)
     rng = np.random.default_rng(1)
     idx = rng.integers(0, 37, size=(2, 6))
@@ -145,11 +150,10 @@ def test_every_parameter_gradient(overrides):
     def loss():
         return layers.cross_entropy_forward(model.forward(params, idx, config)[0], targets)[0]
 
-    logits, cache = model.forward(params, idx, config)
-    _, ce_cache = layers.cross_entropy_forward(logits, targets)
-    grads = model.backward(layers.cross_entropy_backward(1.0, ce_cache), cache)
+    _, _, grads = cross_entropy_pass(params, idx, targets, config)
     assert grads.keys() == params.keys()
-    results = check_arrays(loss, params, grads, max_entries=12, rows={"model.embed_tokens.weight": np.unique(idx)})
+    results = check_arrays(loss, params, grads, max_entries=12,
+                           rows={"model.embed_tokens.weight": np.unique(idx)})
     worst = max(results.items(), key=lambda item: item[1].max_rel_error)
     assert worst[1].max_rel_error < TOL, worst
     analytic, numeric, err = directional_check(loss, params, grads)
@@ -157,7 +161,7 @@ def test_every_parameter_gradient(overrides):
 
 
 def test_kv_cache_decoding_matches_the_full_forward():
-    config = small_config()
+    config = grouped_llama_config()
     params = _random_params(config)
     idx = np.random.default_rng(2).integers(0, 37, size=(2, 9))
     full, _ = model.forward(params, idx, config)
@@ -170,7 +174,7 @@ def test_kv_cache_decoding_matches_the_full_forward():
 
 
 def test_init_params_and_generate():
-    config = small_config()
+    config = grouped_llama_config()
     params = model.init_params(config, seed=0)
     assert {k: v.shape for k, v in params.items()} == model.param_shapes(config)
     assert np.all(params["model.layers.1.post_attention_layernorm.weight"] == 1.0)
@@ -183,19 +187,14 @@ def test_init_params_and_generate():
         assert list(logits[0, len(prompt) - 1:-1].argmax(axis=-1)) == new
 
 
-def _ce_run(params, idx, targets, config):
-    logits, cache = model.forward(params, idx, config)
-    loss, ce_cache = layers.cross_entropy_forward(logits, targets)
-    return logits, loss, model.backward(layers.cross_entropy_backward(1.0, ce_cache), cache)
-
-
 def test_computes_in_the_params_dtype():
-    config = small_config(attention_bias=True)
+    config = grouped_llama_config(attention_bias=True)
     params = _random_params(config)
     rng = np.random.default_rng(3)
     idx, targets = rng.integers(0, 37, size=(2, 7)), rng.integers(0, 37, size=(2, 7))
-    logits, loss, grads = _ce_run(params, idx, targets, config)
-    logits32, loss32, grads32 = _ce_run({k: v.astype(np.float32) for k, v in params.items()}, idx, targets, config)
+    logits, loss, grads = cross_entropy_pass(params, idx, targets, config)
+    params32 = {k: v.astype(np.float32) for k, v in params.items()}
+    logits32, loss32, grads32 = cross_entropy_pass(params32, idx, targets, config)
     assert logits32.dtype == np.float32 and all(g.dtype == np.float32 for g in grads32.values())
     np.testing.assert_allclose(logits32, logits, rtol=0, atol=1e-5 * np.abs(logits).max())
     for k, g in grads.items():
@@ -203,58 +202,69 @@ def test_computes_in_the_params_dtype():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not device.gpu_available(), reason="no usable GPU")
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-11), (np.float32, 1e-4)])
 def test_cupy_matches_numpy(dtype, tol):
-    config = small_config(attention_bias=True)
+    config = grouped_llama_config(attention_bias=True)
     params = {k: v.astype(dtype) for k, v in _random_params(config).items()}
     rng = np.random.default_rng(5)
     idx, targets = rng.integers(0, 37, size=(3, 12)), rng.integers(0, 37, size=(3, 12))
-    logits, loss, grads = _ce_run(params, idx, targets, config)
+    logits, loss, grads = cross_entropy_pass(params, idx, targets, config)
     gpu = {k: device.to_device(x, "gpu") for k, x in params.items()}
-    logits_g, loss_g, grads_g = _ce_run(gpu, device.to_device(idx, "gpu"), device.to_device(targets, "gpu"), config)
+    idx_g, targets_g = device.to_device(idx, "gpu"), device.to_device(targets, "gpu")
+    logits_g, loss_g, grads_g = cross_entropy_pass(gpu, idx_g, targets_g, config)
     assert device.device_of(logits_g) == "gpu" and logits_g.dtype == dtype
     np.testing.assert_allclose(device.to_numpy(logits_g), logits, rtol=0, atol=tol * np.abs(logits).max())
     for k, g in grads.items():
-        np.testing.assert_allclose(device.to_numpy(grads_g[k]), g, rtol=0, atol=tol * np.abs(g).max(), err_msg=k)
+        np.testing.assert_allclose(device.to_numpy(grads_g[k]), g, rtol=0, atol=tol * np.abs(g).max(),
+                                   err_msg=k)
+
 
 def test_config_errors():
     with pytest.raises(ValueError, match="num_key_value_heads"):
-        small_config(num_key_value_heads=3)
+        grouped_llama_config(num_key_value_heads=3)
     with pytest.raises(ValueError, match="num_hidden_layers"):
-        small_config(num_hidden_layers=0)
+        grouped_llama_config(num_hidden_layers=0)
     with pytest.raises(ValueError, match="rope_theta"):
-        small_config(rope_theta=0.0)
+        grouped_llama_config(rope_theta=0.0)
 
+
+@pytest.mark.parametrize("field", ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings"])
+@pytest.mark.parametrize("value", [0, -2, 2.5, "8"])
+def test_every_size_must_be_a_positive_integer(field, value):
+    """Each size and count is checked by name (a check by annotation type once let all of them through)."""
+    with pytest.raises(ValueError, match=f"LlamaConfig.{field} must be a positive integer"):
+        grouped_llama_config(**{field: value})
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
 def _saved(tmp_path, **overrides):
-    config = small_config(**overrides)
+    config = grouped_llama_config(**overrides)
     params = _random_params(config)
     checkpoint.save(tmp_path, params, config)
     return params, config, json.loads((tmp_path / "config.json").read_text())
 
 
-def _write_config(tmp_path, hf):
-    (tmp_path / "config.json").write_text(json.dumps(hf))
+def _write_config(tmp_path, config_json):
+    (tmp_path / "config.json").write_text(json.dumps(config_json))
 
 
 def test_save_load_round_trip_and_rope_theta_in_either_place(tmp_path):
-    params, config, hf = _saved(tmp_path, tie_word_embeddings=True)
-    assert hf["model_type"] == "llama" and hf["rope_parameters"]["rope_theta"] == 500.0
+    params, config, config_json = _saved(tmp_path, tie_word_embeddings=True)
+    assert config_json["model_type"] == "llama" and config_json["rope_parameters"]["rope_theta"] == 500.0
     back, back_config = checkpoint.load(tmp_path)
     assert back_config == config and back.keys() == params.keys()
     assert all(np.array_equal(back[k], params[k]) for k in params)
     # transformers 4 wrote rope_theta at the top level, transformers 5 inside rope_parameters
-    del hf["rope_parameters"]
-    _write_config(tmp_path, hf)
+    del config_json["rope_parameters"]
+    _write_config(tmp_path, config_json)
     assert checkpoint.load(tmp_path)[1].rope_theta == 500.0
-    hf.update({"rope_parameters": {"rope_type": "default", "rope_theta": 20.0}, "rope_theta": None,
-               "num_key_value_heads": None})  # None: transformers' default, as many as the query heads
-    _write_config(tmp_path, hf)
+    # num_key_value_heads None: transformers' default, as many as the query heads
+    config_json.update({"rope_parameters": {"rope_type": "default", "rope_theta": 20.0}, "rope_theta": None,
+                        "num_key_value_heads": None})
+    _write_config(tmp_path, config_json)
     with pytest.raises(ValueError, match="k_proj.weight has shape"):  # the tensors are grouped
         checkpoint.load(tmp_path)
 
@@ -265,39 +275,41 @@ def test_save_load_round_trip_and_rope_theta_in_either_place(tmp_path):
     ("rope_parameters", {"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0}),
 ])
 def test_unimplemented_config_features_are_named(tmp_path, field, value):
-    _, _, hf = _saved(tmp_path)
-    _write_config(tmp_path, {**hf, field: value})
+    _, _, config_json = _saved(tmp_path)
+    _write_config(tmp_path, {**config_json, field: value})
     with pytest.raises(ValueError, match=f"{field}.*not implemented"):
         checkpoint.load(tmp_path)
 
 
 def test_missing_size_and_foreign_tensors(tmp_path):
-    params, config, hf = _saved(tmp_path)
-    _write_config(tmp_path, {k: v for k, v in hf.items() if k != "intermediate_size"})
+    params, config, config_json = _saved(tmp_path)
+    _write_config(tmp_path, {k: v for k, v in config_json.items() if k != "intermediate_size"})
     with pytest.raises(ValueError, match="missing field 'intermediate_size'"):
         checkpoint.load(tmp_path)
-    _write_config(tmp_path, {**hf, "tie_word_embeddings": True})  # lm_head.weight differs from the embedding
+    # tied, but the saved lm_head.weight differs from the embedding
+    _write_config(tmp_path, {**config_json, "tie_word_embeddings": True})
     with pytest.raises(ValueError, match="lm_head.weight differs"):
         checkpoint.load(tmp_path)
-    extra = {**params, "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(2), "model.layers.0.mlp.x": np.ones(2)}
+    extra = {**params, "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(2),
+             "model.layers.0.mlp.x": np.ones(2)}
     save_file(extra, str(tmp_path / "model.safetensors"))
-    _write_config(tmp_path, hf)
-    with pytest.raises(ValueError, match="unexpected tensor 'model.layers.0.mlp.x'"):  # the buffer is dropped
+    _write_config(tmp_path, config_json)
+    # the rotary buffer is dropped; the other tensor is refused
+    with pytest.raises(ValueError, match="unexpected tensor 'model.layers.0.mlp.x'"):
         checkpoint.load(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------ transformers
 
 
-def _transformers_float64(monkeypatch):
-    """torch and transformers' Llama modules, with transformers' Llama computing in float64 throughout.
+@pytest.fixture
+def llama_in_float64(monkeypatch, torch, transformers):
+    """transformers' Llama computing in float64 throughout, for the length of one test.
 
     Whatever the model's dtype, transformers computes RMSNorm and the rotary angles in float32 (a few
     1e-8 of difference at float64); the reference replaces exactly those two functions by the same
     formulas without the casts. The attention (sdpa) already computes in the inputs' dtype.
     """
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     from transformers.models.llama import modeling_llama
 
     def rmsnorm(self, h):
@@ -313,37 +325,36 @@ def _transformers_float64(monkeypatch):
 
     monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", rmsnorm)
     monkeypatch.setattr(modeling_llama.LlamaRotaryEmbedding, "forward", rotary)
-    return torch, transformers
 
 
 def _hf_llama(transformers, torch, tie=False):
-    """A random LlamaForCausalLM in float64: grouped-query attention with biases, rope_theta 500, norms
-    and biases moved off 1 and 0, an untied head (unless ``tie``).
+    """A random LlamaForCausalLM in float64, grouped_llama_config(attention_bias=True) in transformers.
+
+    Grouped-query attention with biases, rope_theta 500, norms and biases moved off 1 and 0, an untied
+    head (unless ``tie``).
     """
-    hf_config = transformers.LlamaConfig(vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
-                                         rms_norm_eps=1e-5, rope_theta=500.0, attention_bias=True,
-                                         tie_word_embeddings=tie, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(hf_config).double().eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return hf
+    hf_config = transformers.LlamaConfig(vocab_size=37, hidden_size=16, intermediate_size=24,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=16, rms_norm_eps=1e-5, rope_theta=500.0,
+                                         attention_bias=True, tie_word_embeddings=tie,
+                                         attn_implementation="sdpa")
+    return random_hf_model(torch, transformers.LlamaForCausalLM, hf_config)
 
 
+@pytest.mark.usefixtures("llama_in_float64")
 @pytest.mark.parametrize("shard", [False, True])
-def test_transformers_logits_gradients_and_round_trip(tmp_path, monkeypatch, shard):
-    """A random transformers Llama loads here (one file, or shards with an index) with the same logits
-    (1e-9) and cross-entropy gradients (1e-8) as PyTorch autograd in float64; saved back, transformers
-    loads it with the same logits.
+def test_transformers_logits_gradients_and_round_trip(tmp_path, torch, transformers, shard):
+    """A random transformers Llama round-trips through minitodi with the same logits and gradients.
+
+    Loaded here (one file, or shards with an index) it gives the logits (1e-9) and cross-entropy
+    gradients (1e-8) of PyTorch autograd in float64; saved back, transformers loads it with the same
+    logits.
     """
-    torch, transformers = _transformers_float64(monkeypatch)
     hf = _hf_llama(transformers, torch)
     hf.save_pretrained(tmp_path / "hf", max_shard_size="2KB" if shard else "1GB")
     assert (tmp_path / "hf" / checkpoint.INDEX_FILE).is_file() == shard
     params, config = checkpoint.load(tmp_path / "hf")
-    assert config == small_config(attention_bias=True)
+    assert config == grouped_llama_config(attention_bias=True)
     assert all(x.dtype == np.float64 for x in params.values())
 
     idx, (logits, loss, grads), (hf_logits, hf_loss, hf_grads) = cross_entropy_both(params, config, hf, torch)
@@ -359,8 +370,8 @@ def test_transformers_logits_gradients_and_round_trip(tmp_path, monkeypatch, sha
         np.testing.assert_allclose(back(torch.tensor(idx)).logits.numpy(), logits, rtol=0, atol=1e-9)
 
 
-def test_transformers_tied_head(tmp_path, monkeypatch):
-    torch, transformers = _transformers_float64(monkeypatch)
+@pytest.mark.usefixtures("llama_in_float64")
+def test_transformers_tied_head(tmp_path, torch, transformers):
     hf = _hf_llama(transformers, torch, tie=True)
     hf.save_pretrained(tmp_path / "hf")
     params, config = checkpoint.load(tmp_path / "hf")
@@ -379,19 +390,21 @@ def test_transformers_tied_head(tmp_path, monkeypatch):
 
 
 def test_cli_trains_and_distils_across_architectures(tmp_path):
-    """`--arch llama`: a Llama student of a GPT-2 teacher and a GPT-2 student of a Llama teacher (one
-    tokenizer), each a run directory that loads, generates and has the preset's shape.
+    """`--arch llama`: a Llama student of a GPT-2 teacher, and a GPT-2 student of a Llama teacher.
+
+    The three runs share one tokenizer; each is a run directory that loads, generates and has the
+    preset's shape.
     """
     from minitodi import presets
     from minitodi.cli import main
 
-    tiny = ["--preset", "tiny", "--steps", "4", "--batch-size", "8", "--eval-every", "2", "--vocab-size", "300",
-            "--seq-len", "48", "--max-new-tokens", "8", "--quiet"]
-    assert main(["train", "--out", str(tmp_path / "gpt2"), *tiny]) == 0
+    tiny_args = ["--preset", "tiny", "--steps", "4", "--batch-size", "8", "--eval-every", "2",
+                 "--vocab-size", "300", "--seq-len", "48", "--max-new-tokens", "8", "--quiet"]
+    assert main(["train", "--out", str(tmp_path / "gpt2"), *tiny_args]) == 0
     assert main(["distill", "--arch", "llama", "--teacher", str(tmp_path / "gpt2"), "--loss", "todi",
-                 "--out", str(tmp_path / "llama"), *tiny]) == 0
-    assert main(["distill", "--teacher", str(tmp_path / "llama"), "--loss", "fkl", "--out", str(tmp_path / "back"),
-                 *tiny]) == 0
+                 "--out", str(tmp_path / "llama"), *tiny_args]) == 0
+    assert main(["distill", "--teacher", str(tmp_path / "llama"), "--loss", "fkl",
+                 "--out", str(tmp_path / "back"), *tiny_args]) == 0
     params, config = checkpoint.load(tmp_path / "llama")
     assert config == presets.model_config("tiny", config.vocab_size, 56, "llama")
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (32, 1, 2)

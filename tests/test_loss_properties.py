@@ -10,12 +10,14 @@ import math
 
 import numpy as np
 import pytest
+from helpers import reference_log_softmax
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from minitodi.losses import LOSSES, InfiniteDivergenceError
 
-SETTINGS = settings(max_examples=30, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=30, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 INFINITE_WHEN_TEACHER_HAS_ZEROS = {"rkl", "todi", "akl"}  # the student keeps mass there: D = +inf
 BOUND = {"jsd": math.log(2.0), "tvd": 1.0}
 OPTIONS = {
@@ -53,17 +55,11 @@ def cases(draw, teacher_zeros=False):
 
 
 def _natural(s, t, mask, temperature):
-    lq = _log_softmax(s.astype(np.float64) / temperature)
-    lp = _log_softmax(t.astype(np.float64) / temperature)
+    lq = reference_log_softmax(s.astype(np.float64) / temperature)
+    lp = reference_log_softmax(t.astype(np.float64) / temperature)
     both = np.isfinite(lq) & np.isfinite(lp)
     r = np.abs(lq[both] - lp[both]).max()
     return (1 + r) / (mask.sum() * temperature)
-
-
-def _log_softmax(z):
-    z = z - z.max(axis=-1, keepdims=True)
-    with np.errstate(divide="ignore"):
-        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
 def _eps(x):
@@ -88,9 +84,11 @@ def test_value_is_finite_nonnegative_and_bounded_or_infinite_is_said(case):
 @SETTINGS
 @given(cases(), st.integers(0, 2**32 - 1))
 def test_a_constant_added_to_a_row_changes_nothing(case, seed):
-    """Logits on a grid and shifts that are multiples of its step keep every sum exact, so the shifted
-    rows are the same rows after log_softmax subtracts the maximum: loss and gradient agree bit for bit.
-    (With rounding, AKL's head/tail split can legitimately flip near a tie, hence the exact grid.)
+    """A constant added to a row of either input leaves loss and gradient the same, bit for bit.
+
+    Logits on a grid and shifts that are multiples of its step keep every sum exact, so the shifted rows
+    are the same rows after log_softmax subtracts the maximum. (With rounding, AKL's head/tail split can
+    legitimately flip near a tie, hence the exact grid.)
     """
     name, options, s, t, mask, temperature = case
     rng = np.random.default_rng(seed)
@@ -109,7 +107,8 @@ def test_gradient_rows_sum_to_zero_and_vanish_off_the_mask(case):
     name, options, s, t, mask, temperature = case
     _, grad = LOSSES[name](s, t, mask, temperature=temperature, **options)
     V = s.shape[-1]
-    assert np.abs(grad.sum(axis=-1, dtype=np.float64)).max() <= 16 * V * _eps(s) * _natural(s, t, mask, temperature)
+    row_sums = grad.sum(axis=-1, dtype=np.float64)
+    assert np.abs(row_sums).max() <= 16 * V * _eps(s) * _natural(s, t, mask, temperature)
     assert np.all(grad[~mask] == 0)
     assert np.all(grad[np.isneginf(s)] == 0)  # an entry of probability 0 stays there
 
@@ -119,8 +118,9 @@ def test_gradient_rows_sum_to_zero_and_vanish_off_the_mask(case):
 def test_student_equal_to_teacher_gives_zero_loss_and_gradient(case):
     name, options, _, t, mask, temperature = case
     value, grad = LOSSES[name](t, t, mask, temperature=temperature, **options)
-    lp = _log_softmax(t.astype(np.float64) / temperature)
-    tol = 16 * _eps(t) * (t.shape[-1] + np.abs(lp[np.isfinite(lp)]).max())  # mixtures round log p by eps |log p|
+    lp = reference_log_softmax(t.astype(np.float64) / temperature)
+    # mixtures round log p by eps |log p|
+    tol = 16 * _eps(t) * (t.shape[-1] + np.abs(lp[np.isfinite(lp)]).max())
     assert 0 <= value <= tol
     assert np.abs(grad).max() <= tol / (mask.sum() * temperature)
 
@@ -131,8 +131,8 @@ def test_positions_shaped_b_t_or_flat_agree_exactly(case):
     name, options, s, t, mask, temperature = case
     V = s.shape[-1]
     v, g = LOSSES[name](s, t, mask, temperature=temperature, **options)
-    v_flat, g_flat = LOSSES[name](s.reshape(-1, V), t.reshape(-1, V), mask.reshape(-1), temperature=temperature,
-                                  **options)
+    v_flat, g_flat = LOSSES[name](s.reshape(-1, V), t.reshape(-1, V), mask.reshape(-1),
+                                  temperature=temperature, **options)
     assert v_flat == v
     np.testing.assert_array_equal(g_flat.reshape(g.shape), g)
 
@@ -143,7 +143,7 @@ def test_float32_agrees_with_float64_to_float32_precision(case):
     name, options, s, t, mask, temperature = case
     s32, t32 = s.astype(np.float32), t.astype(np.float32)
     s64, t64 = s32.astype(np.float64), t32.astype(np.float64)
-    p, q = np.exp(_log_softmax(t64 / temperature)), np.exp(_log_softmax(s64 / temperature))
+    p, q = np.exp(reference_log_softmax(t64 / temperature)), np.exp(reference_log_softmax(s64 / temperature))
     if name == "akl":  # its head/tail split jumps where the teacher's cumulative mass crosses mu
         p_sorted = np.sort(p, axis=-1)
         assume(np.abs(np.cumsum(p_sorted, axis=-1) - options["mu"])[p_sorted > 0].min() > 1e-4)

@@ -1,10 +1,12 @@
-"""The whole GPT: every parameter's gradient against finite differences (cross-entropy and ToDi),
-the API's errors, dtypes, initialisation, and NumPy/CuPy parity.
+"""The whole GPT: every parameter's gradient against finite differences, and the model's API.
+
+The gradients are checked for cross-entropy and ToDi; then the API's errors, dtypes, initialisation,
+and NumPy/CuPy parity.
 """
 
 import numpy as np
 import pytest
-from conftest import perturbed_params, small_config
+from helpers import cross_entropy_pass, perturbed_params, small_gpt2_config
 
 from minitodi import device, layers, model, parallel
 from minitodi.gradcheck import check_array, check_arrays, directional_check
@@ -16,14 +18,17 @@ TOL = 1e-6
 # (ToDi, worst 1.0e-5) above 1e-6 -- entries whose gradient is ~1e-8 by cancellation, next to a loss ~1,
 # where rounding (|L| 1e-16 / eps) and truncation (eps^2 f''') both matter; order 4, eps 1e-3: worst
 # 1.4e-7 (CE) and 1.5e-7 (ToDi), so any sample of entries passes with margin.
-EPS, ORDER = 1e-3, 4
+FD_EPS, FD_ORDER = 1e-3, 4
 MAX_ENTRIES = 8
 
 
-@pytest.fixture(scope="module")
-def setup():
-    config = small_config()
-    params = perturbed_params(config)
+@pytest.fixture
+def gpt2_batch(small_gpt2):
+    """(config, params, idx, targets, teacher): the small GPT-2 and a batch of 2 x 8 tokens for it.
+
+    Three targets are ignored; ``teacher`` is random teacher logits of spread 2 for ToDi.
+    """
+    config, params = small_gpt2
     rng = np.random.default_rng(1)
     idx = rng.integers(0, config.vocab_size, size=(2, 8))
     targets = rng.integers(0, config.vocab_size, size=(2, 8))
@@ -32,7 +37,7 @@ def setup():
     return config, params, idx, targets, teacher
 
 
-def _rows(config, idx):
+def _checked_rows(config, idx):
     """Embedding rows the batch uses, and c_attn.bias without its key third.
 
     The key bias has a gradient of exactly 0: it adds q_t . b_k to every score of query t, a constant
@@ -53,37 +58,36 @@ def _assert_key_bias_gradient_is_zero(config, grads):
         assert np.abs(grads[f"transformer.h.{l}.attn.c_attn.bias"][C:2 * C]).max() <= 1e-14 * scale
 
 
-def _check_all(f, params, grads, config, idx):
-    results = check_arrays(f, params, grads, eps=EPS, order=ORDER, max_entries=MAX_ENTRIES,
-                           rows=_rows(config, idx))
+def _check_every_parameter(f, params, grads, config, idx):
+    results = check_arrays(f, params, grads, eps=FD_EPS, order=FD_ORDER, max_entries=MAX_ENTRIES,
+                           rows=_checked_rows(config, idx))
     assert set(results) == set(params)
     worst = max(results.items(), key=lambda kv: kv[1].max_rel_error)
     assert worst[1].max_rel_error < TOL, worst
     # rows no token uses get gradient only through the tied output head: check some of those too
     unused = np.setdiff1d(np.arange(config.vocab_size), np.unique(idx))
     wte = "transformer.wte.weight"
-    res = check_array(f, params[wte], grads[wte], eps=EPS, order=ORDER, max_entries=MAX_ENTRIES, rows=unused)
+    res = check_array(f, params[wte], grads[wte], eps=FD_EPS, order=FD_ORDER, max_entries=MAX_ENTRIES,
+                      rows=unused)
     assert res.max_rel_error < TOL
     a, n, err = directional_check(f, params, grads)
     assert err < TOL and abs(a) > 1e-6
 
 
-def test_cross_entropy_gradient_of_every_parameter(setup):
-    config, params, idx, targets, _ = setup
-    logits, cache = model.forward(params, idx, config)
-    _, ce_cache = layers.cross_entropy_forward(logits, targets)
-    grads = model.backward(layers.cross_entropy_backward(1.0, ce_cache), cache)
+def test_cross_entropy_gradient_of_every_parameter(gpt2_batch):
+    config, params, idx, targets, _ = gpt2_batch
+    _, _, grads = cross_entropy_pass(params, idx, targets, config)
     assert list(grads) == list(params)
     assert all(grads[k].shape == params[k].shape and grads[k].dtype == np.float64 for k in params)
     _assert_key_bias_gradient_is_zero(config, grads)
 
     def f():
         return float(layers.cross_entropy_forward(model.forward(params, idx, config)[0], targets)[0])
-    _check_all(f, params, grads, config, idx)
+    _check_every_parameter(f, params, grads, config, idx)
 
 
-def test_todi_gradient_of_every_parameter(setup):
-    config, params, idx, targets, teacher = setup
+def test_todi_gradient_of_every_parameter(gpt2_batch):
+    config, params, idx, targets, teacher = gpt2_batch
     mask = targets != layers.IGNORE_INDEX
     logits, cache = model.forward(params, idx, config)
     _, dlogits = LOSSES["todi"](logits, teacher, mask, temperature=2.0)
@@ -95,17 +99,17 @@ def test_todi_gradient_of_every_parameter(setup):
     def f():
         student = model.forward(params, idx, config)[0]
         return LOSSES["todi"](student, teacher, mask, temperature=2.0, stopgrad_at=base)[0]
-    _check_all(f, params, grads, config, idx)
+    _check_every_parameter(f, params, grads, config, idx)
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["whole batch", "two shards"])
-def test_gradient_with_the_head_at_counted_rows_only(setup, sharded, monkeypatch):
+def test_gradient_with_the_head_at_counted_rows_only(gpt2_batch, sharded, monkeypatch):
     """Training's path: forward(rows=mask), CE on those rows, backward scattering dx; finite differences.
 
     Also with the batch of 2 x 8 tokens of width 16 run as two shards, one sequence each, as training runs
     it (parallel.forward_in_shards): fails when a shard's gradient is dropped.
     """
-    config, params, idx, targets, _ = setup
+    config, params, idx, targets, _ = gpt2_batch
     monkeypatch.setattr(parallel, "SHARD_WORK", 8 * 16 if sharded else 10**9)
     mask = targets != layers.IGNORE_INDEX
     logits, cache = parallel.forward_in_shards(params, idx, config, rows=mask)
@@ -114,40 +118,33 @@ def test_gradient_with_the_head_at_counted_rows_only(setup, sharded, monkeypatch
     grads = parallel.backward_in_shards(layers.cross_entropy_backward(1.0, ce_cache), cache)
 
     def f():
-        return float(layers.cross_entropy_forward(model.forward(params, idx, config, rows=mask)[0], targets[mask])[0])
-    _check_all(f, params, grads, config, idx)
+        logits = model.forward(params, idx, config, rows=mask)[0]
+        return float(layers.cross_entropy_forward(logits, targets[mask])[0])
+    _check_every_parameter(f, params, grads, config, idx)
 
 
-def test_wrong_gradient_is_caught(setup):
+def test_wrong_gradient_is_caught(gpt2_batch):
     """The check above can fail: a gradient off by 1 % in one tensor does."""
-    config, params, idx, targets, _ = setup
-    logits, cache = model.forward(params, idx, config)
-    _, ce_cache = layers.cross_entropy_forward(logits, targets)
-    grads = model.backward(layers.cross_entropy_backward(1.0, ce_cache), cache)
+    config, params, idx, targets, _ = gpt2_batch
+    _, _, grads = cross_entropy_pass(params, idx, targets, config)
     grads["transformer.h.1.ln_2.bias"] *= 1.01
 
     def f():
         return float(layers.cross_entropy_forward(model.forward(params, idx, config)[0], targets)[0])
-    results = check_arrays(f, params, grads, eps=EPS, order=ORDER, max_entries=MAX_ENTRIES,
-                           rows=_rows(config, idx))
+    results = check_arrays(f, params, grads, eps=FD_EPS, order=FD_ORDER, max_entries=MAX_ENTRIES,
+                           rows=_checked_rows(config, idx))
     assert results["transformer.h.1.ln_2.bias"].max_rel_error > 1e-3
     assert results["transformer.h.1.ln_1.bias"].max_rel_error < TOL
 
 
-def _small_model(arch):
-    """A GPT-2 or a Llama (two query heads sharing one key/value head) of vocabulary 37, width 16, 2 layers."""
-    config = small_config() if arch == "gpt2" else model.LlamaConfig(
-        vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=16)
-    return config, perturbed_params(config)
-
-
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_head_at_selected_rows_equals_the_full_head_there(arch):
-    """forward(rows=mask) gives the full logits at the masked positions, and backward from them gives the
-    gradients of the full backward with dlogits zero elsewhere (float64, to rounding).
+def test_head_at_selected_rows_equals_the_full_head_there(arch, request):
+    """forward(rows=mask) gives the full logits at the masked positions, and the full backward's gradients.
+
+    Backward from those rows gives the gradients of the full backward with dlogits zero elsewhere
+    (float64, to rounding). The models: the small GPT-2 and the small Llama of conftest.py.
     """
-    config, params = _small_model(arch)
+    config, params = request.getfixturevalue(f"small_{arch}")
     rng = np.random.default_rng(1)
     idx = rng.integers(0, 37, size=(3, 10))
     rows = rng.random((3, 10)) < 0.4
@@ -166,7 +163,7 @@ def test_head_at_selected_rows_equals_the_full_head_there(arch):
 
 
 def test_token_id_errors():
-    config = small_config()
+    config = small_gpt2_config()
     params = model.init_params(config)
     for bad in (np.array([[0, -1, 2]]), np.array([[0, config.vocab_size, 2]])):
         with pytest.raises(ValueError, match=r"token ids must be in \[0, 37\)"):
@@ -186,7 +183,7 @@ def test_token_id_errors():
 
 
 def test_check_params_errors():
-    config = small_config()
+    config = small_gpt2_config()
     params = model.init_params(config)
     model.check_params(params, config)  # fine as made
     missing = dict(params)
@@ -204,7 +201,7 @@ def test_check_params_errors():
 
 
 def test_backward_after_forward_with_past_raises():
-    config = small_config()
+    config = small_gpt2_config()
     params = model.init_params(config, dtype=np.float64)
     idx = np.arange(8).reshape(1, 8)
     _, cache = model.forward(params, idx[:, :5], config)
@@ -215,16 +212,16 @@ def test_backward_after_forward_with_past_raises():
 
 def test_config_errors():
     with pytest.raises(ValueError, match="divisible"):
-        small_config(n_head=3)
+        small_gpt2_config(n_head=3)
     with pytest.raises(ValueError, match="n_layer"):
-        small_config(n_layer=0)
+        small_gpt2_config(n_layer=0)
 
 
 # ------------------------------------------------------------------------------------------ dtype, init
 
 
 def test_computes_in_the_params_dtype():
-    config = small_config()
+    config = small_gpt2_config()
     idx = np.random.default_rng(2).integers(0, config.vocab_size, size=(2, 5))
     out = {}
     for dtype in (np.float32, np.float64):
@@ -243,14 +240,15 @@ def test_computes_in_the_params_dtype():
 
 
 def test_init_is_seeded():
-    config = small_config()
+    config = small_gpt2_config()
     a, b, c = model.init_params(config, 3), model.init_params(config, 3), model.init_params(config, 4)
     assert list(a) == list(model.param_shapes(config))
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
     assert not np.array_equal(a["transformer.wte.weight"], c["transformer.wte.weight"])
     assert not np.array_equal(a["transformer.h.1.mlp.c_proj.weight"], c["transformer.h.1.mlp.c_proj.weight"])
-    assert np.all(a["transformer.h.0.ln_1.weight"] == 1) and np.all(a["transformer.h.0.attn.c_attn.bias"] == 0)
+    assert np.all(a["transformer.h.0.ln_1.weight"] == 1)
+    assert np.all(a["transformer.h.0.attn.c_attn.bias"] == 0)
 
 
 def test_init_scales():
@@ -267,43 +265,41 @@ def test_init_scales():
 
 
 def test_n_params_counts_gpt2_by_hand():
-    """Embeddings V C + P C; per block 2 norms (4C), c_attn (3C^2 + 3C), c_proj (C^2 + C), c_fc (4C^2 + 4C),
-    mlp.c_proj (4C^2 + C): 12 C^2 + 13 C; ln_f 2C; the tied head adds nothing. GPT-2 small is 124,439,808.
+    """n_params against the count by hand, and against GPT-2 small's (124M) 124,439,808.
+
+    Embeddings V C + P C; per block 2 norms (4C), c_attn (3C^2 + 3C), c_proj (C^2 + C), c_fc (4C^2 + 4C),
+    mlp.c_proj (4C^2 + C): 12 C^2 + 13 C; ln_f 2C; the tied head adds nothing.
     """
     V, P, C, L = 37, 16, 16, 2
-    assert model.n_params(small_config()) == V * C + P * C + L * (12 * C * C + 13 * C) + 2 * C
-    assert model.n_params(small_config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12)) == 124_439_808
+    assert model.n_params(small_gpt2_config()) == V * C + P * C + L * (12 * C * C + 13 * C) + 2 * C
+    gpt2_124m = small_gpt2_config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12)
+    assert model.n_params(gpt2_124m) == 124_439_808
 
 
 # ------------------------------------------------------------------------------------------ CuPy
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not device.gpu_available(), reason="no usable GPU")
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-11), (np.float32, 1e-4)])
 def test_cupy_matches_numpy(dtype, tol):
-    config = small_config()
+    config = small_gpt2_config()
     params = perturbed_params(config, dtype=dtype)
     rng = np.random.default_rng(5)
     idx = rng.integers(0, config.vocab_size, size=(3, 12))
     targets = rng.integers(0, config.vocab_size, size=(3, 12))
     targets[0, :4] = layers.IGNORE_INDEX
-
-    def run(p, ids, tg):
-        logits, cache = model.forward(p, ids, config)
-        loss, ce_cache = layers.cross_entropy_forward(logits, tg)
-        return logits, loss, model.backward(layers.cross_entropy_backward(1.0, ce_cache), cache)
-
-    logits, loss, grads = run(params, idx, targets)
+    logits, loss, grads = cross_entropy_pass(params, idx, targets, config)
     gpu = {k: device.to_device(x, "gpu") for k, x in params.items()}
-    logits_g, loss_g, grads_g = run(gpu, device.to_device(idx, "gpu"), device.to_device(targets, "gpu"))
+    idx_g, targets_g = device.to_device(idx, "gpu"), device.to_device(targets, "gpu")
+    logits_g, loss_g, grads_g = cross_entropy_pass(gpu, idx_g, targets_g, config)
     assert device.device_of(logits_g) == "gpu" and logits_g.dtype == dtype
     assert device.to_float(loss_g) == pytest.approx(float(loss), rel=tol)
     np.testing.assert_allclose(device.to_numpy(logits_g), logits, rtol=0, atol=tol * np.abs(logits).max())
     assert list(grads_g) == list(grads)
     for k, g in grads.items():
         assert device.device_of(grads_g[k]) == "gpu" and grads_g[k].dtype == dtype
-        np.testing.assert_allclose(device.to_numpy(grads_g[k]), g, rtol=0, atol=tol * np.abs(g).max(), err_msg=k)
+        np.testing.assert_allclose(device.to_numpy(grads_g[k]), g, rtol=0, atol=tol * np.abs(g).max(),
+                                   err_msg=k)
     # CuPy would wrap an out-of-range id silently: the model must refuse it on the GPU too
     with pytest.raises(ValueError, match="token ids must be in"):
         model.forward(gpu, device.to_device(np.array([[0, config.vocab_size]]), "gpu"), config)

@@ -7,7 +7,7 @@ import pytest
 
 from minitodi import optim, parallel
 
-BETAS, EPS, WD = (0.9, 0.95), 1e-8, 0.1
+BETAS, ADAM_EPS, WD = (0.9, 0.95), 1e-8, 0.1
 
 
 def _params(dtype=np.float64, seed=0):
@@ -23,7 +23,7 @@ def _grads(params, seed):
     return {k: rng.standard_normal(x.shape).astype(x.dtype) for k, x in params.items()}
 
 
-def reference_adamw(x, grads, lrs, betas=BETAS, eps=EPS, weight_decay=WD):
+def reference_adamw(x, grads, lrs, betas=BETAS, eps=ADAM_EPS, weight_decay=WD):
     """Textbook AdamW (Loshchilov & Hutter, torch.optim.AdamW), one entry at a time in Python floats."""
     b1, b2 = betas
     x = [float(v) for v in np.ravel(x)]
@@ -47,7 +47,7 @@ def test_adamw_matches_reference_over_three_steps():
     lrs = [1e-2, 3e-2, 2e-2]
     history = [_grads(params, seed) for seed in (1, 2, 3)]
     for grads, lr in zip(history, lrs):
-        optim.adamw_step(params, grads, state, lr=lr, betas=BETAS, eps=EPS, weight_decay=WD)
+        optim.adamw_step(params, grads, state, lr=lr, betas=BETAS, eps=ADAM_EPS, weight_decay=WD)
     assert state["step"] == 3
     for k in params:
         x, m, v = reference_adamw(start[k], [g[k] for g in history], lrs)
@@ -101,25 +101,26 @@ def test_adamw_on_threads_gives_the_one_thread_numbers(monkeypatch):
         params = _params(np.float32)
         state = optim.adamw_init(params)
         for seed in range(3):
-            optim.adamw_step(params, _grads(params, seed), state, lr=1e-2, betas=BETAS, eps=EPS, weight_decay=WD)
+            optim.adamw_step(params, _grads(params, seed), state, lr=1e-2, betas=BETAS, eps=ADAM_EPS,
+                             weight_decay=WD)
         runs.append(params)
     for name in runs[0]:
         np.testing.assert_array_equal(runs[1][name], runs[0][name])
-    assert calls[0] == [4] and calls[-1] == [1, 1, 2]  # 12 and 10 entries alone, then 3 + 2 in the lightest group
+    # the last call: 12 and 10 entries alone, then 3 + 2 in the lightest group
+    assert calls[0] == [4] and calls[-1] == [1, 1, 2]
 
 
-def test_adamw_matches_torch():
-    torch = pytest.importorskip("torch")
+def test_adamw_matches_torch(torch):
     params = _params()
     start = {k: x.copy() for k, x in params.items()}
     tp = {k: torch.tensor(x, requires_grad=True) for k, x in start.items()}
     opt = torch.optim.AdamW([{"params": [tp["w"], tp["emb"]], "weight_decay": WD},
                              {"params": [tp["b"], tp["ln"]], "weight_decay": 0.0}],
-                            lr=1e-2, betas=BETAS, eps=EPS)
+                            lr=1e-2, betas=BETAS, eps=ADAM_EPS)
     state = optim.adamw_init(params)
     for seed, lr in ((1, 1e-2), (2, 3e-2), (3, 2e-2)):
         grads = _grads(params, seed)
-        optim.adamw_step(params, grads, state, lr=lr, betas=BETAS, eps=EPS, weight_decay=WD)
+        optim.adamw_step(params, grads, state, lr=lr, betas=BETAS, eps=ADAM_EPS, weight_decay=WD)
         for group in opt.param_groups:
             group["lr"] = lr
         for k, t in tp.items():
@@ -163,8 +164,9 @@ def test_clip_leaves_small_gradients_alone():
 LR, MIN_LR, WARMUP, TOTAL = 1e-3, 1e-4, 10, 100
 
 
-def _lr(step, **kw):
-    return optim.lr_at(step, **{"lr": LR, "total_steps": TOTAL, "warmup_steps": WARMUP, "min_lr": MIN_LR, **kw})
+def _lr(step, **overrides):
+    schedule = {"lr": LR, "total_steps": TOTAL, "warmup_steps": WARMUP, "min_lr": MIN_LR}
+    return optim.lr_at(step, **{**schedule, **overrides})
 
 
 def test_warmup_is_linear_and_peaks_at_its_end():
@@ -183,7 +185,8 @@ def test_cosine_decay_to_min_lr():
     assert _lr(mid) == pytest.approx((LR + MIN_LR) / 2, rel=1e-14)
     for s in (23, 61, TOTAL - 1):
         progress = (s - WARMUP) / (TOTAL - WARMUP)
-        assert _lr(s) == pytest.approx(MIN_LR + (LR - MIN_LR) * (1 + math.cos(math.pi * progress)) / 2, rel=1e-14)
+        cosine = MIN_LR + (LR - MIN_LR) * (1 + math.cos(math.pi * progress)) / 2
+        assert _lr(s) == pytest.approx(cosine, rel=1e-14)
     assert MIN_LR < _lr(TOTAL - 1) < MIN_LR * 1.01
     for s in (TOTAL, TOTAL + 1, 10 * TOTAL):
         assert _lr(s) == MIN_LR

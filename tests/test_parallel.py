@@ -40,7 +40,9 @@ def test_one_blas_thread_inside_a_threadpool_limits_block_of_the_same_thread():
 
 @needs_blas
 def test_one_blas_thread_in_two_threads_at_once_restores_the_count_when_the_last_leaves():
-    """Thread a enters, b enters, a leaves while b is still inside, then b leaves: BLAS stays on one thread
+    """Two threads in overlapping blocks: BLAS stays on one thread until the last leaves, then is restored.
+
+    Thread a enters, b enters, a leaves while b is still inside, then b leaves: BLAS stays on one thread
     until b is out, and is restored after, by b (each block restoring its own "before" would leave it at 1,
     and so would a restore that threadpoolctl ignores because another thread set the count).
     """
@@ -73,8 +75,10 @@ def test_one_blas_thread_in_two_threads_at_once_restores_the_count_when_the_last
 
 
 def test_in_order_keeps_the_order_and_runs_nested_calls_in_the_calling_task():
-    """A task's own in_order runs its items in that task's thread (two of three workers busy: without the
-    rule the items would go to the third, and with every worker busy they would wait forever).
+    """A task's own in_order runs its items in that task's thread, and results keep their order.
+
+    Here two of three workers are busy: without the rule the items would go to the third, and with every
+    worker busy they would wait forever.
     """
     def outer(i):
         me = threading.current_thread()
@@ -91,15 +95,18 @@ def test_threads_default_to_the_cores_available_and_one_on_cupy():
 def test_shards_are_whole_sequences_of_about_the_set_work():
     assert parallel.shards(7, 10, 16) == [slice(0, 7)]  # 1120 tokens x width: one shard
     assert parallel.shards(64, 64, 128) == [slice(i, i + 8) for i in range(0, 64, 8)]  # 8 shards of 8
-    assert parallel.shards(3, 4096, 128) == [slice(0, 1), slice(1, 2), slice(2, 3)]  # never below one sequence
+    # never below one sequence
+    assert parallel.shards(3, 4096, 128) == [slice(0, 1), slice(1, 2), slice(2, 3)]
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_shards_give_the_whole_batch_numbers(arch, request, monkeypatch):
-    """A batch run as 3 shards gives the logits and gradients of the pure model on the whole batch (float64,
-    to rounding; a shard without counted rows included), and the same numbers bit for bit on 1 or 3 threads.
+    """A batch run as 3 shards gives the pure model's numbers on the whole batch, on 1 thread or 3.
+
+    The logits and gradients are those of the pure model on the whole batch (float64, to rounding; a shard
+    without counted rows included), and the same numbers bit for bit on 1 or 3 threads.
     """
-    config, params = request.getfixturevalue(f"{arch}_small")
+    config, params = request.getfixturevalue(f"small_{arch}")
     rng = np.random.default_rng(2)
     idx = rng.integers(0, config.vocab_size, size=(7, 10))
     rows = rng.random((7, 10)) < 0.4
@@ -124,14 +131,15 @@ def test_shards_give_the_whole_batch_numbers(arch, request, monkeypatch):
                 np.testing.assert_array_equal(grads[name], runs[0][1][name], err_msg=name)
         np.testing.assert_allclose(runs[0][0], want, rtol=1e-13, atol=1e-13)
         for name in want_grads:
-            np.testing.assert_allclose(runs[0][1][name], want_grads[name], rtol=1e-12, atol=1e-13, err_msg=name)
+            np.testing.assert_allclose(runs[0][1][name], want_grads[name], rtol=1e-12, atol=1e-13,
+                                       err_msg=name)
     if parallel.parallel_blas_calls():
         assert calls == [3, 3] * 2  # forward and backward on 3 threads, with and without rows
 
 
-def test_one_shard_is_the_pure_model(gpt2_small):
+def test_one_shard_is_the_pure_model(small_gpt2):
     """A batch below the shard size runs model.forward and model.backward themselves: bit for bit."""
-    config, params = gpt2_small
+    config, params = small_gpt2
     idx = np.random.default_rng(3).integers(0, config.vocab_size, size=(2, 8))
     want, cache = model.forward(params, idx, config)
     logits, sharded = parallel.forward_in_shards(params, idx, config)
@@ -142,8 +150,8 @@ def test_one_shard_is_the_pure_model(gpt2_small):
         np.testing.assert_array_equal(grads[name], want_grads[name], err_msg=name)
 
 
-def test_shards_check_the_ids_of_the_whole_batch(gpt2_small):
-    config, params = gpt2_small
+def test_shards_check_the_ids_of_the_whole_batch(small_gpt2):
+    config, params = small_gpt2
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 37\)"):
         parallel.forward_in_shards(params, np.array([[0, 37]]), config)
 

@@ -1,3 +1,5 @@
+"""The progress line: printed every n steps and at the end, silent when disabled, clock format."""
+
 import io
 
 from minitodi.progress import Progress, _clock

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from minitodi import checkpoint, data, evaluation, layers, losses, optim, rundir, train
+from minitodi import checkpoint, data, evaluation, layers, losses, optim, rundir
 from minitodi.evaluation import evaluate, heldout_losses
 from minitodi.gradcheck import directional_check
 from minitodi.layers import IGNORE_INDEX
@@ -22,17 +22,18 @@ SEQ = 48
 
 
 @pytest.fixture(scope="module")
-def setup():
-    suite = data.synthetic_suite(seed=0, n_train=240, n_valid=16, n_test=16)
-    tok = Tokenizer.train([data.record_text(r) for r in suite["train"]], 300)
+def run_inputs(small_suite, small_suite_tokenizer):
+    """(suite, tokenizer, a one-layer GPT-2 config, the suite's examples by split) for short runs."""
+    suite = small_suite
+    tok = small_suite_tokenizer
     cfg = GPTConfig(vocab_size=tok.vocab_size, n_positions=SEQ + 16, n_embd=16, n_layer=1, n_head=2)
     ex = {k: data.instruction_examples(suite[k], tok, SEQ) for k in ("train", "valid", "test")}
     return suite, tok, cfg, ex
 
 
 @pytest.fixture(scope="module")
-def teacher(setup, tmp_path_factory):
-    _, tok, cfg, ex = setup
+def teacher(run_inputs, tmp_path_factory):
+    _, tok, cfg, ex = run_inputs
     out = tmp_path_factory.mktemp("teacher")
     fit(out, cfg, tok, ex["train"], ex["valid"], TrainConfig(steps=30, batch_size=8, eval_every=15),
         progress=False)
@@ -43,8 +44,8 @@ def tiny(**overrides):
     return TrainConfig(**{"steps": 12, "batch_size": 8, "eval_every": 4, "log_every": 2, **overrides})
 
 
-def test_sft_lowers_the_validation_loss_and_keeps_the_best(setup, tmp_path):
-    _, tok, cfg, ex = setup
+def test_sft_lowers_the_validation_loss_and_keeps_the_best(run_inputs, tmp_path):
+    _, tok, cfg, ex = run_inputs
     summary = fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=40, eval_every=10), progress=False)
     curve = [ce for _, ce in summary["valid_curve"]]
     assert curve[-1] < curve[0] - 0.5
@@ -56,8 +57,8 @@ def test_sft_lowers_the_validation_loss_and_keeps_the_best(setup, tmp_path):
     assert [r["step"] for r in log if "loss" in r] == list(range(2, 41, 2))
 
 
-def test_distillation_step_is_the_weighted_sum_and_its_gradient_is_right(setup, teacher):
-    _, tok, cfg, ex = setup
+def test_distillation_step_is_the_weighted_sum_and_its_gradient_is_right(run_inputs, teacher):
+    _, tok, cfg, ex = run_inputs
     params = init_params(cfg, seed=1, dtype=np.float64)
     idx, labels = data.collate(ex["train"][:4], tok.eos_id)
     tcfg = tiny(loss="fkl", kd_rate=0.3, temperature=2.0)
@@ -74,8 +75,8 @@ def test_distillation_step_is_the_weighted_sum_and_its_gradient_is_right(setup, 
     assert err < 1e-6, (analytic, numeric)
 
 
-def test_distillation_gradient_counts_response_tokens_only(setup, teacher):
-    _, tok, cfg, ex = setup
+def test_distillation_gradient_counts_response_tokens_only(run_inputs, teacher):
+    _, tok, cfg, ex = run_inputs
     params = init_params(cfg, seed=1, dtype=np.float64)
     idx, labels = data.collate(ex["train"][:4], tok.eos_id)
     logits, cache = forward(params, idx, cfg)
@@ -88,9 +89,9 @@ def test_distillation_gradient_counts_response_tokens_only(setup, teacher):
         np.testing.assert_allclose(grads[name], expected[name], rtol=1e-12, atol=1e-15)
 
 
-def _run_until(out, setup, tcfg, teacher, interrupt_at, monkeypatch):
+def _run_until(out, run_inputs, tcfg, teacher, interrupt_at, monkeypatch):
     """Run ``fit`` and press Ctrl-C (a real SIGINT) during step ``interrupt_at``."""
-    _, tok, cfg, ex = setup
+    _, tok, cfg, ex = run_inputs
     calls = {"n": 0}
     real = optim.clip_grad_norm
 
@@ -107,12 +108,13 @@ def _run_until(out, setup, tcfg, teacher, interrupt_at, monkeypatch):
 
 
 @pytest.mark.parametrize("loss", ["sft", "todi"])
-def test_resume_after_ctrl_c_reproduces_the_uninterrupted_run(setup, teacher, tmp_path, monkeypatch, loss):
-    _, tok, cfg, ex = setup
+def test_resume_after_ctrl_c_reproduces_the_uninterrupted_run(run_inputs, teacher, tmp_path, monkeypatch,
+                                                               loss):
+    _, tok, cfg, ex = run_inputs
     t = None if loss == "sft" else Teacher(teacher.params, teacher.config, teacher.tokenizer)
     tcfg = tiny(loss=loss, dtype="float64" if t is not None else "float32")
     fit(tmp_path / "straight", cfg, tok, ex["train"], ex["valid"], tcfg, teacher=t, progress=False)
-    _run_until(tmp_path / "resumed", setup, tcfg, t, interrupt_at=7, monkeypatch=monkeypatch)
+    _run_until(tmp_path / "resumed", run_inputs, tcfg, t, interrupt_at=7, monkeypatch=monkeypatch)
     state = checkpoint.load_training_state(tmp_path / "resumed" / "last")
     assert state["step"] == 7  # the step under way was finished, then saved
     fit(tmp_path / "resumed", cfg, tok, ex["train"], ex["valid"], tcfg, teacher=t, progress=False)
@@ -125,8 +127,8 @@ def test_resume_after_ctrl_c_reproduces_the_uninterrupted_run(setup, teacher, tm
             == (tmp_path / "resumed" / "metrics.jsonl").read_text())
 
 
-def test_resume_after_a_crash_restarts_from_the_last_evaluation(setup, tmp_path, monkeypatch):
-    _, tok, cfg, ex = setup
+def test_resume_after_a_crash_restarts_from_the_last_evaluation(run_inputs, tmp_path, monkeypatch):
+    _, tok, cfg, ex = run_inputs
     tcfg = tiny()
     fit(tmp_path / "straight", cfg, tok, ex["train"], ex["valid"], tcfg, progress=False)
     calls = {"n": 0}
@@ -151,8 +153,8 @@ def test_resume_after_a_crash_restarts_from_the_last_evaluation(setup, tmp_path,
             == (tmp_path / "crashed" / "metrics.jsonl").read_text())
 
 
-def test_an_interrupted_swap_of_the_last_state_is_recovered(setup, tmp_path):
-    _, tok, cfg, ex = setup
+def test_an_interrupted_swap_of_the_last_state_is_recovered(run_inputs, tmp_path):
+    _, tok, cfg, ex = run_inputs
     fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=4), progress=False)
     last = tmp_path / "last"
     last.rename(tmp_path / "last.old")  # as if killed between the two renames
@@ -162,18 +164,19 @@ def test_an_interrupted_swap_of_the_last_state_is_recovered(setup, tmp_path):
     assert not (tmp_path / "last.old").exists() and not (tmp_path / "last.new").exists()
 
 
-def test_other_settings_in_the_same_directory_are_refused(setup, tmp_path):
-    _, tok, cfg, ex = setup
+def test_other_settings_in_the_same_directory_are_refused(run_inputs, tmp_path):
+    _, tok, cfg, ex = run_inputs
     fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=4), progress=False)
     with pytest.raises(ValueError, match="other settings"):
         fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=4, lr=1e-4), progress=False)
     shutil.rmtree(tmp_path / "last")  # as if stopped before its first evaluation: the retry may differ
     (tmp_path / "model.safetensors").unlink()
-    assert fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=4, lr=1e-4), progress=False)["steps"] == 4
+    retried = fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=4, lr=1e-4), progress=False)
+    assert retried["steps"] == 4
 
 
-def test_teacher_with_another_tokenizer_is_refused(setup, teacher, tmp_path):
-    suite, tok, cfg, ex = setup
+def test_teacher_with_another_tokenizer_is_refused(run_inputs, teacher, tmp_path):
+    suite, tok, cfg, ex = run_inputs
     other = Tokenizer.train([data.record_text(r) for r in suite["train"]], 290)
     with pytest.raises(ValueError, match="tokenizers differ"):
         fit(tmp_path, cfg, other, ex["train"], ex["valid"], tiny(loss="fkl"), teacher=teacher, progress=False)
@@ -190,8 +193,8 @@ def test_bad_settings_are_clear():
         TrainConfig(steps=0)
 
 
-def test_evaluate_reports_every_metric(setup, teacher):
-    suite, tok, cfg, ex = setup
+def test_evaluate_reports_every_metric(run_inputs, teacher):
+    suite, tok, cfg, ex = run_inputs
     result = evaluate(teacher.params, teacher.config, tok, suite["test"], ex["test"], teacher=teacher,
                       max_new_tokens=8)
     assert result["divergence"] == pytest.approx(0.0, abs=1e-12)  # a model against itself
@@ -200,10 +203,14 @@ def test_evaluate_reports_every_metric(setup, teacher):
     assert set(result["per_task"]) == {r["task"] for r in suite["test"]}
 
 
-def test_evaluate_scores_the_generated_answers_against_the_references(setup, monkeypatch):
+def test_evaluate_scores_the_generated_answers_against_the_references(run_inputs, monkeypatch):
     """Every answer is "cat": ROUGE-L and exact match take the best reference, then the mean over records."""
-    suite, tok, cfg, ex = setup
-    monkeypatch.setattr(evaluation, "generate", lambda _, __, prompts, **kw: [tok.encode("cat")] * len(prompts))
+    suite, tok, cfg, ex = run_inputs
+
+    def always_cat(params, config, prompts, **settings):
+        return [tok.encode("cat")] * len(prompts)
+
+    monkeypatch.setattr(evaluation, "generate", always_cat)
     references = [["dog", "cat"], ["black cat"], ["dog"]]  # ROUGE-L F 100, 2 * (1 * 1/2) / (1 + 1/2), 0
     records = [{**r, "references": refs, "task": "t"} for r, refs in zip(suite["test"], references)]
     result = evaluate(init_params(cfg, seed=3), cfg, tok, records, ex["test"][:3], max_new_tokens=8)
@@ -212,8 +219,8 @@ def test_evaluate_scores_the_generated_answers_against_the_references(setup, mon
     assert result["per_task"] == {"t": {"rouge_l": result["rouge_l"], "exact_match": result["exact_match"]}}
 
 
-def test_cached_teacher_logits_equal_a_forward_pass_where_they_count(setup, teacher, monkeypatch):
-    _, tok, cfg, ex = setup
+def test_cached_teacher_logits_equal_a_forward_pass_where_they_count(run_inputs, teacher, monkeypatch):
+    _, tok, cfg, ex = run_inputs
     cached = Teacher(teacher.params, teacher.config, teacher.tokenizer)
     assert cached.precompute(ex["train"])
     idx, labels = data.collate(ex["train"][5:13], tok.eos_id)
@@ -222,13 +229,13 @@ def test_cached_teacher_logits_equal_a_forward_pass_where_they_count(setup, teac
     np.testing.assert_allclose(cached.batch_logits(idx, labels), fresh[counted], rtol=1e-12, atol=1e-12)
     unseen, unseen_labels = data.collate(ex["valid"][:3], tok.eos_id)  # not cached: a forward pass
     unseen_counted = unseen_labels != IGNORE_INDEX
-    np.testing.assert_allclose(cached.batch_logits(unseen, unseen_labels), teacher.logits(unseen)[unseen_counted],
-                               rtol=1e-12, atol=1e-12)
+    want = teacher.logits(unseen)[unseen_counted]
+    np.testing.assert_allclose(cached.batch_logits(unseen, unseen_labels), want, rtol=1e-12, atol=1e-12)
     monkeypatch.setattr(Teacher, "CACHE_BYTES", 1)  # too big to cache: precompute declines
     assert not Teacher(teacher.params, teacher.config, teacher.tokenizer).precompute(ex["train"])
 
 
-# ------------------------------------------------------------------------------- bad settings and run directories
+# ------------------------------------------------------------------------- bad settings and run directories
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -243,34 +250,40 @@ def test_settings_are_checked_when_made(settings, message):
         TrainConfig(**settings)
 
 
-def test_a_best_model_without_resumable_state_is_never_restarted_silently(setup, tmp_path):
-    _, tok, cfg, ex = setup
+def test_a_best_model_without_resumable_state_is_never_restarted_silently(run_inputs, tmp_path):
+    _, tok, cfg, ex = run_inputs
     first = fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=8), progress=False)
     best = (tmp_path / "model.safetensors").read_bytes()
     log = (tmp_path / "metrics.jsonl").read_text()
     (tmp_path / "last" / "training_state.json").unlink()
     with pytest.raises(ValueError, match="best model but no resumable state.*--restart.*--from-best"):
         fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=8), progress=False)
-    assert (tmp_path / "model.safetensors").read_bytes() == best and (tmp_path / "metrics.jsonl").read_text() == log
-    again = fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=8, lr=1e-9), progress=False, start="best")
-    assert again["best_valid_ce"] == pytest.approx(first["best_valid_ce"], rel=1e-5)  # the best, not a fresh init
-    restarted = fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=8), progress=False, start="restart")
+    assert (tmp_path / "model.safetensors").read_bytes() == best
+    assert (tmp_path / "metrics.jsonl").read_text() == log
+    again = fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=8, lr=1e-9), progress=False,
+                start="best")
+    # the best model's validation CE, not a fresh initialisation's
+    assert again["best_valid_ce"] == pytest.approx(first["best_valid_ce"], rel=1e-5)
+    restarted = fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=8), progress=False,
+                    start="restart")
     assert restarted["valid_curve"] == first["valid_curve"]
 
 
-def test_a_directory_that_is_not_a_run_is_refused_and_left_alone(setup, tmp_path):
-    _, tok, cfg, ex = setup
+def test_a_directory_that_is_not_a_run_is_refused_and_left_alone(run_inputs, tmp_path):
+    _, tok, cfg, ex = run_inputs
     (tmp_path / "config.json").write_text("mine")
     with pytest.raises(ValueError, match="not a minitodi run"):
         fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=4), progress=False)
-    assert [p.name for p in tmp_path.iterdir()] == ["config.json"] and (tmp_path / "config.json").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+    assert (tmp_path / "config.json").read_text() == "mine"
 
 
 @pytest.mark.parametrize("case", ["file", "under a file", "unwritable"])
-def test_unusable_run_directories_are_one_line_errors(setup, tmp_path, monkeypatch, case):
-    _, tok, cfg, ex = setup
+def test_unusable_run_directories_are_one_line_errors(run_inputs, tmp_path, monkeypatch, case):
+    _, tok, cfg, ex = run_inputs
     (tmp_path / "f").write_text("x")
-    out = {"file": tmp_path / "f", "under a file": tmp_path / "f" / "run", "unwritable": tmp_path / "ro"}[case]
+    paths = {"file": tmp_path / "f", "under a file": tmp_path / "f" / "run", "unwritable": tmp_path / "ro"}
+    out = paths[case]
     if case == "unwritable":  # also as root, who may write anywhere
         monkeypatch.setattr(rundir.os, "access", lambda path, mode: False)
     with pytest.raises(ValueError, match=f"cannot use {out} as a run directory: "):
@@ -278,11 +291,11 @@ def test_unusable_run_directories_are_one_line_errors(setup, tmp_path, monkeypat
     assert (tmp_path / "f").read_text() == "x"
 
 
-def test_one_writer_per_run_directory_and_a_dead_one_never_blocks(setup, tmp_path):
-    _, tok, cfg, ex = setup
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
-                               "os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print(1, flush=True); time.sleep(60)",
-                               str(tmp_path)], stdout=subprocess.PIPE)
+def test_one_writer_per_run_directory_and_a_dead_one_never_blocks(run_inputs, tmp_path):
+    _, tok, cfg, ex = run_inputs
+    hold_the_lock = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                     "fcntl.flock(fd, fcntl.LOCK_EX); print(1, flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold_the_lock, str(tmp_path)], stdout=subprocess.PIPE)
     assert holder.stdout.readline() == b"1\n"
     with pytest.raises(ValueError, match="in use by another minitodi process"):
         fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=4), progress=False)
@@ -292,8 +305,8 @@ def test_one_writer_per_run_directory_and_a_dead_one_never_blocks(setup, tmp_pat
     assert fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=4), progress=False)["steps"] == 4
 
 
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_finite_state(setup, tmp_path, monkeypatch):
-    _, tok, cfg, ex = setup
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_finite_state(run_inputs, tmp_path, monkeypatch):
+    _, tok, cfg, ex = run_inputs
     real, calls = optim.adamw_step, {"n": 0}
 
     def poison_at_step_6(params, *args, **kwargs):
@@ -303,7 +316,8 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_finite_state(setup, 
             params["transformer.wte.weight"][0, 0] = np.nan
 
     monkeypatch.setattr(optim, "adamw_step", poison_at_step_6)
-    with pytest.raises(FloatingPointError, match=r"step 6: the loss is nan.* last finite loss was \d.*Likely cause"):
+    message = r"step 6: the loss is nan.* last finite loss was \d.*Likely cause"
+    with pytest.raises(FloatingPointError, match=message):
         fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(), progress=False)
     state = checkpoint.load_training_state(tmp_path / "last")
     params, _ = checkpoint.load(tmp_path / "last")
