@@ -64,7 +64,8 @@ def torch_loss(name, s, t, temperature, torch):
         d = wp * p * (lp - lq) + wq * q * (lq - lp)
     elif name == "jsd":
         m = (p + q) / 2
-        d = 0.5 * p * (torch.log(p + 1e-9) - torch.log(m + 1e-9)) + 0.5 * q * (torch.log(q + 1e-9) - torch.log(m + 1e-9))
+        d = (0.5 * p * (torch.log(p + 1e-9) - torch.log(m + 1e-9))
+             + 0.5 * q * (torch.log(q + 1e-9) - torch.log(m + 1e-9)))
     elif name == "tvd":
         d = 0.5 * (p - q).abs()
     elif name == "sfkl":
@@ -86,35 +87,68 @@ def torch_loss(name, s, t, temperature, torch):
 
 
 def child(args):
+    """One measurement, in this fresh process: make the inputs, warm up, time, print one JSON line."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     s = rng.standard_normal((args.positions, args.vocab), dtype=np.float32)
     t = rng.standard_normal((args.positions, args.vocab), dtype=np.float32)
-    gpu = args.device == "gpu"
     if args.impl in ("minitodi", "minitodi-plain"):
-        from minitodi import device, losses, parallel
-        from minitodi.losses import LOSSES
-
-        losses.USE_FUSED = args.impl == "minitodi"  # plain: the blocked array path, also on CuPy
-        parallel.reuse_freed_memory()  # as the command line runs minitodi
-        parallel.THREADS = args.threads
-        xp = device.get_xp(args.device)
-        s, t = xp.asarray(s), xp.asarray(t)
-
-        def run():
-            LOSSES[args.loss](s, t, temperature=2.0)
+        run = minitodi_run(args, s, t)
     else:
-        import torch
+        run = torch_run(args, s, t)
+    sync, peak = sync_and_peak(args)
 
-        dev = "cuda" if gpu else "cpu"
-        s, t = torch.from_numpy(s).to(dev), torch.from_numpy(t).to(dev)
+    run()
+    sync()
+    times = []
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - t0)
+    best = min(times)
+    nbytes = 2 * args.positions * args.vocab * 4
+    print(json.dumps({"seconds": best, "gbps": nbytes / best / 1e9, "peak_mb": peak() / 2**20}))
 
-        def run():
-            x = s.clone().requires_grad_(True)
-            torch_loss(args.loss, x, t, 2.0, torch).backward()
-            return x.grad
 
+def minitodi_run(args, s, t):
+    """minitodi's loss + gradient on s and t moved to ``--device``, as a function of no arguments."""
+    from minitodi import device, losses, parallel
+    from minitodi.losses import LOSSES
+
+    losses.USE_FUSED = args.impl == "minitodi"  # plain: the blocked array path, also on CuPy
+    parallel.reuse_freed_memory()  # as the command line runs minitodi
+    parallel.THREADS = args.threads
+    xp = device.get_xp(args.device)
+    s, t = xp.asarray(s), xp.asarray(t)
+
+    def run():
+        LOSSES[args.loss](s, t, temperature=2.0)
+    return run
+
+
+def torch_run(args, s, t):
+    """The official formulation's loss + backward on s and t moved to ``--device``, no arguments."""
+    import torch
+
+    dev = "cuda" if args.device == "gpu" else "cpu"
+    s, t = torch.from_numpy(s).to(dev), torch.from_numpy(t).to(dev)
+
+    def run():
+        x = s.clone().requires_grad_(True)
+        torch_loss(args.loss, x, t, 2.0, torch).backward()
+        return x.grad
+    return run
+
+
+def sync_and_peak(args):
+    """(sync, peak): wait for the device; the peak memory in bytes above what is in use now (the inputs).
+
+    On the CPU that is the process's peak resident memory; on the GPU, the allocator's high-water mark
+    (CuPy's memory pool for minitodi, torch.cuda's statistics for PyTorch).
+    """
+    gpu = args.device == "gpu"
     sync = lambda: None  # noqa: E731
     if gpu and args.impl != "torch":
         import cupy
@@ -133,18 +167,7 @@ def child(args):
     else:
         base = peak_rss_bytes()
         peak = lambda: peak_rss_bytes() - base  # noqa: E731
-
-    run()
-    sync()
-    times = []
-    for _ in range(args.repeat):
-        t0 = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - t0)
-    best = min(times)
-    nbytes = 2 * args.positions * args.vocab * 4
-    print(json.dumps({"seconds": best, "gbps": nbytes / best / 1e9, "peak_mb": peak() / 2**20}))
+    return sync, peak
 
 
 def measure(args, impl, loss):
@@ -162,10 +185,11 @@ def ratio(a, b):
     return a / b if b else math.nan
 
 
-def main():
+def parse_args():
     from minitodi.parallel import cores
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--positions", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--losses", nargs="+", default=LOSS_NAMES, choices=LOSS_NAMES)
@@ -177,34 +201,47 @@ def main():
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", default="minitodi", help=argparse.SUPPRESS)
     parser.add_argument("--loss", default="todi", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
     if args.child:
         return child(args)
     if args.roofline:
         return roofline(args)
+    losses_table(args)
+    if args.device == "gpu":
+        fused_report(args)
 
+
+def losses_table(args):
+    """One row per loss: minitodi's time, throughput and peak memory, over FKL's, and against PyTorch's."""
     try:
         import torch
         have_torch = True
         torch_note = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     except ImportError:
-        have_torch, torch_note = False, "torch not installed: minitodi only"
+        have_torch = False
+        torch_note = "torch not installed: minitodi only"
     print(f"loss + gradient, {args.positions} x {args.vocab} float32, T=2, {args.device}, "
           f"best of {args.repeat}; minitodi on {args.threads} threads; {torch_note}")
-    print(f"{'loss':<6} {'minitodi s':>10} {'GB/s':>6} {'peak MB':>8} {'x FKL s':>8} {'x FKL MB':>8}", end="")
-    print(f" {'torch s':>8} {'peak MB':>8} {'time x':>7} {'mem x':>6}" if have_torch else "")
+    header = f"{'loss':<6} {'minitodi s':>10} {'GB/s':>6} {'peak MB':>8} {'x FKL s':>8} {'x FKL MB':>8}"
+    if have_torch:
+        header += f" {'torch s':>8} {'peak MB':>8} {'time x':>7} {'mem x':>6}"
+    print(header)
     fkl = measure(args, "minitodi", "fkl")
     for loss in args.losses:
         ours = fkl if loss == "fkl" else measure(args, "minitodi", loss)
         line = (f"{loss:<6} {ours['seconds']:>10.3f} {ours['gbps']:>6.2f} {ours['peak_mb']:>8.0f} "
-                f"{ratio(ours['seconds'], fkl['seconds']):>8.2f} {ratio(ours['peak_mb'], fkl['peak_mb']):>8.2f}")
+                f"{ratio(ours['seconds'], fkl['seconds']):>8.2f} "
+                f"{ratio(ours['peak_mb'], fkl['peak_mb']):>8.2f}")
         if have_torch:
             ref = measure(args, "torch", loss)
             line += (f" {ref['seconds']:>8.3f} {ref['peak_mb']:>8.0f} "
-                     f"{ratio(ours['seconds'], ref['seconds']):>7.2f} {ratio(ours['peak_mb'], ref['peak_mb']):>6.2f}")
+                     f"{ratio(ours['seconds'], ref['seconds']):>7.2f} "
+                     f"{ratio(ours['peak_mb'], ref['peak_mb']):>6.2f}")
         print(line, flush=True)
-    if args.device == "gpu":
-        fused_report(args)
 
 
 def roofline(args):
@@ -257,8 +294,10 @@ def fused_report(args):
     writes the gradient once: 11 arrays of positions x V float32 cross the memory bus.
     """
     peak = gpu_peak_gbps()
-    print(f"\nfused CuPy kernels vs the plain CuPy path; GPU peak memory bandwidth "
-          f"{'unknown' if peak is None else f'{peak:.0f} GB/s'}")
+    peak_note = "unknown"
+    if peak is not None:
+        peak_note = f"{peak:.0f} GB/s"
+    print(f"\nfused CuPy kernels vs the plain CuPy path; GPU peak memory bandwidth {peak_note}")
     print(f"{'loss':<6} {'fused s':>9} {'plain s':>9} {'speed-up':>9} {'achieved GB/s':>14} {'of peak':>8}")
     traffic = 11 * args.positions * args.vocab * 4
     for loss in [name for name in ("fkl", "rkl", "todi") if name in args.losses]:

@@ -120,8 +120,8 @@ def torch_train_step(net, device, idx, targets, update):
 
     decay = [p for p in net.parameters() if p.ndim >= 2]
     no_decay = [p for p in net.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=1e-3, betas=(0.9, 0.95))
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95))
     x = torch.from_numpy(model_to_host(idx)).to(device)
     y = torch.from_numpy(model_to_host(targets)).to(device)
 
@@ -166,19 +166,25 @@ def timed(steps, warmup, repeat, sync=None, rounds=3):
 
 
 def products_floor(cfg, params, batch, seq):
-    """(floating-point operations of the step's matrix products, seconds they take at the best rate measured
-    here for one core, cores they run on): a lower bound for forward + backward on the CPU.
+    """A lower bound for forward + backward on the CPU: the step's matrix products at the best one-core rate.
 
-    Forward and backward make three products per weight matrix (y = x W, dx = dy W^T, dW = x^T dy) and three
-    per attention product (q k^T and att v, the causal mask's zeros included): 2 x 3 x tokens x (the matrix
-    weights a token meets, position and token embeddings being lookups unless the head reads the latter, +
-    2 T C per layer) operations. The rate is the best of one shard's head product (tokens x C x V) on one
-    thread (the shards as parallel.shards cuts them), and every core minitodi uses runs at it. Where NumPy's BLAS is
-    not an OpenBLAS that one_blas_thread can set, the product runs on BLAS's threads: a looser bound.
+    Returns (floating-point operations of the step's matrix products, seconds they take at that rate on
+    every core, the rate in operations per second, cores they run on).
+
+    Forward and backward make three products per weight matrix (y = x W, dx = dy W^T, dW = x^T dy) and
+    three per attention product (q k^T and att v, the causal mask's zeros included): 2 x 3 x tokens x (the
+    matrix weights a token meets, position and token embeddings being lookups unless the head reads the
+    latter, + 2 T C per layer) operations. The rate is the best of one shard's head product (tokens x C x V)
+    on one thread (the shards as parallel.shards cuts them), and every core minitodi uses runs at it. Where
+    NumPy's BLAS is not one whose threads one_blas_thread can set (through threadpoolctl), the product runs
+    on BLAS's threads: a looser bound.
     """
     C = params[model.ARCHITECTURES[cfg.model_type].embeddings[0]].shape[1]
-    lookups = {"transformer.wpe.weight"} | ({"model.embed_tokens.weight"} if "lm_head.weight" in params else set())
-    macs = sum(x.size for name, x in params.items() if x.ndim == 2 and name not in lookups) + 2 * seq * C * cfg.n_layer
+    lookups = {"transformer.wpe.weight"}  # GPT-2's position embeddings
+    if "lm_head.weight" in params:  # an untied head: the token embedding is only looked up
+        lookups.add("model.embed_tokens.weight")
+    matrix_weights = sum(x.size for name, x in params.items() if x.ndim == 2 and name not in lookups)
+    macs = matrix_weights + 2 * seq * C * cfg.n_layer
     flops = 6 * batch * seq * macs
     shard_count = len(parallel.shards(batch, seq, C))
     rng = np.random.default_rng(0)
@@ -190,8 +196,9 @@ def products_floor(cfg, params, batch, seq):
     return flops, flops / (rate * parallel.threads()), rate, parallel.threads()
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
@@ -203,15 +210,36 @@ def main():
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2")
     parser.add_argument("--kv-heads", type=int, default=2, help="Llama's key/value heads")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def model_config(args):
+    """The model the arguments describe: GPT-2, or a Llama of the same sizes."""
+    if args.arch == "llama":
+        # SwiGLU width 8C/3, rounded up to a multiple of 8: GPT-2's 8 C^2 MLP weights
+        swiglu_width = -(-8 * args.width // 24) * 8
+        return model.LlamaConfig(vocab_size=args.vocab, hidden_size=args.width, num_hidden_layers=args.layers,
+                                 intermediate_size=swiglu_width, num_attention_heads=args.heads,
+                                 num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq)
+    return model.GPTConfig(vocab_size=args.vocab, n_positions=args.seq, n_embd=args.width,
+                           n_layer=args.layers, n_head=args.heads)
+
+
+def report_floor(args, cfg, torch_forward_backward):
+    """Print the matrix products' lower bound, over torch's forward + backward time when that was measured."""
+    flops, floor, rate, cores = products_floor(cfg, model.init_params(cfg), args.batch, args.seq)
+    line = (f"floor: the matrix products alone, {flops / 1e9:.2f} GFLOP at {rate / 1e9:.0f} GFLOP/s a core "
+            f"on {cores} core(s): {floor * 1e3:.1f} ms")
+    if torch_forward_backward is not None:
+        line += f" = {floor / torch_forward_backward:.2f}x torch's forward + backward above"
+    print(line)
+
+
+def main():
+    args = parse_args()
     parallel.reuse_freed_memory()  # as the command line runs minitodi
 
-    cfg = model.GPTConfig(vocab_size=args.vocab, n_positions=args.seq, n_embd=args.width, n_layer=args.layers,
-                          n_head=args.heads)
-    if args.arch == "llama":  # SwiGLU width 8C/3 (rounded up to a multiple of 8): GPT-2's 8 C^2 MLP weights
-        cfg = model.LlamaConfig(vocab_size=args.vocab, hidden_size=args.width, num_hidden_layers=args.layers,
-                                intermediate_size=-(-8 * args.width // 24) * 8, num_attention_heads=args.heads,
-                                num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq)
+    cfg = model_config(args)
     rng = np.random.default_rng(0)
     idx = to_device(rng.integers(0, args.vocab, (args.batch, args.seq)), args.device)
     targets = to_device(rng.integers(0, args.vocab, (args.batch, args.seq)), args.device)
@@ -231,6 +259,7 @@ def main():
     steps = [make(args, cfg, model.init_params(cfg, 0, device=args.device), idx, targets, update)
              for _, update in kinds for make in makers]
     times = iter(timed(steps, args.warmup, args.repeat, sync))
+    theirs = None  # torch's time for the last kind, forward + backward, once measured
     for kind, _ in kinds:
         mine = next(times)
         print(f"{kind}:\n  minitodi  {mine * 1e3:8.2f} ms/step  {tokens / mine:10.0f} tok/s")
@@ -242,10 +271,7 @@ def main():
               f"(torch {torch.__version__}, {torch.get_num_threads()} threads)")
         print(f"  ratio minitodi / torch: {mine / theirs:.2f}x")
     if args.device == "cpu":
-        flops, floor, rate, cores = products_floor(cfg, model.init_params(cfg), args.batch, args.seq)
-        print(f"floor: the matrix products alone, {flops / 1e9:.2f} GFLOP at {rate / 1e9:.0f} GFLOP/s a core on "
-              f"{cores} core(s): {floor * 1e3:.1f} ms" + ("" if torch is None else f" = {floor / theirs:.2f}x torch's "
-                                                        "forward + backward above"))
+        report_floor(args, cfg, theirs)
 
 
 if __name__ == "__main__":

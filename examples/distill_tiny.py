@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from minitodi import checkpoint, data  # noqa: E402
+from minitodi import checkpoint, data, parallel  # noqa: E402
 from minitodi.evaluation import Protocol, evaluate  # noqa: E402
 from minitodi.losses import LOSSES  # noqa: E402
 from minitodi.presets import PRESETS  # noqa: E402
@@ -38,13 +38,14 @@ def main(argv=None):
     parser.add_argument("--out", help="directory for the run directories (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=0, help="the student's initialisation and data order")
     args = parser.parse_args(argv)
+    parallel.reuse_freed_memory()  # as the minitodi command does: fewer page faults per training step
     preset = PRESETS["tiny-fast" if args.fast or os.environ.get("MINITODI_FAST") == "1" else "tiny"]
     suite = preset.dataset()
     tokenizer, split = data.prepare(suite, preset.seq_len, vocab_size=preset.vocab_size)
     teacher_config, student_config = preset.models(tokenizer.vocab_size)
     teacher_steps, student_steps = preset.teacher_train.steps, preset.student_train.steps
-    test = dict(records=suite["test"], examples=split["test"], max_new_tokens=preset.max_new_tokens,
-                protocol=Protocol(decoding="greedy"))
+    test = {"records": suite["test"], "examples": split["test"], "max_new_tokens": preset.max_new_tokens,
+            "protocol": Protocol(decoding="greedy")}
 
     with tempfile.TemporaryDirectory(prefix="minitodi-distill-") as tmp:
         out = Path(args.out or tmp)
@@ -69,7 +70,8 @@ def main(argv=None):
             print(f"{name:<8} ROUGE-L {r['rouge_l']:5.1f}   exact match {r['exact_match']:5.1f}   perplexity "
                   f"{r['perplexity']:7.3f}   KL(teacher || model) {r['divergence'] or 0.0:.4f}")
         sample = rows[args.loss]["samples"][0]
-        question = " / ".join(line for line in sample["prompt"].splitlines() if line and not line.startswith("###"))
+        prompt_lines = [line for line in sample["prompt"].splitlines() if line and not line.startswith("###")]
+        question = " / ".join(prompt_lines)
         print(f"\nexample: {question!r} -> {sample['output']!r} "
               f"(accepted: {sample['references']})")
         if args.out:
