@@ -204,7 +204,12 @@ GRADCHECK_CASES = [
     ("todi", {}),
     ("todi", {"beta": 2.0}),
     ("todi", {"beta": 0.0}),
+    ("todi", {"detach": False}),
     ("jsd", {}),
+    ("gjsd", {}),
+    ("gjsd", {"beta": 0.0}),
+    ("gjsd", {"beta": 0.3}),
+    ("gjsd", {"beta": 1.0}),
     ("tvd", {}),
     ("sfkl", {}),
     ("sfkl", {"lam": 0.3}),
@@ -213,7 +218,8 @@ GRADCHECK_CASES = [
     ("akl", {}),
 ]
 """(loss, options) rows of :func:`gradcheck_table`: every loss with its defaults, plus options that
-change the gradient (a sharper ToDi weight, a constant one a = 1/2, other skews)."""
+change the gradient (a sharper ToDi weight, a constant one a = 1/2, the weight differentiated, the
+generalized JSD at its two KL ends and in between, other skews)."""
 
 
 def check_loss(name, student_logits, teacher_logits, mask=None, *, temperature=1.0, eps=LOSS_CHECK_EPS,
@@ -226,7 +232,8 @@ def check_loss(name, student_logits, teacher_logits, mask=None, *, temperature=1
     """
     fn = losses.LOSSES[name]
     student = student_logits.copy()  # perturbed in place by the check
-    if name in losses.STOPGRAD_LOSSES:
+    weights_detached = options.get("detach", True)  # ToDi's detach=False differentiates its weight
+    if name in losses.STOPGRAD_LOSSES and weights_detached:
         options = {**options, "stopgrad_at": student.copy()}
     _, grad = fn(student, teacher_logits, mask, temperature=temperature, **options)
 

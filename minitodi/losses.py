@@ -111,6 +111,23 @@ def todi_rows(lp, lq, p, q, a, one_minus_a):
     return ((a * p - one_minus_a * q) * d).sum(axis=-1), one_minus_a * q * (1 - d) - a * p
 
 
+def todi_attached_rows(lp, lq, p, q, a, one_minus_a, beta):
+    """ToDi with its weight differentiated (``detach=False``): the ablation of the paper's stop-gradient.
+
+    D is :func:`todi_rows`' D. The weight a_v = sigmoid(beta d_v), d_v = log p_v - log q_v, now moves
+    with log q_v too: d a_v / d(log q_v) = -beta a_v (1 - a_v), and dD/da_v = (p_v + q_v) d_v, so
+
+    g_v = todi_rows' g_v - beta a_v (1 - a_v) (p_v + q_v) d_v.
+
+    The extra term is largest where a is near 1/2 (p and q close) and vanishes where either side
+    dominates; notebook 01 ("Why the weight is detached") derives it and trains both ways.
+    """
+    values, g = todi_rows(lp, lq, p, q, a, one_minus_a)
+    d = lp - lq
+    through_the_weight = beta * a * one_minus_a * (p + q) * d
+    return values, g - through_the_weight
+
+
 def jsd_rows(lp, lq, p, q):
     """Jensen-Shannon divergence, 1/2 KL(p || m) + 1/2 KL(q || m) with m = (p + q) / 2.
 
@@ -122,6 +139,24 @@ def jsd_rows(lp, lq, p, q):
     lm = array_module(p).logaddexp(lp, lq) - math.log(2.0)
     g = 0.5 * q * (lq - lm)
     return (0.5 * p * (lp - lm)).sum(axis=-1) + g.sum(axis=-1), g
+
+
+def gjsd_rows(lp, lq, p, q, beta):
+    """Generalized JSD of GKD (Agarwal et al., 2024), as TRL and Liger-Kernel define it, for 0 < beta < 1.
+
+    m = beta p + (1 - beta) q, log m = logaddexp(log beta + log p, log(1 - beta) + log q), and
+    D = beta KL(p || m) + (1 - beta) KL(q || m)
+      = sum_v beta p_v (log p_v - log m_v) + (1 - beta) q_v (log q_v - log m_v).
+    With d log m_v / d q_v = (1 - beta) / m_v and beta p_v + (1 - beta) q_v = m_v,
+    dD/dq_v = (1 - beta) [-beta p_v / m_v + log q_v - log m_v + 1 - (1 - beta) q_v / m_v]
+            = (1 - beta) (log q_v - log m_v),
+    so g_v = (1 - beta) q_v (log q_v - log m_v). beta = 1/2 is :func:`jsd_rows`. Bounded:
+    0 <= D <= -beta log beta - (1 - beta) log(1 - beta).
+    """
+    lm = array_module(p).logaddexp(math.log(beta) + lp, math.log1p(-beta) + lq)
+    student_terms = (1 - beta) * q * (lq - lm)
+    teacher_terms = beta * p * (lp - lm)
+    return teacher_terms.sum(axis=-1) + student_terms.sum(axis=-1), student_terms
 
 
 def tvd_rows(lp, lq, p, q):
@@ -222,12 +257,27 @@ def rkl(student_logits, teacher_logits, mask=None, *, temperature=1.0):
                                 infinite_where=("p=0<q",), fused={})
 
 
-def todi(student_logits, teacher_logits, mask=None, *, temperature=1.0, beta=1.0, stopgrad_at=None):
-    """ToDi, :func:`todi_rows`, a = sigmoid(beta log(p/q)) held constant at ``stopgrad_at`` (beta >= 0)."""
+def todi(student_logits, teacher_logits, mask=None, *, temperature=1.0, beta=1.0, detach=True,
+         stopgrad_at=None):
+    """ToDi, :func:`todi_rows`, with a = sigmoid(beta log(p/q)) (beta >= 0).
+
+    ``detach=True`` (the paper's ToDi and the official code's): a is held constant, at ``stopgrad_at``
+    when given. ``detach=False`` differentiates through a (:func:`todi_attached_rows`), the ablation of
+    that choice; ``stopgrad_at`` has no meaning then.
+    """
     _check_option("beta", beta, lambda x: x >= 0, "a finite number >= 0")
-    return _mean_over_positions("todi", todi_rows, student_logits, teacher_logits, mask, temperature,
+    _check_flag("detach", detach)
+    divergence = todi_rows
+    fused = {"beta": beta}
+    if not detach:
+        if stopgrad_at is not None:
+            raise ValueError("stopgrad_at holds ToDi's weight fixed, detach=False differentiates it: "
+                             "pass one or the other")
+        divergence = partial(todi_attached_rows, beta=beta)
+        fused = None  # the fused kernels compute the detached gradient
+    return _mean_over_positions("todi", divergence, student_logits, teacher_logits, mask, temperature,
                                 weights=lambda *rows: todi_weights(*rows, beta), stopgrad_at=stopgrad_at,
-                                infinite_where=("q=0<p", "p=0<q"), fused={"beta": beta})
+                                infinite_where=("q=0<p", "p=0<q"), fused=fused)
 
 
 def todi_weight(student_logits, teacher_logits, *, temperature=1.0, beta=1.0):
@@ -243,6 +293,23 @@ def todi_weight(student_logits, teacher_logits, *, temperature=1.0, beta=1.0):
 def jsd(student_logits, teacher_logits, mask=None, *, temperature=1.0):
     """Jensen-Shannon divergence, :func:`jsd_rows`. Always finite."""
     return _mean_over_positions("jsd", jsd_rows, student_logits, teacher_logits, mask, temperature)
+
+
+def gjsd(student_logits, teacher_logits, mask=None, *, temperature=1.0, beta=0.5):
+    """Generalized JSD, :func:`gjsd_rows` (0 <= beta <= 1), as TRL's and Liger-Kernel's GKD losses.
+
+    As their code does, beta = 0 is KL(p || q) (:func:`fkl`) and beta = 1 is KL(q || p) (:func:`rkl`),
+    infinite where those are; in between it is always finite.
+    """
+    _check_option("beta", beta, lambda x: 0 <= x <= 1, "0 <= beta <= 1")
+    if beta == 0:
+        return _mean_over_positions("gjsd", fkl_rows, student_logits, teacher_logits, mask, temperature,
+                                    infinite_where=("q=0<p",))
+    if beta == 1:
+        return _mean_over_positions("gjsd", rkl_rows, student_logits, teacher_logits, mask, temperature,
+                                    infinite_where=("p=0<q",))
+    divergence = partial(gjsd_rows, beta=beta)
+    return _mean_over_positions("gjsd", divergence, student_logits, teacher_logits, mask, temperature)
 
 
 def tvd(student_logits, teacher_logits, mask=None, *, temperature=1.0):
@@ -272,7 +339,7 @@ def akl(student_logits, teacher_logits, mask=None, *, temperature=1.0, mu=0.5, s
                                 infinite_where=("q=0<p", "p=0<q"))
 
 
-LOSSES = {f.__name__: f for f in (fkl, rkl, todi, jsd, tvd, sfkl, srkl, akl)}
+LOSSES = {f.__name__: f for f in (fkl, rkl, todi, jsd, gjsd, tvd, sfkl, srkl, akl)}
 """Every loss by name, with the signature of the module docstring."""
 
 STOPGRAD_LOSSES = {"todi", "akl"}
@@ -409,7 +476,14 @@ def _check_inputs(student_logits, teacher_logits, mask, temperature, stopgrad_at
     return xp, s, t, mask, stopgrad_at
 
 
+def _check_flag(name, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def _check_option(name, value, ok, requirement):
+    if isinstance(value, bool):  # True is an int to Python, never a number here
+        raise ValueError(f"{name} must be {requirement}, got {value!r}")
     if not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
         raise ValueError(f"{name} must be {requirement}, got {value!r}")
 

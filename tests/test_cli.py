@@ -9,6 +9,7 @@ import pytest
 
 from minitodi import presets
 from minitodi.cli import main
+from minitodi.losses import LOSSES
 from minitodi.train import TrainConfig
 
 TINY = ["--preset", "tiny", "--steps", "6", "--batch-size", "8", "--eval-every", "3", "--vocab-size", "300",
@@ -62,7 +63,7 @@ def test_gradcheck_table_passes():
     done = subprocess.run([sys.executable, "-m", "minitodi", "gradcheck", "--losses", "todi", "fkl"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "8/8 below 1e-06" in done.stdout  # fkl and three todi rows, T = 1 and 2
+    assert "10/10 below 1e-06" in done.stdout  # fkl and four todi rows, T = 1 and 2
 
 
 def test_demo_writes_results_for_every_loss(tmp_path, monkeypatch, capsys):
@@ -76,7 +77,7 @@ def test_demo_writes_results_for_every_loss(tmp_path, monkeypatch, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--losses", "all", "--out", str(out), "--quiet"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(results["students"]) == {"sft", "fkl", "rkl", "todi", "jsd", "tvd", "sfkl", "srkl", "akl"}
+    assert set(results["students"]) == {"sft", *LOSSES}
     for row in [results["teacher"], *results["students"].values()]:
         assert {"rouge_l", "exact_match", "perplexity", "divergence"} <= set(row)
     assert len(results["students"]["todi"]["seeds"]) == 2

@@ -13,8 +13,9 @@ from minitodi.losses import LOSSES, InfiniteDivergenceError
 NAMES = sorted(LOSSES)
 # every loss with its defaults, plus option values that change the gradient
 CASES = [(n, {}) for n in NAMES] + [
-    ("todi", {"beta": 2.0}), ("todi", {"beta": 0.0}), ("sfkl", {"lam": 0.4}), ("srkl", {"lam": 0.4}),
-    ("akl", {"mu": 0.8}),
+    ("todi", {"beta": 2.0}), ("todi", {"beta": 0.0}), ("todi", {"detach": False}),
+    ("gjsd", {"beta": 0.0}), ("gjsd", {"beta": 0.3}), ("gjsd", {"beta": 0.9}), ("gjsd", {"beta": 1.0}),
+    ("sfkl", {"lam": 0.4}), ("srkl", {"lam": 0.4}), ("akl", {"mu": 0.8}),
 ]
 CASE_IDS = [f"{n}-{','.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for n, o in CASES]
 
@@ -52,6 +53,17 @@ def reference(name, s, t, mask=None, temperature=1.0, frozen_s=None, **o):
         with np.errstate(divide="ignore"):
             lm = np.log(m)
         d = 0.5 * _xlogy_diff(p, lp, lm).sum(-1) + 0.5 * _xlogy_diff(q, lq, lm).sum(-1)
+    elif name == "gjsd":
+        beta = o.get("beta", 0.5)
+        if beta == 0:  # TRL's and Liger's convention at the ends
+            d = fkl
+        elif beta == 1:
+            d = rkl
+        else:
+            m = beta * p + (1 - beta) * q
+            with np.errstate(divide="ignore"):
+                lm = np.log(m)
+            d = beta * _xlogy_diff(p, lp, lm).sum(-1) + (1 - beta) * _xlogy_diff(q, lq, lm).sum(-1)
     elif name == "tvd":
         d = 0.5 * np.abs(p - q).sum(-1)
     elif name in ("sfkl", "srkl"):
@@ -88,7 +100,7 @@ def _inputs(shape=(3, 4, 13), scale=1.0, seed=0):
 
 
 def test_registry_names():
-    assert set(LOSSES) == {"fkl", "rkl", "todi", "jsd", "tvd", "sfkl", "srkl", "akl"}
+    assert set(LOSSES) == {"fkl", "rkl", "todi", "jsd", "gjsd", "tvd", "sfkl", "srkl", "akl"}
 
 
 # --------------------------------------------------------------------------- values against reference
@@ -117,7 +129,9 @@ def test_gradient_matches_finite_differences_of_the_reference(name, options, tem
     """
     s, t, mask = _inputs()
     _, grad = LOSSES[name](s, t, mask, temperature=temperature, **options)
-    frozen = s.copy() if name in losses.STOPGRAD_LOSSES else None
+    frozen = None
+    if name in losses.STOPGRAD_LOSSES and options.get("detach", True):
+        frozen = s.copy()
     x = s.copy()
     res = gradcheck.check_array(lambda: reference(name, x, t, mask, temperature, frozen, **options),
                                 x, grad, eps=LOSS_CHECK_EPS, order=LOSS_CHECK_ORDER)
@@ -178,6 +192,18 @@ def test_todi_stop_gradient_is_not_the_gradient_of_the_value():
     assert check(plain, g_value) < 1e-6
     assert check(plain, g_todi) > 1e-2
     assert check(frozen, g_todi) < 1e-6
+    # detach=False differentiates the weight too: at beta = 1 that is the gradient of FKL + RKL
+    _, g_attached = losses.todi(s, t, mask, detach=False)
+    np.testing.assert_allclose(g_attached, g_value, rtol=1e-10, atol=1e-15)
+    assert check(plain, g_attached) < 1e-6
+
+
+def test_todi_detach_option_is_checked():
+    s, t, mask = _inputs(seed=2)
+    with pytest.raises(ValueError, match="detach must be True or False"):
+        losses.todi(s, t, mask, detach=0)
+    with pytest.raises(ValueError, match="pass one or the other"):
+        losses.todi(s, t, mask, detach=False, stopgrad_at=s)
 
 
 def test_todi_limits_are_fkl_and_rkl():
