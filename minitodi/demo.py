@@ -370,7 +370,12 @@ def table(results):
 
 
 def figure(results, path):
-    """Validation curves and test scores as a PNG; returns False when matplotlib is missing."""
+    """The demo's conclusion as a PNG; returns False when matplotlib is missing.
+
+    Left: each loss's validation curve, the mean over training seeds with a band from the lowest to the
+    highest seed, and the teacher's best validation CE as a line. Right: the paired differences
+    todi - X in test ROUGE-L, one point per training seed, their mean and 95% interval.
+    """
     try:
         import matplotlib
 
@@ -380,11 +385,7 @@ def figure(results, path):
         return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     colors = _plot_curves(left, results["curves"])
-    names = ["teacher", *results["students"]]
-    rows = [results["teacher"], *results["students"].values()]
-    right.bar(names, [r["rouge_l"] for r in rows], yerr=[r["rouge_l_se"] or 0 for r in rows],
-              color=[colors.get(n, "gray") for n in names], capsize=4)
-    right.set(ylabel="ROUGE-L (test)", title="scores, mean ± standard error")
+    _plot_differences(right, results, colors)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -392,20 +393,49 @@ def figure(results, path):
 
 
 def _plot_curves(ax, curves):
-    """Every run's validation curve, one color per model (the teacher dashed); returns the colors."""
+    """Per student loss, the mean validation curve over seeds and its min-max band; returns the colors."""
     colors = {}
+    by_name = {}  # loss -> the seeds' curves
     for run_name, curve in curves.items():
-        if not curve:  # a run that never evaluated has no curve
+        if run_name == "teacher" or not curve:  # a run that never evaluated has no curve
             continue
         name = run_name.split("-seed")[0]
-        color = colors.setdefault(name, f"C{len(colors)}")
-        label = None
-        if run_name.endswith(("seed0", "teacher")):  # one legend entry per model
-            label = name
-        linestyle = "-"
-        if name == "teacher":
-            linestyle = "--"
-        ax.plot(*zip(*curve), color=color, label=label, linestyle=linestyle)
-    ax.set(xlabel="step", ylabel="validation cross-entropy", title="training curves")
+        by_name.setdefault(name, []).append(curve)
+    for name, seed_curves in by_name.items():
+        colors[name] = f"C{len(colors)}"
+        length = min(len(curve) for curve in seed_curves)  # every seed of a loss evaluates at the same steps
+        steps = [step for step, _ in seed_curves[0][:length]]
+        values = np.array([[ce for _, ce in curve[:length]] for curve in seed_curves])  # (seeds, evaluations)
+        ax.plot(steps, values.mean(axis=0), color=colors[name], label=f"{name} (mean of {len(seed_curves)})")
+        ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=colors[name], alpha=0.2)
+    teacher_curve = curves.get("teacher")
+    if teacher_curve:
+        best = min(ce for _, ce in teacher_curve)
+        ax.axhline(best, color="k", linestyle="--", label="teacher's best")
+    ax.set(xlabel="step", ylabel="validation cross-entropy", title="students: mean over seeds, min-max band")
     ax.legend()
     return colors
+
+
+def _plot_differences(ax, results, colors):
+    """todi - X per training seed (points), with the mean and its 95% interval, for every other student X."""
+    students = results["students"]
+    names = [name for name in students if name != "todi"]
+    if "todi" not in students or not names:
+        ax.set_axis_off()
+        return
+    todi = {r["seed"]: r["rouge_l"] for r in students["todi"]["seeds"]}
+    for i, name in enumerate(names):
+        per_seed = [todi[r["seed"]] - r["rouge_l"] for r in students[name]["seeds"] if r["seed"] in todi]
+        offsets = np.linspace(-0.15, 0.15, len(per_seed)) if len(per_seed) > 1 else np.zeros(1)
+        ax.scatter(i + offsets, per_seed, color=colors.get(name, "gray"), s=12, alpha=0.6)
+        comparison = results["comparisons"][f"todi-{name}"]
+        mean = comparison["mean"]
+        if comparison["ci95"] is not None:
+            low, high = comparison["ci95"]
+            ax.errorbar(i + 0.3, mean, yerr=[[mean - low], [high - mean]], fmt="o", color="k", capsize=4)
+        else:  # one seed: no interval
+            ax.plot(i + 0.3, mean, "o", color="k")
+    ax.axhline(0.0, color="gray", linewidth=1)
+    ax.set_xticks(range(len(names)), [f"todi - {name}" for name in names])
+    ax.set(ylabel="ROUGE-L difference (test)", title="paired by seed: points, mean and 95% interval")
