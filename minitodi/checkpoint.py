@@ -209,7 +209,18 @@ def config_from_hf(hf, where="config.json"):
     return FORMATS[model_type].from_hf(hf, where)
 
 
+# config.json fields whose other values minitodi's GPT-2 does not compute (absent means the first value):
+# transformers would load such a checkpoint and compute other logits than minitodi does.
+_GPT2_ONLY = {
+    "scale_attn_weights": (True,),  # scores divided by sqrt(head size)
+    "scale_attn_by_inverse_layer_idx": (False,),  # and not also by the layer's index + 1
+}
+
+
 def _gpt2_config_from_hf(hf, where):
+    for field, supported in _GPT2_ONLY.items():
+        if hf.get(field, supported[0]) not in supported:
+            raise ValueError(f"{where}: {field} = {hf[field]!r} is not implemented (only {supported[0]!r})")
     activation = hf.get("activation_function", "gelu_new")
     if activation not in ("gelu_new", "gelu_pytorch_tanh"):  # both are GPT-2's tanh approximation
         raise ValueError(f"{where}: activation_function {activation!r} is not GPT-2's tanh GELU")

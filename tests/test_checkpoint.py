@@ -252,6 +252,9 @@ def test_config_disagreeing_with_tensors(saved, field, value, message):
     ("n_inner", 100, "n_inner"),
     ("tie_word_embeddings", False, "untied"),
     ("model_type", "mamba", "model_type"),  # neither GPT-2 nor Llama
+    # attention scaled otherwise: transformers would compute other logits (0.25 apart on a small model)
+    ("scale_attn_weights", False, "scale_attn_weights = False is not implemented"),
+    ("scale_attn_by_inverse_layer_idx", True, "scale_attn_by_inverse_layer_idx = True is not implemented"),
 ])
 def test_unsupported_config(saved, field, value, message):
     _edit_config(saved[0], field, value)
