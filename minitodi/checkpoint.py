@@ -52,6 +52,11 @@ def _atomic_write(path, write):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        # a full disk's "[Errno 28] No space left on device" names no file: say which
+        raise OSError(err.errno, f"{err.strerror} (writing {path})") from err
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -323,6 +328,12 @@ def _read_weights(directory):
     return tensors
 
 
+def load_config(directory):
+    """The model config of a checkpoint directory's config.json, without reading its weights."""
+    directory = Path(directory)
+    return config_from_hf(_read_json(directory / CONFIG_FILE), str(directory / CONFIG_FILE))
+
+
 def load(directory, *, dtype=None, device="cpu"):
     """Read ``(params, config)`` from a checkpoint directory.
 
@@ -332,7 +343,7 @@ def load(directory, *, dtype=None, device="cpu"):
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
-    config = config_from_hf(_read_json(directory / CONFIG_FILE), str(directory / CONFIG_FILE))
+    config = load_config(directory)
     path = directory / MODEL_FILE
     if not path.is_file() and (directory / "pytorch_model.bin").is_file():
         raise FileNotFoundError(f"{path} is missing; only safetensors are read (convert pytorch_model.bin "

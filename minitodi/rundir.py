@@ -20,12 +20,15 @@ killed before it could save, are dropped on resume. Ctrl-C (:func:`ctrl_c_flag`)
 its step and save before it stops.
 """
 
+import dataclasses
 import fcntl
+import hashlib
 import json
 import math
 import os
 import shutil
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,6 +88,15 @@ def _check_usable(out, start):
                          "choose a new or empty directory")
 
 
+def check_best_model(out, model_config):
+    """A clear error, before anything in ``out`` changes, when its best model has another shape."""
+    best_config = checkpoint.load_config(out)
+    if best_config != model_config:
+        differences = _differences(dataclasses.asdict(best_config), dataclasses.asdict(model_config))
+        raise ValueError(f"{out} holds a best model of another shape ({type(best_config).__name__}; "
+                         f"{differences}): --from-best needs this run's model; nothing was changed")
+
+
 def _check_start(out, start, resumable):
     """A best model is never replaced by a resume that has no state to resume from."""
     has_best_model = (out / checkpoint.MODEL_FILE).exists()
@@ -107,12 +119,59 @@ def is_run(run_file):
 
 # ---- the settings --------------------------------------------------------------------------------
 def check_same_settings(out, settings):
-    """A clear error when the run in ``out`` was made with other settings than ``settings``."""
+    """A clear error, naming what differs, when the run in ``out`` was made with other settings."""
     run_file = out / RUN_FILE
     as_saved = json.loads(json.dumps(settings))  # tuples become lists, as they are in the file
-    if json.loads(run_file.read_text()) != as_saved:
-        raise ValueError(f"{out} holds a run with other settings ({run_file}); choose another output "
-                         "directory, or --restart / --from-best to replace that run")
+    saved = json.loads(run_file.read_text())
+    if saved != as_saved:
+        raise ValueError(f"{out} holds a run with other settings ({run_file}: "
+                         f"{_differences(saved, as_saved)}); choose another output directory, or "
+                         "--restart / --from-best to replace that run")
+
+
+def _differences(old, new, limit=4):
+    """What differs between two settings dicts, as "path: old -> new" phrases (the first ``limit``)."""
+    old_flat = _flatten(old)
+    new_flat = _flatten(new)
+    keys = sorted(old_flat.keys() | new_flat.keys())
+    changed = [key for key in keys if old_flat.get(key) != new_flat.get(key)]
+    phrases = []
+    for key in changed[:limit]:
+        phrases.append(f"{key}: {_short(old_flat.get(key))} -> {_short(new_flat.get(key))}")
+    if len(changed) > limit:
+        phrases.append(f"and {len(changed) - limit} more")
+    return "; ".join(phrases)
+
+
+def _flatten(settings, prefix=""):
+    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _short(value):
+    """A setting's value for a one-line message: its JSON, cut at 40 characters; (none) when absent."""
+    if value is None:
+        return "(none)"
+    text = json.dumps(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return text
+
+
+def digest(arrays):
+    """A short SHA-256 of arrays' shapes, dtypes and bytes, in order: the identity of weights or data."""
+    h = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(to_numpy(array))
+        h.update(f"{array.shape}{array.dtype}".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()[:16]
 
 
 def write_settings(out, settings):
@@ -123,20 +182,42 @@ def write_settings(out, settings):
 # ---- the log -------------------------------------------------------------------------------------
 def append_log(path, record):
     """One JSON object as one line at the end of the log."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:  # a full disk's message names no file: say which
+        raise OSError(err.errno, f"{err.strerror} (appending to {path})") from err
 
 
 def read_log(path):
-    """Every record of the log, in order."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+    """Every record of the log, in order; a torn last line is dropped (see :func:`_parse_log`)."""
+    return _parse_log(Path(path))
 
 
 def truncate_log(path, step):
-    """Drop log lines written after ``step`` (by a run killed before it could save)."""
+    """Drop log lines written after ``step`` (by a run killed before it could save), and a torn last line."""
     if path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = [record for record in _parse_log(path) if record["step"] <= step]
+        path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+
+
+def _parse_log(path):
+    """The log's records; a torn last line is dropped with a warning.
+
+    A last line cut short (the disk filled, or the process was killed mid-write) is what a crash leaves;
+    an unreadable line anywhere else is an error naming the file and the line.
+    """
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                print(f"warning: {path}: dropped its torn last line ({err.msg})", file=sys.stderr)
+                break
+            raise ValueError(f"{path}, line {number}: not a log record ({err.msg})") from None
+    return records
 
 
 # ---- the state of a run --------------------------------------------------------------------------

@@ -142,13 +142,28 @@ class _Trainer:
             f"Likely cause: {cause}. {kept}; change the settings, then --restart or --from-best")
 
 
-def _settings(model_config, tokenizer, tcfg, teacher):
-    """What run.json records: a resume must match it."""
-    teacher_config = None
+def settings(model_config, tokenizer, tcfg, teacher, train_examples, valid_examples):
+    """What run.json records, and a resume (or the demo's reuse of a finished run) must match.
+
+    The teacher by its config and a digest of its weights (another teacher of the same shape is another
+    run), the data by digests of the examples' token ids and labels.
+    """
+    teacher_identity = None
     if teacher is not None:
-        teacher_config = checkpoint.hf_config(teacher.config, tcfg.dtype)
+        teacher_identity = {"config": checkpoint.hf_config(teacher.config, tcfg.dtype),
+                            "weights": rundir.digest(teacher.params[name] for name in sorted(teacher.params))}
+    data = {"train": _examples_digest(train_examples), "valid": _examples_digest(valid_examples)}
     return {"train": asdict(tcfg), "model": asdict(model_config), "tokenizer": tokenizer.fingerprint(),
-            "teacher": teacher_config}
+            "teacher": teacher_identity, "data": data}
+
+
+def _examples_digest(examples):
+    """The digest of (ids, labels) examples, in order."""
+    arrays = []
+    for ids, labels in examples:
+        arrays.append(np.asarray(ids, dtype=np.int64))
+        arrays.append(np.asarray(labels, dtype=np.int64))
+    return rundir.digest(arrays)
 
 
 def fit(out, model_config, tokenizer, train_examples, valid_examples, tcfg: TrainConfig, *, teacher=None,
@@ -163,7 +178,7 @@ def fit(out, model_config, tokenizer, train_examples, valid_examples, tcfg: Trai
     if start not in rundir.STARTS:
         raise ValueError(f"start must be 'resume', 'restart' or 'best', got {start!r}")
     _check_models(model_config, tokenizer, tcfg, teacher)
-    settings = _settings(model_config, tokenizer, tcfg, teacher)
+    run_settings = settings(model_config, tokenizer, tcfg, teacher, train_examples, valid_examples)
 
     def valid_ce(params):
         return heldout_losses(params, model_config, valid_examples, tokenizer.eos_id,
@@ -171,10 +186,12 @@ def fit(out, model_config, tokenizer, train_examples, valid_examples, tcfg: Trai
 
     with rundir.claim(out, start) as resumable:
         if resumable:
-            rundir.check_same_settings(out, settings)
+            rundir.check_same_settings(out, run_settings)
+        if start == "best":
+            rundir.check_best_model(out, model_config)
         if tcfg.loss != SFT:
             teacher.precompute(train_examples, device)
-        rundir.write_settings(out, settings)
+        rundir.write_settings(out, run_settings)
         tokenizer.save(out)
         # rows are padded with the tokenizer's eos id (labels -100 there: no loss reads a padded position)
         batches = BatchIterator(train_examples, tcfg.batch_size, pad_id=tokenizer.eos_id, seed=tcfg.seed,

@@ -167,12 +167,69 @@ def test_an_interrupted_swap_of_the_last_state_is_recovered(run_inputs, tmp_path
 def test_other_settings_in_the_same_directory_are_refused(run_inputs, tmp_path):
     _, tok, cfg, ex = run_inputs
     fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=4), progress=False)
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match=r"other settings .*train\.lr: 0\.002 -> 0\.0001"):
         fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=4, lr=1e-4), progress=False)
+    with pytest.raises(ValueError, match=r"other settings .*data\.train: "):  # other data, same settings
+        fit(tmp_path, cfg, tok, ex["train"][1:], ex["valid"], tiny(steps=4), progress=False)
     shutil.rmtree(tmp_path / "last")  # as if stopped before its first evaluation: the retry may differ
     (tmp_path / "model.safetensors").unlink()
     retried = fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=4, lr=1e-4), progress=False)
     assert retried["steps"] == 4
+
+
+def test_a_resume_with_another_teacher_of_the_same_shape_is_refused(run_inputs, teacher, tmp_path):
+    """The teacher is recorded by a digest of its weights: another teacher of the same config is named."""
+    _, tok, cfg, ex = run_inputs
+    fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(loss="fkl", steps=4), teacher=teacher,
+        progress=False)
+    other_params = {name: p + 0.01 for name, p in teacher.params.items()}
+    other = Teacher(other_params, teacher.config, teacher.tokenizer)
+    log = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"teacher\.weights: "):
+        fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(loss="fkl", steps=8), teacher=other,
+            progress=False)
+    assert (tmp_path / "metrics.jsonl").read_text() == log
+
+
+def test_from_best_with_a_model_of_another_shape_loses_nothing(run_inputs, tmp_path):
+    """--from-best on a run of another size is refused before last/, the log or run.json change."""
+    _, tok, cfg, ex = run_inputs
+    fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=4), progress=False)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    wider = GPTConfig(vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=32, n_layer=1, n_head=2)
+    with pytest.raises(ValueError, match=r"best model of another shape .*n_embd: 16 -> 32"):
+        fit(tmp_path, wider, tok, ex["train"], ex["valid"], tiny(steps=4), progress=False, start="best")
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume(run_inputs, tmp_path, capsys):
+    """A disk that filled during an append leaves half a line: the resume drops it and says so."""
+    _, tok, cfg, ex = run_inputs
+    fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=8), progress=False)
+    log = tmp_path / "metrics.jsonl"
+    with open(log, "a") as f:
+        f.write('{"step": 9, "loss": 1.2')  # torn: no closing brace, no newline
+    summary = fit(tmp_path, cfg, tok, ex["train"], ex["valid"], tiny(steps=8), progress=False)
+    assert summary["steps"] == 8
+    assert "dropped its torn last line" in capsys.readouterr().err
+    assert all(line.endswith("}") for line in log.read_text().splitlines())
+
+
+def test_an_unreadable_log_line_in_the_middle_names_the_file_and_line(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a log record"):
+        rundir.read_log(log)
+
+
+def test_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("builtins.open", full)
+    with pytest.raises(OSError, match=r"No space left on device \(appending to .*metrics.jsonl\)"):
+        rundir.append_log(tmp_path / "metrics.jsonl", {"step": 1})
 
 
 def test_teacher_with_another_tokenizer_is_refused(run_inputs, teacher, tmp_path):
