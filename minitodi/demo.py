@@ -23,6 +23,7 @@ import math
 import multiprocessing
 import os
 import signal
+import threading
 import time
 import tracemalloc
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, data, losses, metrics, optim, parallel
+from . import checkpoint, data, losses, metrics, optim, parallel, rundir
 from .device import to_numpy
 from .evaluation import PAPER, evaluate
 from .layers import IGNORE_INDEX
@@ -40,13 +41,15 @@ from .parallel import cores
 from .presets import PRESETS
 from .progress import Progress
 from .teacher import Teacher
-from .train import SFT, fit, step_loss
+from .train import SFT, fit, settings, step_loss
 
 DEFAULT_LOSSES = ("fkl", "rkl", "todi")
 BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 METRICS = ("rouge_l", "exact_match", "validity", "coverage", "perplexity", "divergence")
 DONE = "summary.json"  # in a run directory: the run is finished (its summary), not to be trained again
 DEMO_OUTPUTS = {("students", True), ("demo.png", False), ("results.json", False)}  # (name, is a directory)
+REUSE_HINT = "an earlier demo with other settings left it: choose another --out (or delete that run)"
+PARENT_CHECK_S = 0.5  # how often a worker looks whether the demo that started it is still there
 
 
 def cache_dir():
@@ -65,12 +68,18 @@ def _done_marker(run_dir):
     return Path(run_dir) / DONE
 
 
-def _train_once(run_dir, *args, **kwargs):
-    """:func:`fit` unless ``run_dir`` holds a finished run; the run's summary either way."""
+def _train_once(run_dir, config, tokenizer, train_examples, valid_examples, tcfg, teacher=None, **kwargs):
+    """:func:`fit` unless ``run_dir`` holds a finished run of the same settings; the run's summary.
+
+    A finished run is reused only when its whole run.json matches (model, training settings, tokenizer,
+    teacher weights, data); one made with other settings is a clear error naming what differs.
+    """
     done = _done_marker(run_dir)
     if done.exists():
+        expected = settings(config, tokenizer, tcfg, teacher, train_examples, valid_examples)
+        rundir.check_same_settings(run_dir, expected, hint=REUSE_HINT)
         return json.loads(done.read_text())
-    summary = fit(run_dir, *args, **kwargs)
+    summary = fit(run_dir, config, tokenizer, train_examples, valid_examples, tcfg, teacher=teacher, **kwargs)
     checkpoint.write_json(done, summary)
     return summary
 
@@ -81,6 +90,8 @@ def _claim(out):
     The demo's own: nothing but students/, demo.png and a results.json with students' scores. Checked
     before anything runs, so a wrong --out costs nothing and never overwrites a user's file.
     """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a directory: choose a new or empty directory for --out")
     if out.exists() and not _is_demo_output(out):
         raise ValueError(f"{out} holds files that are not the demo's (students/, results.json, demo.png): "
                          "choose a new or empty directory for --out")
@@ -89,14 +100,28 @@ def _claim(out):
 
 
 def _is_demo_output(out):
-    """Whether the existing path ``out`` is a directory holding only what an earlier demo wrote."""
-    if not out.is_dir():
-        return False
+    """Whether the directory ``out`` holds only what an earlier demo wrote.
+
+    Nothing but students/, demo.png and results.json; a results.json only if it is a demo's (JSON with
+    the demo's keys), and a demo.png only beside one (the demo writes the figure after the results).
+    """
     entries = {(p.name, p.is_dir()) for p in out.iterdir()}
     if not entries <= DEMO_OUTPUTS:
         return False
     results = out / "results.json"
-    return not results.exists() or '"students"' in results.read_text(errors="replace")
+    if results.exists():
+        return _is_demo_results(results)
+    return not (out / "demo.png").exists()
+
+
+def _is_demo_results(path):
+    """Whether ``path`` is a results.json that the demo wrote."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    demo_keys = {"protocol", "teacher", "students", "comparisons", "config"}
+    return isinstance(results, dict) and demo_keys <= results.keys()
 
 
 def _row(evaluation):
@@ -210,13 +235,26 @@ class _Students:
 _WORKER = {}  # a worker process's _Students
 
 
-def _start_worker(students, threads):
-    """A worker process's set-up: Ctrl-C, its threads and malloc, its _Students."""
+def _start_worker(students, threads, parent_pid):
+    """A worker process's set-up: Ctrl-C, its threads and malloc, its _Students, a watch on its parent."""
     # Ctrl-C reaches a worker only inside fit, which saves and stops
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parallel.THREADS = threads
     parallel.reuse_freed_memory()  # as the command line does in the parent
     _WORKER["students"] = students
+    watch = threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True)
+    watch.start()
+
+
+def _exit_when_orphaned(parent_pid):
+    """End this worker when the demo that started it is gone (killed with SIGKILL, say).
+
+    An orphaned worker would finish its student and then wait forever on a pipe nobody reads, holding its
+    memory and its run directory's lock. Its run directory resumes from its last saved state.
+    """
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(1)
 
 
 def _work(name, seed):
@@ -231,7 +269,7 @@ def _in_workers(students, runs, jobs, progress):
     threads = max(1, cores() // jobs)
     spawn = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(jobs, mp_context=spawn, initializer=_start_worker,
-                               initargs=(students, threads))
+                               initargs=(students, threads, os.getpid()))
     queue = iter(runs)
     running = {}  # future -> run
     results = {}
@@ -260,13 +298,31 @@ def _in_workers(students, runs, jobs, progress):
     return results
 
 
-def _check_run_arguments(loss_names, jobs):
+def _check_run_arguments(loss_names, seeds, jobs):
     """The demo's own arguments, checked before anything is written."""
     unknown = [n for n in loss_names if n not in losses.LOSSES]
     if unknown:
         raise ValueError(f"unknown losses {unknown}: choose from {sorted(losses.LOSSES)}")
+    repeated = sorted({seed for seed in seeds if list(seeds).count(seed) > 1})
+    if repeated:  # one student counted twice would shrink the intervals to nothing
+        raise ValueError(f"seeds {repeated} are given more than once: each training seed is one student")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+
+
+def _check_earlier_students(out, cfg, student_cfg, tokenizer, loss_names):
+    """Students an earlier demo left in ``out`` must have this demo's settings: checked before the teacher.
+
+    Their model, training settings and tokenizer here; their teacher and data when they are reused.
+    """
+    for name in (SFT, *loss_names):
+        for seed in cfg.seeds:
+            run_dir = out / "students" / f"{name}-seed{seed}"
+            if (run_dir / rundir.RUN_FILE).exists():
+                tcfg = replace(cfg.student_train, loss=name, seed=seed)
+                expected = settings(student_cfg, tokenizer, tcfg, None, [], [])
+                rundir.check_same_settings(run_dir, expected, parts=("model", "train", "tokenizer"),
+                                           hint=REUSE_HINT)
 
 
 def _teacher(cfg, suite, tokenizer, split, device, progress, log):
@@ -295,13 +351,14 @@ def run(out, *, preset="full", loss_names=DEFAULT_LOSSES, seeds=None, protocol=P
     cfg = replace(PRESETS[preset], arch=arch)
     if seeds is not None:
         cfg = replace(cfg, seeds=tuple(seeds))
-    _check_run_arguments(loss_names, jobs)
+    _check_run_arguments(loss_names, cfg.seeds, jobs)
     out = _claim(Path(out))
     start = time.perf_counter()
     cpu_start = time.process_time()
     suite = cfg.dataset()
     tokenizer, split = data.prepare(suite, cfg.seq_len, vocab_size=cfg.vocab_size)
     _, student_cfg = cfg.models(tokenizer.vocab_size)
+    _check_earlier_students(out, cfg, student_cfg, tokenizer, loss_names)
     teacher, teacher_summary, teacher_dir = _teacher(cfg, suite, tokenizer, split, device, progress, log)
     test = {"records": suite["test"], "examples": split["test"], "protocol": protocol,
             "max_new_tokens": cfg.max_new_tokens, "device": device}

@@ -118,15 +118,26 @@ def is_run(run_file):
 
 
 # ---- the settings --------------------------------------------------------------------------------
-def check_same_settings(out, settings):
-    """A clear error, naming what differs, when the run in ``out`` was made with other settings."""
-    run_file = out / RUN_FILE
+RESTART_HINT = "choose another output directory, or --restart / --from-best to replace that run"
+
+
+def check_same_settings(out, settings, parts=None, hint=RESTART_HINT):
+    """A clear error, naming what differs, when the run in ``out`` was made with other settings.
+
+    ``parts``: compare only these top-level entries (None: all of them); ``hint``: what the user can do.
+    """
+    run_file = Path(out) / RUN_FILE
     as_saved = json.loads(json.dumps(settings))  # tuples become lists, as they are in the file
-    saved = json.loads(run_file.read_text())
+    try:
+        saved = json.loads(run_file.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{run_file} cannot be read ({err}); {hint}") from None
+    if parts is not None:
+        saved = {key: saved.get(key) for key in parts}
+        as_saved = {key: as_saved.get(key) for key in parts}
     if saved != as_saved:
         raise ValueError(f"{out} holds a run with other settings ({run_file}: "
-                         f"{_differences(saved, as_saved)}); choose another output directory, or "
-                         "--restart / --from-best to replace that run")
+                         f"{_differences(saved, as_saved)}); {hint}")
 
 
 def _differences(old, new, limit=4):

@@ -2,6 +2,11 @@
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -63,14 +68,35 @@ def test_out_holding_what_the_demo_did_not_write_is_refused_before_anything_runs
 
 def test_out_that_is_a_file_is_refused_and_the_demos_own_output_is_accepted(tmp_path):
     (tmp_path / "file").write_text("mine")
-    with pytest.raises(ValueError, match="not the demo's"):
+    with pytest.raises(ValueError, match="is a file, not a directory"):
         demo._claim(tmp_path / "file")
     out = tmp_path / "new" / "out"
     assert demo._claim(out) == out and out.is_dir()  # created, parents too
     (out / "students").mkdir()
     (out / "demo.png").write_bytes(b"")
-    (out / "results.json").write_text(json.dumps({"teacher": {}, "students": {}}))
+    demo_results = {"protocol": {}, "teacher": {}, "students": {}, "comparisons": {}, "config": {}}
+    (out / "results.json").write_text(json.dumps(demo_results))
     assert demo._claim(out) == out  # a finished demo: run again into it
+
+
+@pytest.mark.parametrize("files", [
+    {"results.json": '{"students": "my own notes"}'},  # a user's file that mentions students
+    {"demo.png": "my own picture"},  # a figure with no demo results beside it
+    {"results.json": "not json at all, students"},
+])
+def test_a_users_results_or_figure_is_never_taken_for_the_demos(tmp_path, files):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match="not the demo's"):
+        demo._claim(tmp_path)
+    for name, text in files.items():
+        assert (tmp_path / name).read_text() == text
+
+
+def test_a_seed_given_twice_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"seeds \[0\] are given more than once"):
+        demo.run(tmp_path / "out", preset="quick", seeds=[0, 0], log=lambda *_: None)
+    assert not (tmp_path / "out").exists()
 
 
 def test_results_carry_the_protocol_and_every_metric(results):
@@ -131,3 +157,66 @@ def test_the_command_line_passes_the_protocol(monkeypatch, tmp_path):
     assert main(["demo", "--decoding", "greedy", "--eval-seeds", "1", "2", "--out", str(tmp_path)]) == 130
     assert seen["protocol"] == Protocol(decoding="greedy", eval_seeds=(1, 2))
     assert main(["demo", "--eval-seeds", "3", "3", "--out", str(tmp_path)]) == 2  # one line, exit status 2
+
+
+def _micro_preset(monkeypatch, tmp_path):
+    """The micro preset of the runs fixture, one seed, with its own teacher cache."""
+    monkeypatch.setitem(presets.MODELS, "micro", {"n_embd": 16, "n_layer": 1, "n_head": 2})
+    micro = presets.Preset(
+        n_train=240, n_valid=16, n_test=16, vocab_size=300, seq_len=48, n_positions=56, teacher="micro",
+        student="micro", teacher_train=TrainConfig(steps=8, batch_size=8, eval_every=4),
+        student_train=TrainConfig(steps=4, batch_size=8, eval_every=2), seeds=(0,), max_new_tokens=8)
+    monkeypatch.setitem(presets.PRESETS, "micro", micro)
+    monkeypatch.setenv("MINITODI_CACHE", str(tmp_path / "cache"))
+
+
+def test_students_of_another_demo_are_never_reused(tmp_path, monkeypatch):
+    """A demo into an earlier demo's directory with another architecture is refused, naming what differs.
+
+    The check runs before the new teacher trains, and the earlier students are left as they were.
+    """
+    _micro_preset(monkeypatch, tmp_path)
+    out = tmp_path / "out"
+    demo.run(out, preset="micro", loss_names=("fkl",), progress=False, log=lambda *_: None)
+    before = {p: p.read_bytes() for p in (out / "students").rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"other settings .*model\..*an earlier demo with other settings"):
+        demo.run(out, preset="micro", loss_names=("fkl",), arch="llama", progress=False, log=lambda *_: None)
+    after = {p: p.read_bytes() for p in (out / "students").rglob("*") if p.is_file()}
+    assert after == before
+
+
+WORKER_SCRIPT = """
+import multiprocessing, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from minitodi import demo
+if __name__ == "__main__":
+    spawn = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(1, mp_context=spawn, initializer=demo._start_worker,
+                               initargs=(None, 1, os.getpid()))
+    print(pool.submit(os.getpid).result(), flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_exit_when_the_demo_is_killed(tmp_path):
+    """SIGKILL of the demo's process leaves no worker behind (one would otherwise wait forever on a pipe)."""
+    script = tmp_path / "demo_parent.py"
+    script.write_text(WORKER_SCRIPT)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(worker):
+        time.sleep(0.1)
+    assert not _alive(worker), "the worker outlived the demo by 10 s"
+
+
+def _alive(pid):
+    """Whether process ``pid`` exists and is not a zombie waiting for its parent to read its status."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
