@@ -1,7 +1,9 @@
 """The ``minitodi`` command line (also ``python -m minitodi``)."""
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from . import gradcheck, losses, parallel
 from .device import resolve_device
@@ -80,23 +82,51 @@ def cmd_distill(args):
     return _fit(args, Teacher.load(args.teacher, device=resolve_device(args.device)))
 
 
+def _load_model(directory, device):
+    """``(params, config, tokenizer)`` of a run directory, its model's vocabulary the tokenizer's."""
+    from . import checkpoint
+    from .tokenizer import Tokenizer
+
+    params, config = checkpoint.load(directory, device=device)
+    tokenizer = Tokenizer.load(directory)
+    if config.vocab_size != tokenizer.vocab_size:  # ids the other side cannot read, found mid-generation
+        raise ValueError(f"{directory}: the model's vocabulary ({config.vocab_size}, config.json) is not its "
+                         f"tokenizer's ({tokenizer.vocab_size}, tokenizer.json): they are not one model's")
+    return params, config, tokenizer
+
+
+def _check_log_path(path):
+    """A JSONL file the result can be appended to: checked before the evaluation, not after it."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--log {path} is a directory; give a file to append to")
+    if not path.parent.is_dir():
+        raise ValueError(f"--log {path}: the directory {path.parent} does not exist")
+    target = path if path.exists() else path.parent
+    if not os.access(target, os.W_OK):
+        raise ValueError(f"--log {path}: {target} is not writable")
+    return path
+
+
 def cmd_evaluate(args):
     import json
 
-    from . import checkpoint
     from .data import examples_for, load_dataset
     from .evaluation import Protocol, evaluate, heldout_losses
     from .metrics import perplexity
     from .teacher import Teacher, require_same_tokenizer
-    from .tokenizer import Tokenizer
 
     protocol = Protocol(decoding=args.decoding, eval_seeds=tuple(args.eval_seeds))
     device = resolve_device(args.device)
-    params, config = checkpoint.load(args.model, device=device)
-    tokenizer = Tokenizer.load(args.model)
-    teacher = Teacher.load(args.teacher, device=device) if args.teacher else None
-    if teacher is not None:
+    log = _check_log_path(args.log or Path(args.model) / "eval.jsonl")
+    params, config, tokenizer = _load_model(args.model, device)
+    teacher = None
+    if args.teacher:
+        teacher = Teacher.load(args.teacher, device=device)
         require_same_tokenizer(teacher, tokenizer)
+        if teacher.config.vocab_size != config.vocab_size:
+            raise ValueError(f"the teacher's vocabulary ({teacher.config.vocab_size}, {args.teacher}) is not "
+                             f"the model's ({config.vocab_size}, {args.model})")
     dataset = load_dataset(args.data)
     examples = examples_for(dataset, args.split, tokenizer, config.n_positions - args.max_new_tokens)
     if dataset["kind"] == "instructions":
@@ -106,17 +136,15 @@ def cmd_evaluate(args):
         nll, _ = heldout_losses(params, config, examples, tokenizer.eos_id, device=device)
         result = {"perplexity": perplexity(nll)}
     record = {"model": str(args.model), "data": args.data, "split": args.split, **result}
-    with open(args.log or f"{args.model}/eval.jsonl", "a", encoding="utf-8") as f:
+    with open(log, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
     return 0
 
 
 def cmd_generate(args):
-    from . import checkpoint
     from .data import format_prompt
     from .generate import check_settings, generate
-    from .tokenizer import Tokenizer
 
     check_settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, samples=args.samples)
@@ -125,8 +153,7 @@ def cmd_generate(args):
             (getattr(args, name) or "").encode("utf-8")  # undecodable bytes of argv arrive as lone surrogates
         except UnicodeEncodeError:
             raise ValueError(f"--{name} is not valid UTF-8 text") from None
-    params, config = checkpoint.load(args.model, device=resolve_device(args.device))
-    tokenizer = Tokenizer.load(args.model)
+    params, config, tokenizer = _load_model(args.model, resolve_device(args.device))
     if args.instruction is not None:
         text = format_prompt({"instruction": args.instruction, "context": args.input or ""})
     elif args.prompt is not None:
@@ -294,6 +321,7 @@ def main(argv=None):
     try:
         return args.func(args)
     except KeyboardInterrupt:
+        print(f"\nminitodi {args.command}: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError, FloatingPointError) as err:  # the clear errors minitodi raises
         print(f"minitodi {args.command}: error: {err}", file=sys.stderr)

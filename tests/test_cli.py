@@ -128,3 +128,42 @@ def test_generate_refuses_bytes_that_are_not_utf8(runs, capsys):
     instruction = b"caf\xe9".decode("utf-8", "surrogateescape")  # what Python makes of such bytes in argv
     assert main(["generate", "--model", str(runs / "teacher"), "--instruction", instruction]) == 2
     assert capsys.readouterr().err.strip().endswith("--instruction is not valid UTF-8 text")
+
+
+@pytest.mark.parametrize("case", ["missing parent", "a directory"])
+def test_evaluate_log_is_checked_before_the_evaluation(runs, tmp_path, capsys, case, monkeypatch):
+    """An unusable --log is one line and exit 2, before any model is loaded or any answer generated."""
+    from minitodi import evaluation
+
+    def never(*args, **kwargs):
+        raise AssertionError("evaluated before --log was checked")
+
+    monkeypatch.setattr(evaluation, "evaluate", never)
+    log = {"missing parent": tmp_path / "no" / "eval.jsonl", "a directory": tmp_path}[case]
+    assert main(["evaluate", "--model", str(runs / "student"), "--log", str(log), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--log {log}" in err
+
+
+def test_a_model_whose_vocabulary_is_not_its_tokenizers_is_refused_at_load(runs, tmp_path, capsys):
+    """config.json's vocabulary against tokenizer.json's: one line naming both, before any generation."""
+    from minitodi import checkpoint
+    from minitodi.model import GPTConfig, init_params
+
+    shutil.copy(runs / "student" / "tokenizer.json", tmp_path / "tokenizer.json")
+    config = GPTConfig(vocab_size=40, n_positions=56, n_embd=16, n_layer=1, n_head=2)
+    checkpoint.save(tmp_path, init_params(config), config)
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "hello", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "the model's vocabulary (40, config.json) is not its tokenizer's (300" in err
+
+
+def test_ctrl_c_says_so(monkeypatch, tmp_path, capsys):
+    from minitodi import demo
+
+    def interrupted(out, **settings):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run", interrupted)
+    assert main(["demo", "--out", str(tmp_path / "d")]) == 130
+    assert "minitodi demo: interrupted" in capsys.readouterr().err
