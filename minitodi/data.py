@@ -342,7 +342,7 @@ def _numbered_records(path):
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark is no JSON
                 obj = json.loads(line) if line.strip() else None
             except UnicodeDecodeError as e:
                 raise ValueError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line)") from None
@@ -372,7 +372,7 @@ def load_texts(paths) -> list[str]:
     texts = []
     for path in paths:
         try:
-            texts.append(Path(path).read_text(encoding="utf-8"))
+            texts.append(Path(path).read_text(encoding="utf-8-sig"))  # a byte-order mark is not text
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
         if not texts[-1].strip():
@@ -540,7 +540,8 @@ def load_dataset(spec: str) -> dict:
 
     - ``"synthetic"``: the built-in instruction suite (``kind = "instructions"``, records);
     - ``"pydoc"``: Python's help topics (``kind = "text"``, strings; test = valid);
-    - a ``.jsonl`` file: Dolly-format records; a ``.txt`` file or a directory of them: plain text.
+    - a ``.jsonl`` or ``.json`` file of Dolly-format records, or a directory of them; a ``.txt`` file or a
+      directory of them: plain text (see :func:`_read_dataset_files`).
       About 10% of the records or files (chosen by a hash of their index) are held out as valid = test;
       of a single text file, its last tenth of lines. ``places`` names each record's file and line.
     """
@@ -551,7 +552,8 @@ def load_dataset(spec: str) -> dict:
         return {"kind": "text", "train": corpus["train"], "valid": corpus["valid"], "test": corpus["valid"]}
     path = Path(spec)
     if not path.exists():
-        raise FileNotFoundError(f"no dataset {spec!r}: use 'synthetic', 'pydoc', a .jsonl file or text files")
+        raise FileNotFoundError(f"no dataset {spec!r}: use 'synthetic', 'pydoc', a .jsonl or .json file, "
+                                "text files, or a directory of them")
     kind, items, places = _read_dataset_files(path)
     if len(items) < 2:
         raise ValueError(f"{path}: at least two records, files or lines are needed "
@@ -570,20 +572,30 @@ def load_dataset(spec: str) -> dict:
     return {**dataset, "test": dataset["valid"]}
 
 
-def _read_dataset_files(path):
-    """``(kind, items, places)`` of a .jsonl file (records) or of text files (strings, places None).
+RECORD_SUFFIXES = (".jsonl", ".json")  # records: one JSON object a line, or a JSON array of them
+TEXT_SUFFIXES = (".txt",)
 
-    ``places`` holds each record's "file:line", for error messages (``dataset["places"][split]``).
+
+def _read_dataset_files(path):
+    """``(kind, items, places)``: records of .jsonl / .json files, or the text of text files.
+
+    A file is read by its suffix, whatever its case: ``.jsonl`` one record a line, ``.json`` a JSON array
+    of records, anything else plain text. A directory is read whole: all its record files, or all its
+    ``.txt`` files; one that mixes the two, or holds other files, is refused with the reason. ``places``
+    holds each record's "file:line" (or "file[index]"), for error messages (``dataset["places"][split]``).
     """
-    if path.suffix == ".jsonl":
-        numbered = _numbered_records(path)
-        items = [record for _, record in numbered]
-        places = [f"{path}:{lineno}" for lineno, _ in numbered]
-        return "instructions", items, places
     if path.is_dir():
-        files = sorted(path.glob("*.txt"))
+        files = _dataset_directory_files(path)
     else:
         files = [path]
+    if files[0].suffix.lower() in RECORD_SUFFIXES:
+        items = []
+        places = []
+        for file in files:
+            for place, record in _records_of(file):
+                places.append(place)
+                items.append(record)
+        return "instructions", items, places
     items = load_texts(files)
     if len(items) == 1:  # a single text file: its last tenth of lines becomes a second item, held out
         lines = items[0].splitlines(keepends=True)
@@ -591,6 +603,39 @@ def _read_dataset_files(path):
         if cut > 0:
             items = ["".join(lines[:cut]), "".join(lines[cut:])]
     return "text", items, None
+
+
+def _dataset_directory_files(path):
+    """A directory's dataset files, sorted: all record files or all text files, else a clear error."""
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    records = [p for p in files if p.suffix.lower() in RECORD_SUFFIXES]
+    texts = [p for p in files if p.suffix.lower() in TEXT_SUFFIXES]
+    others = [p.name for p in files if p not in records and p not in texts]
+    if others:
+        raise ValueError(f"{path} holds files that are neither records (.jsonl, .json) nor text (.txt): "
+                         f"{', '.join(others[:5])}; give a file, or a directory of one kind")
+    if records and texts:
+        raise ValueError(f"{path} holds both records ({records[0].name}, ...) and text ({texts[0].name}, "
+                         "...): give a file, or a directory of one kind")
+    if not files:
+        raise ValueError(f"{path} holds no .jsonl, .json or .txt file")
+    return files
+
+
+def _records_of(path):
+    """``[(place, record), ...]`` of a .jsonl file (place "file:line") or a .json array (place "file[i]")."""
+    if path.suffix.lower() == ".jsonl":
+        return [(f"{path}:{lineno}", record) for lineno, record in _numbered_records(path)]
+    try:
+        array = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(array, list) or not array:
+        raise ValueError(f"{path}: a .json dataset is a non-empty array of records (one object a record); "
+                         "for one record a line use .jsonl")
+    return [(f"{path}[{i}]", validate_record(obj, f"{path}[{i}]")) for i, obj in enumerate(array)]
 
 
 def examples_for(dataset: dict, split: str, tokenizer: Tokenizer, seq_len: int) -> list:

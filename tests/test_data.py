@@ -303,3 +303,56 @@ def test_a_single_text_file_is_a_dataset(tmp_path):
         "".join(f"line {i} of the book\n" for i in range(36, 40))]
     tok, examples = data.prepare(dataset, 16, vocab_size=280)
     assert examples["train"] and examples["valid"]
+
+
+def _dolly(n):
+    return [{"instruction": f"say {i}", "context": "", "response": f"word{i}"} for i in range(n)]
+
+
+def test_a_json_array_of_records_is_read_as_records(tmp_path):
+    path = tmp_path / "pretty.json"
+    path.write_text(json.dumps(_dolly(12), indent=2))
+    dataset = data.load_dataset(str(path))
+    assert dataset["kind"] == "instructions"
+    assert len(dataset["train"]) + len(dataset["valid"]) == 12
+    assert all(place.startswith(f"{path}[") for place in dataset["places"]["train"])
+
+
+def test_jsonl_whatever_the_case_of_its_suffix_and_a_byte_order_mark(tmp_path):
+    path = tmp_path / "UPPER.JSONL"
+    lines = [json.dumps(record) for record in _dolly(12)]
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode("utf-8"))
+    dataset = data.load_dataset(str(path))
+    assert dataset["kind"] == "instructions"
+    assert sorted(r["instruction"] for r in dataset["train"] + dataset["valid"]) == sorted(
+        r["instruction"] for r in _dolly(12))
+
+
+def test_a_text_file_with_a_byte_order_mark_loses_the_mark(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + b"line\n" * 20)
+    dataset = data.load_dataset(str(path))
+    assert not any(text.startswith("\ufeff") for text in dataset["train"])
+
+
+def test_a_directory_of_record_files_is_read_whole(tmp_path):
+    data.write_jsonl(_dolly(6), tmp_path / "a.jsonl")
+    data.write_jsonl(_dolly(6)[::-1], tmp_path / "b.jsonl")
+    dataset = data.load_dataset(str(tmp_path))
+    assert dataset["kind"] == "instructions"
+    assert len(dataset["train"]) + len(dataset["valid"]) == 12
+
+
+@pytest.mark.parametrize("extra, message", [("notes.txt", "both records"), ("README.md", "neither records")])
+def test_a_directory_of_mixed_files_is_refused_with_the_reason(tmp_path, extra, message):
+    data.write_jsonl(_dolly(6), tmp_path / "a.jsonl")
+    (tmp_path / extra).write_text("some words\n")
+    with pytest.raises(ValueError, match=message):
+        data.load_dataset(str(tmp_path))
+
+
+def test_a_json_file_that_is_not_an_array_of_records_is_refused(tmp_path):
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(_dolly(1)[0]))
+    with pytest.raises(ValueError, match="a non-empty array of records"):
+        data.load_dataset(str(path))
