@@ -41,8 +41,12 @@ class Teacher:
         """(B, T) token ids -> (B, T, V) logits, or (n, V) at the positions of a boolean mask ``rows``."""
         return forward_in_shards(self.params, idx, self.config, rows=rows)[0]
 
-    def precompute(self, examples, device="cpu"):
-        """Cache the logits at counted positions of every distinct example; False if it would not fit."""
+    def precompute(self, examples, device="cpu", stop=()):
+        """Cache the logits at counted positions of every distinct example; False if it would not fit.
+
+        ``stop``: a list that Ctrl-C makes non-empty (:func:`minitodi.rundir.ctrl_c_flag`), looked at
+        between batches: the work stops there, the cache is left empty and False is returned.
+        """
         unique = {}  # an example's ids (int64 bytes) -> the example, first occurrence kept
         for x, y in examples:
             unique.setdefault(np.asarray(x, dtype=np.int64).tobytes(), (x, y))
@@ -55,6 +59,9 @@ class Teacher:
         self._cache = {}
         items = list(unique.items())
         for start in range(0, len(items), self.CACHE_BATCH):
+            if stop:
+                self._cache = {}
+                return False
             chunk = items[start:start + self.CACHE_BATCH]
             # padding (the tokenizer's eos id) follows every counted position: causal attention ignores it
             idx, labels = collate([example for _, example in chunk], pad_id=self.tokenizer.eos_id,

@@ -184,13 +184,16 @@ def fit(out, model_config, tokenizer, train_examples, valid_examples, tcfg: Trai
         return heldout_losses(params, model_config, valid_examples, tokenizer.eos_id,
                               batch_size=tcfg.eval_batch_size, device=device)[0]
 
-    with rundir.claim(out, start) as resumable:
+    with rundir.claim(out, start) as resumable, rundir.ctrl_c_flag() as stop:
         if resumable:
             rundir.check_same_settings(out, run_settings)
         if start == "best":
             rundir.check_best_model(out, model_config)
         if tcfg.loss != SFT:
-            teacher.precompute(train_examples, device)
+            teacher.precompute(train_examples, device, stop=stop)
+        if stop:  # Ctrl-C while the teacher's logits were computed: nothing is written yet
+            print(f"\ninterrupted before {out} changed; run the same command again to start.")
+            raise KeyboardInterrupt
         rundir.write_settings(out, run_settings)
         tokenizer.save(out)
         # rows are padded with the tokenizer's eos id (labels -100 there: no loss reads a padded position)
@@ -200,7 +203,7 @@ def fit(out, model_config, tokenizer, train_examples, valid_examples, tcfg: Trai
         trainer = _Trainer(run, tokenizer, tcfg, teacher, valid_ce)
         begin = time.perf_counter()
         steps_left = tcfg.steps - run.step
-        with rundir.ctrl_c_flag() as stop, Progress(steps_left, label or tcfg.loss, enabled=progress) as bar:
+        with Progress(steps_left, label or tcfg.loss, enabled=progress) as bar:
             trainer.steps(stop, bar)
             if stop and run.step < tcfg.steps:
                 run.save_last()

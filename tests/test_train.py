@@ -1,5 +1,6 @@
 """Training loops: the combined loss and its gradient, learning, exact resume, the teacher's tokenizer."""
 
+import contextlib
 import json
 import shutil
 import signal
@@ -291,6 +292,35 @@ def test_cached_teacher_logits_equal_a_forward_pass_where_they_count(run_inputs,
     monkeypatch.setattr(Teacher, "CACHE_BYTES", 1)  # too big to cache: precompute declines
     assert not Teacher(teacher.params, teacher.config, teacher.tokenizer).precompute(ex["train"])
 
+
+def test_ctrl_c_while_the_teacher_logits_are_computed_stops_before_the_run_changes(
+        run_inputs, teacher, tmp_path, monkeypatch):
+    """The teacher's cache is built in batches that look at the Ctrl-C flag: a demo worker stops there."""
+    _, tok, cfg, ex = run_inputs
+    stop = []
+    real_logits = Teacher.logits
+    calls = []
+
+    def press_ctrl_c_after_the_first_batch(self, idx, rows=None):
+        calls.append(1)
+        stop.append(True)
+        return real_logits(self, idx, rows)
+
+    monkeypatch.setattr(Teacher, "logits", press_ctrl_c_after_the_first_batch)
+    monkeypatch.setattr(Teacher, "CACHE_BATCH", 16)
+    fresh = Teacher(teacher.params, teacher.config, teacher.tokenizer)
+    assert not fresh.precompute(ex["train"], stop=stop)
+    assert len(calls) == 1 and fresh._cache == {}
+    monkeypatch.setattr(rundir, "ctrl_c_flag", lambda: _pressed())
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path / "run", cfg, tok, ex["train"], ex["valid"], tiny(loss="fkl"), teacher=fresh,
+            progress=False)
+    assert list((tmp_path / "run").iterdir()) == []  # nothing written
+
+
+@contextlib.contextmanager
+def _pressed():
+    yield [True]  # Ctrl-C already pressed
 
 # ------------------------------------------------------------------------- bad settings and run directories
 
