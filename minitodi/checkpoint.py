@@ -53,7 +53,7 @@ def _atomic_write(path, write):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        if err.filename is not None:
+        if err.filename is not None or err.errno is None:  # it names its file, or it is no system error
             raise
         # a full disk's "[Errno 28] No space left on device" names no file: say which
         raise OSError(err.errno, f"{err.strerror} (writing {path})") from err

@@ -196,7 +196,10 @@ def append_log(path, record):
     try:
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-    except OSError as err:  # a full disk's message names no file: say which
+    except OSError as err:
+        if err.filename is not None or err.errno is None:  # it names its file, or it is no system error
+            raise
+        # a full disk's "[Errno 28] No space left on device" names no file: say which
         raise OSError(err.errno, f"{err.strerror} (appending to {path})") from err
 
 

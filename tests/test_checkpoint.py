@@ -132,6 +132,17 @@ def test_interrupted_model_write_keeps_previous_model(tmp_path, monkeypatch, par
         checkpoint.load_training_state(tmp_path)
 
 
+def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch):
+    config = small_gpt2_config()
+
+    def full_disk(tensors, path, metadata=None):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    with pytest.raises(OSError, match=r"No space left on device \(writing .*model\.safetensors\)"):
+        checkpoint.save(tmp_path, make_params(config), config)
+
+
 def test_interrupted_state_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     config = small_gpt2_config()
     old = make_params(config, seed=0)
