@@ -79,6 +79,9 @@ def layernorm_backward(dy, cache):
     rstd * (delta_ij - 1/C - xhat_i xhat_j / C)):
 
         dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
+
+    So sum_i dx_i = 0 exactly, and <dx, xhat> = rstd <dxhat, xhat> eps / (var + eps): zero only up to
+    eps. Derived in notebook 03, "Layer norm backward".
     """
     xhat, rstd, w = cache
     xp = array_module(dy)
@@ -111,7 +114,10 @@ def linear_forward(x, w, b):
 
 
 def linear_backward(dy, cache):
-    """forward was: y = x @ w + b, so dx = dy @ w^T, dw = x^T @ dy (summed over positions), db = sum dy."""
+    """forward was: y = x @ w + b, so dx = dy @ w^T, dw = x^T @ dy (summed over positions), db = sum dy.
+
+    Derived in index notation in notebook 03, "Linear backward".
+    """
     x, w = cache
     dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
     dx = (dy2 @ w.T).reshape(x.shape)  # (N, out) @ (out, in)
@@ -152,6 +158,7 @@ def gelu_backward(dy, cache):
         dy/dx = s + x * 2 s (1 - s) * k (1 + 3 a x^2)
 
     (= 0.5 (1 + tanh u) + 0.5 x (1 - tanh(u)^2) du/dx), built below in that order, in place.
+    Notebook 03, "GELU backward".
     """
     x, s = cache
     dudx = x * x
@@ -231,6 +238,9 @@ def cross_entropy_backward(dloss, cache):
     """forward was: loss = -(1/N) sum_counted log q[target], q = softmax(logits), so
 
         dlogits = dloss * (q - onehot(target)) / N  at counted positions, 0 elsewhere.
+
+    (Forward KL against a one-hot teacher: notebook 02, "Cross-entropy backward", and the training
+    loss's (1 - kd_rate) CE + kd_rate KD in "The training loss: CE + KD".)
     """
     q, safe, counted, n = cache
     xp = array_module(q)
@@ -393,6 +403,7 @@ def grouped_attention_backward(dy, cache):
         dv = sum over the group of att^T dy,    dk = sum over the group of dpre^T q * scale.
 
     Returns dq (B, T, n_head hs), dk and dv (B, T, n_kv_head hs). Only for a full sequence (no ``past``).
+    Derived in index notation in notebook 03, "Attention backward".
     """
     qg = cache["qg"]
     kg = cache["kg"]

@@ -24,7 +24,10 @@ returns g_v = dD/d(log q_v). Since log q_v = z_v - logsumexp(z), d(log q_v)/dz_j
     dloss/ds = (1 / (N temperature)) * (g - q * sum_v g_v)       at counted positions, 0 elsewhere.
 
 The gradient rows therefore sum to zero (sum_j q_j = 1) and a constant added to a row of logits changes
-nothing. This step, the mask and the mean are applied once, in :func:`_mean_over_positions`.
+nothing. This step, the mask and the mean are applied once, in :func:`_mean_over_positions`. Notebook
+02 derives it, typeset ("The shared softmax step"), and the temperature's 1/T with it ("Temperature and
+the T² question"); each divergence's g below is derived there too ("Each loss: its g, the gradient, the
+check").
 
 **Rounding.** Every divergence is >= 0 (JSD <= log 2 and TVD <= 1 as well). Where distributions are
 equal to within rounding, the computed D of a position can come out a few ulps below 0 (RKL at
@@ -83,6 +86,7 @@ def fkl_rows(lp, lq, p, q):
 
     D = sum_v p_v (log p_v - log q_v)
     g_v = -p_v;  through the shared step dD/dz = -p + q sum_v p_v = q - p.
+    (Notebook 02, "Each loss: its g, the gradient, the check", FKL.)
     """
     return (p * (lp - lq)).sum(axis=-1), -p
 
@@ -92,6 +96,7 @@ def rkl_rows(lp, lq, p, q):
 
     D = sum_v q_v r_v  with r_v = log q_v - log p_v
     g_v = d(q_v r_v)/d(log q_v) = q_v r_v + q_v = q_v (r_v + 1);  dD/dz = q (r + 1) - q (D + 1) = q (r - D).
+    (Notebook 02, "Each loss: its g, the gradient, the check", RKL.)
     """
     r = lq - lp
     return (q * r).sum(axis=-1), q * (r + 1)
@@ -105,7 +110,8 @@ def todi_rows(lp, lq, p, q, a, one_minus_a):
     g_v = -a_v p_v + (1 - a_v) q_v (1 - d_v)      (FKL's -p and RKL's q (r + 1), weighted; a constant)
     Where the student underestimates (p > q) a -> 1 and the term is FKL's; where it overestimates,
     a -> 0 and it is RKL's. (At beta = 1, a = p / (p + q) and the value equals FKL + RKL; its gradient
-    does not, because a is held constant.)
+    does not, because a is held constant: notebook 01, "ToDi at β = 1: the value is FKL + RKL", and
+    notebook 02, "ToDi (weight detached)".)
     """
     d = lp - lq
     return ((a * p - one_minus_a * q) * d).sum(axis=-1), one_minus_a * q * (1 - d) - a * p
