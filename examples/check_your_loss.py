@@ -6,8 +6,10 @@
 The three are written the way public distillation code writes them: log-softmaxes in float32, a weight
 from the log-ratio, -inf entries zeroed with masked_fill, a sum over positions divided by the counted ones.
 
-- ``todi_float32``: ToDi as the official code computes it, float32, weight detached. It passes (its
-  gradient is NaN where both logits are -inf, as the official code's is: reported, not failed).
+- ``todi_float32``: ToDi as the official code computes it, float32, weight detached. It passes on logits
+  that are never -inf (``neginf=False``). Where both logits are -inf its gradient is NaN, as the official
+  code's is (masked_fill after the product: 0 * NaN = NaN in the backward pass): with that case in, it
+  fails, and the report says where.
 - ``todi_weight_attached``: the same without ``.detach()``: the value is the same function, but autograd
   now differentiates through the weight, so the gradient is FKL's plus RKL's (at beta = 1).
 - ``todi_t_squared``: the same times T^2, the habit of classification distillation (Hinton et al.);
@@ -56,10 +58,13 @@ def todi_t_squared(student_logits, teacher_logits, mask, temperature):
 def main():
     verdicts_right = True
     for fn, should_pass in [(todi_float32, True), (todi_weight_attached, False), (todi_t_squared, False)]:
-        report = check(fn, "todi", framework="torch")
+        report = check(fn, "todi", framework="torch", neginf=False)
         print(f"== {fn.__name__}\n{report}\n")
         verdicts_right &= report.passed == should_pass
-    declared = check(todi_t_squared, "todi", framework="torch", t_squared=True)
+    with_inf = check(todi_float32, "todi", framework="torch")  # the case of -inf logits included
+    print(f"== todi_float32, -inf logits included\n{with_inf}\n")
+    verdicts_right &= not with_inf.passed
+    declared = check(todi_t_squared, "todi", framework="torch", t_squared=True, neginf=False)
     print(f"todi_t_squared checked as a T^2 convention (t_squared=True): passed = {declared.passed}")
     return 0 if verdicts_right and declared.passed else 1
 

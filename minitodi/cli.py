@@ -35,7 +35,7 @@ def _parse_options(pairs):
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"--option expects NAME=VALUE, got {pair!r}")
+            raise ValueError(f"--option expects NAME=VALUE, got {pair!r}")
         key = key.strip()
         value = value.strip()
         options[key] = _option_value(key, value)
@@ -49,7 +49,7 @@ def _option_value(key, value):
     try:
         return float(value)
     except ValueError:
-        raise SystemExit(f"--option {key}: {value!r} is not a number or true/false") from None
+        raise ValueError(f"--option {key}: {value!r} is not a number or true/false") from None
 
 
 def _fit(args, teacher=None):
@@ -159,7 +159,7 @@ def cmd_generate(args):
     elif args.prompt is not None:
         text = args.prompt
     else:
-        raise SystemExit("generate needs --instruction (and optionally --input) or --prompt")
+        raise ValueError("generate needs --instruction (and optionally --input) or --prompt")
     ids = tokenizer.encode(text)  # generate cuts a long prompt from the left and says so
     for n in range(args.samples):
         outs = generate(params, config, [ids], max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id,
@@ -190,7 +190,8 @@ def cmd_conformance(args):
     from .conformance import run_target
 
     return run_target(args.target, args.loss, framework=args.framework, reduction=args.reduction,
-                      t_squared=args.t_squared, tol=args.tol, **_parse_options(args.option))
+                      t_squared=args.t_squared, tol=args.tol, neginf=args.neginf, timeout=args.timeout,
+                      **_parse_options(args.option))
 
 
 def _common(p, *, training=False, generation=True):
@@ -285,6 +286,10 @@ def _add_conformance_command(sub):
     p.add_argument("--reduction", choices=["mean", "sum"], default="mean", help="over counted positions")
     p.add_argument("--t-squared", action="store_true", help="FUNCTION multiplies the loss by T^2")
     p.add_argument("--tol", type=float, help="largest relative error that passes (default 1e-3)")
+    p.add_argument("--no-neginf", dest="neginf", action="store_false",
+                   help="leave out the case with -inf logits (for code that never sees them)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="give up (exit 3) if FUNCTION has not returned by then")
     p.set_defaults(func=cmd_conformance)
 
 

@@ -9,6 +9,11 @@ r"""Check someone else's distillation loss against minitodi's: the same value an
 else fourth). framework="torch": float64 tensors, the student's with requires_grad; ``fn`` returns a
 scalar tensor, differentiated by autograd. framework="numpy": arrays; ``fn`` returns (loss, dloss/ds).
 
+**Options.** check's keyword options are the loss's (``beta=2.0`` for ToDi). They are checked against
+``LOSSES[loss]``, by name and by value, before ``fn`` is called: an unknown or invalid one is a one-line
+ValueError, as are a bad ``tol``, loss, framework or reduction. ``fn`` is given an option only where its
+signature takes it (or has ``**kwargs``); the report says which it was not given.
+
 **Convention.** minitodi's: p = softmax(t / T), q = softmax(s / T), the mean over counted positions of
 the divergence summed over the vocabulary, no T^2. Another is declared: ``reduction="sum"`` (over counted
 positions), ``t_squared=True`` (times T^2); the reference is scaled to match.
@@ -21,14 +26,24 @@ normwise (an entry small by cancellation weighs no more than its size), u = 1/(N
 official code does (7.4e-6; its JSD, TVD, skew KLs, AKL: 7.2e-5); every single-bug variant of them
 misses by more than 0.18 (seeds 0 to 5).
 
-**-inf entries.** One case has -inf in both logits at the same entries (p = q = 0, every divergence
-finite). The official ToDi code's gradient is NaN there (sigmoid(-inf - -inf), and 0 * NaN passes
-masked_fill's backward): a non-finite result on that case is reported ("nan"), not failed.
+**Non-finite results fail**, value or gradient, and the diagnosis says where. One case has -inf in both
+logits at the same entries (p = q = 0 there; every divergence is finite): 0 * log 0 = 0 * (-inf) is NaN
+in floating point, and zeroing such a term afterwards (masked_fill) fixes the value but not the gradient
+(0 * NaN = NaN in the backward pass). Code that never sees -inf logits (logits straight from a linear
+layer) can leave that case out with ``neginf=False``; the report says it was left out.
 
-**Diagnosis.** The known wrong variants matching ``fn`` on every case are named (float64, from LOSSES):
-T^2 applied or missing, sum for mean or back, a mean over all positions or also over V, the mask ignored,
-the temperature on one side only, FKL and RKL swapped, cross-entropy for FKL; ToDi's weight reversed
-(FKL + RKL - ToDi: ToDi is linear in its detached weight), not detached, beta ignored.
+**Diagnosis.** Known deviations are tried alone, then in pairs, in float64 from LOSSES:
+- what is computed: the mask ignored; the temperature on the student only, on the teacher only, or
+  ignored (the divergence at T = 1); FKL and RKL swapped; ToDi's weight reversed (FKL + RKL - ToDi: ToDi
+  is linear in its detached weight), not detached, beta ignored; GJSD's beta taken as 1 - beta, or ignored;
+- the value: the teacher's entropy H(p) added, gradient unchanged (a cross-entropy -sum p log(.) in place
+  of a KL term sum p log(p / .));
+- a factor: T^2 applied or missing, a sum for the mean or back, the mean over all positions or also over
+  V, the sum divided by the batch size B (the first dimension), a constant c fitted by least squares on
+  value and gradient (each case weighed by its scale, as the errors are).
+The variants that match on every case are named. Otherwise a variant is shown as the closest only when it
+nearly matches (worst error below NEAR * tol and below 1/NEAR of the reference's), and the diagnosis
+says that no known mistake matches and where the largest error sits: case, positions, value or gradient.
 
 **ToDi's weight not detached.** D = sum_v (a_v p_v - (1 - a_v) q_v) d_v, d_v = log p_v - log q_v,
 a_v = sigmoid(beta d_v). Detached, g_v = dD/d(log q_v) = -a_v p_v + (1 - a_v) q_v (1 - d_v). Through the
@@ -36,11 +51,17 @@ weight autograd adds h_v = dD/da_v da_v/d(log q_v) = (p_v + q_v) d_v (-beta a_v 
 the logits through log-softmax like any g: dloss/ds += (h - q sum_v h_v) / (N T) at counted positions.
 """
 
+import contextlib
 import importlib.util
 import inspect
+import itertools
 import math
+import numbers
 import os
-from dataclasses import dataclass
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -48,8 +69,17 @@ from .losses import LOSSES, log_softmax
 
 DEFAULT_TOL = 1e-3
 GRAD_FLOOR = 1e-2  # gradient errors are relative to at least this fraction of the unit 1/(N T)
+# A variant is shown as the closest only within NEAR * tol on every case and NEAR times closer than the
+# reference: the misleading "closest" variants of the past missed by 0.5 to 4.1 at tol 1e-3.
+NEAR = 10
+SMALLEST_SCALE = 1e-3  # a fitted constant factor below this says "the result is ~0", not "scaled by c"
 FRAMEWORKS = ("torch", "numpy")
 REDUCTIONS = ("mean", "sum")
+NOT_OPTIONS = {  # keyword arguments of LOSSES that are not options of a check, and why
+    "temperature": "the battery sets it, per case",
+    "detach": "the check compares with ToDi's detached weight and names a weight not detached",
+    "stopgrad_at": "it is for finite differences",
+}
 
 
 class ConformanceError(RuntimeError):
@@ -114,8 +144,73 @@ def battery(seed=0):
     return cases
 
 
+def has_neginf(case):
+    """True for the case with -inf logits (both sides, the same entries)."""
+    return bool(np.isneginf(case.student).any())
+
+
 # --------------------------------------------------------------------------------------------------
-# the reference and its known wrong variants, in float64
+# checking the settings, before anything runs
+def loss_options(loss):
+    """The options ``check`` accepts for ``LOSSES[loss]``: its keyword-only parameters not in NOT_OPTIONS."""
+    parameters = inspect.signature(LOSSES[loss]).parameters.values()
+    return [p.name for p in parameters if p.kind == p.KEYWORD_ONLY and p.name not in NOT_OPTIONS]
+
+
+def check_options(loss, options):
+    """Raise a one-line ValueError unless every option is one of ``loss``'s, with a value it accepts."""
+    valid = loss_options(loss)
+    known = ", ".join(valid) if valid else "none"
+    for name in options:
+        if name in NOT_OPTIONS:
+            raise ValueError(f"{name!r} is not an option of a check ({NOT_OPTIONS[name]}); "
+                             f"{loss}'s options: {known}")
+        if name not in valid:
+            raise ValueError(f"{loss} has no option {name!r}; its options: {known}")
+    tiny = np.zeros((1, 2))
+    LOSSES[loss](tiny, tiny, temperature=1.0, **options)  # minitodi's own checks of the values
+
+
+def _is_number(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_settings(loss, *, framework="torch", reduction="mean", t_squared=False, tol=DEFAULT_TOL, seed=0,
+                   neginf=True, **options):
+    """Raise a one-line ValueError for the first setting of :func:`check` that is not valid."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; known: {', '.join(sorted(LOSSES))}")
+    if framework not in FRAMEWORKS:
+        raise ValueError(f"framework must be one of {FRAMEWORKS}, got {framework!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not (_is_number(tol) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
+    if not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed >= 0):
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    for name, flag in (("t_squared", t_squared), ("neginf", neginf)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    check_options(loss, options)
+
+
+def _options_for(fn, options):
+    """(the options ``fn``'s signature takes, the names of those it does not).
+
+    All of them where it has ``**kwargs`` or no signature Python can read.
+    """
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return dict(options), []
+    if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        return dict(options), []
+    taken = {name: value for name, value in options.items() if name in parameters}
+    return taken, [name for name in options if name not in parameters]
+
+
+# --------------------------------------------------------------------------------------------------
+# the reference and the known deviations, in float64
 def _todi_attached_extra(case, beta):
     """What autograd adds to ToDi's gradient when the weight is not detached (module docstring)."""
     T = case.temperature
@@ -131,78 +226,139 @@ def _todi_attached_extra(case, beta):
     return np.where(case.mask[..., None], dz, 0.0) / (case.mask.sum() * T)
 
 
-def _teacher_entropy(case):
-    """Mean over counted positions of H(p) = -sum_v p_v log p_v (0 log 0 = 0)."""
-    lp = log_softmax(case.teacher / case.temperature)
-    plogp = np.exp(lp) * np.where(np.isneginf(lp), 0.0, lp)
-    return -float(plogp.sum(axis=-1)[case.mask].mean())
+def _mean_entropy(teacher_logits, counted):
+    """Mean over the ``counted`` positions of H(p) = -sum_v p_v log p_v, p = softmax(teacher_logits)."""
+    lp = log_softmax(teacher_logits)
+    plogp = np.exp(lp) * np.where(np.isneginf(lp), 0.0, lp)  # 0 log 0 = 0
+    return -float(plogp.sum(axis=-1)[counted].mean())
 
 
-def _variants(loss, options, reduction, t_squared):
-    """The reference and the known wrong variants of ``LOSSES[loss]``, as ``{description: (f, k)}``.
+@dataclass
+class Computation:
+    """What a variant computes before any factor, per case, in minitodi's convention.
 
-    f(case) -> (value, grad) in minitodi's convention and k(case) the factor to the declared one (N for a
-    sum, T^2); "reference" first, then the known wrong variants.
+    ``value_and_grad(case)``: the mean over its positions (the counted ones, or all where ``masked`` is
+    False) and the gradient; ``entropy(case)``: the teacher's H(p) averaged over the same positions, at
+    the same temperature.
     """
-    def call(name=loss, opts=options, masked=True, teacher=lambda c: c.teacher, T=None):
-        def f(c):
-            mask = c.mask if masked else None
-            temperature = T or c.temperature
-            return LOSSES[name](c.student, teacher(c), mask, temperature=temperature, **opts)
-        return f
 
-    def k(red=reduction, t2=t_squared, positions=lambda c: c.mask.sum()):
-        def factor(c):
-            sum_factor = positions(c) if red == "sum" else 1  # a sum is N times the mean
-            t2_factor = c.temperature ** 2 if t2 else 1
-            return sum_factor * t2_factor
-        return factor
+    description: str
+    value_and_grad: object
+    entropy: object
+    masked: bool = True
 
-    other = "mean" if reduction == "sum" else "sum"
-    t2_bug = "missing" if t_squared else "applied"
-    out = {
-        "reference": (call(), k()),
-        f"T^2 factor {t2_bug}": (call(), k(t2=not t_squared)),
-        f"{other} over positions instead of {reduction}": (call(), k(red=other)),
-        "mask ignored (every position counted)": (call(masked=False), k(positions=lambda c: c.mask.size)),
-        "temperature on the student only": (call(teacher=lambda c: c.teacher * c.temperature), k()),
-        "temperature on the teacher only": (call(teacher=lambda c: c.teacher / c.temperature, T=1.0), k()),
-    }
-    out["divided by V too (F.kl_div's reduction='mean' averages over every element)"] = (
-        call(), lambda c: k()(c) / c.student.shape[-1])
-    if reduction == "mean":
-        out["mean over all positions, masked ones in the count"] = (
-            call(), lambda c: c.mask.sum() / c.mask.size * k()(c))
+
+def _computation(description, loss, options, *, masked=True, student_t=True, teacher_t=True):
+    """``LOSSES[loss]`` with the mask or not, and the temperature on each side or not (then T = 1)."""
+    def temperatures(case):
+        student_T = case.temperature if student_t else 1.0
+        teacher_T = case.temperature if teacher_t else 1.0
+        return student_T, teacher_T
+
+    def value_and_grad(case):
+        student_T, teacher_T = temperatures(case)
+        mask = case.mask if masked else None
+        # softmax(teacher / student_T) is then softmax(case.teacher / teacher_T)
+        teacher = case.teacher * (student_T / teacher_T)
+        return LOSSES[loss](case.student, teacher, mask, temperature=student_T, **options)
+
+    def entropy(case):
+        _, teacher_T = temperatures(case)
+        counted = case.mask if masked else np.ones_like(case.mask)
+        return _mean_entropy(case.teacher / teacher_T, counted)
+
+    return Computation(description, value_and_grad, entropy, masked)
+
+
+def computations(loss, options):
+    """minitodi's ``loss`` (first, "reference") and the known wrong computations of it."""
+    out = [_computation("reference", loss, options),
+           _computation("mask ignored (every position counted)", loss, options, masked=False),
+           _computation("temperature on the student only", loss, options, teacher_t=False),
+           _computation("temperature on the teacher only", loss, options, student_t=False),
+           _computation("temperature ignored (the divergence at T = 1)", loss, options, student_t=False,
+                        teacher_t=False)]
     swap = {"fkl": "rkl", "rkl": "fkl"}.get(loss)
     if swap:
-        out[f"FKL and RKL swapped ({swap} computed)"] = (call(swap, {}), k())
-    if loss == "fkl":
-        def plus_entropy(c):  # KL + H(p): cross-entropy
-            v, g = call()(c)
-            return v + _teacher_entropy(c), g
-        out["cross-entropy -sum p log q instead of KL (value off by the teacher's entropy)"] = (
-            plus_entropy, k())
+        out.append(_computation(f"FKL and RKL swapped ({swap} computed)", swap, {}))
     if loss == "todi":
-        for name, f in _todi_variants(call, options).items():
-            out[name] = (f, k())
+        out += _todi_computations(out[0], options)
+    if loss == "gjsd":
+        beta = options.get("beta", 0.5)
+        out.append(_computation("beta taken as 1 - beta (p's and q's roles exchanged)", loss,
+                                {**options, "beta": 1 - beta}))
+        out.append(_computation("beta ignored (0.5, the default, used)", loss, {**options, "beta": 0.5}))
     return out
 
 
-def _todi_variants(call, options):
-    """ToDi's own wrong variants, ``{description: f}``; ``call`` builds a loss as in :func:`_variants`."""
+def _todi_computations(reference, options):
+    """ToDi's own wrong computations; ``reference`` is minitodi's ToDi with ``options``."""
+    fkl = _computation("FKL", "fkl", {})
+    rkl = _computation("RKL", "rkl", {})
+
     def reversed_weight(c):  # (1 - a) on FKL's term, a on RKL's: FKL + RKL - ToDi (weight detached)
-        vf, gf = call("fkl", {})(c)
-        vr, gr = call("rkl", {})(c)
-        vt, gt = call()(c)
+        vf, gf = fkl.value_and_grad(c)
+        vr, gr = rkl.value_and_grad(c)
+        vt, gt = reference.value_and_grad(c)
         return vf + vr - vt, gf + gr - gt
 
     def attached(c):
-        v, g = call()(c)
+        v, g = reference.value_and_grad(c)
         return v, g + _todi_attached_extra(c, options.get("beta", 1.0))
 
-    return {"ToDi's weight reversed (a on RKL's term, 1 - a on FKL's)": reversed_weight,
-            "ToDi's weight not detached (gradient flows through a)": attached,
-            "beta ignored (beta = 1 used)": call(opts={**options, "beta": 1.0})}
+    return [Computation("ToDi's weight reversed (a on RKL's term, 1 - a on FKL's)", reversed_weight,
+                        reference.entropy),
+            Computation("ToDi's weight not detached (gradient flows through a)", attached, reference.entropy),
+            _computation("beta ignored (beta = 1 used)", "todi", {**options, "beta": 1.0})]
+
+
+ENTROPY_ADDED = ("cross-entropy in place of KL: the teacher's entropy H(p) added to the value "
+                 "(-sum p log(.) for sum p log(p/.); the gradient is the same)")
+
+
+@dataclass
+class Factor:
+    """A known wrong factor: ``factor(case, counted)`` = the variant's result over the declared one.
+
+    ``counted``: the number of positions the computation averages over.
+    """
+
+    description: str
+    factor: object
+
+
+def _declared(reduction, t_squared):
+    """(case, counted) -> the declared convention's result over minitodi's mean: N for a sum, T^2."""
+    def factor(case, counted):
+        k = 1.0
+        if reduction == "sum":
+            k *= counted
+        if t_squared:
+            k *= case.temperature ** 2
+        return k
+    return factor
+
+
+def factors(reduction, t_squared):
+    """The known wrong factors, relative to the declared convention."""
+    out = []
+    if t_squared:
+        out.append(Factor("T^2 factor missing", lambda c, n: c.temperature ** -2))
+    else:
+        out.append(Factor("T^2 factor applied", lambda c, n: c.temperature ** 2))
+    if reduction == "mean":
+        out.append(Factor("sum over positions instead of mean", lambda c, n: n))
+        out.append(Factor("mean over all positions, masked ones in the count", lambda c, n: n / c.mask.size))
+        batch = Factor("the sum divided by the batch size B (the first dimension) instead of by the "
+                       "counted positions", lambda c, n: n / c.mask.shape[0])
+    else:
+        out.append(Factor("mean over positions instead of sum", lambda c, n: 1 / n))
+        batch = Factor("the sum divided by the batch size B (the first dimension)",
+                       lambda c, n: 1 / c.mask.shape[0])
+    out.append(batch)
+    out.append(Factor("divided by V too (F.kl_div's reduction='mean' averages over every element)",
+                      lambda c, n: 1 / c.student.shape[-1]))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,7 +377,7 @@ def _adapter(fn, framework):
             if by_name:
                 return fn(s, t, mask, temperature=T, **options)
             return fn(s, t, mask, T, **options)
-        except Exception as err:
+        except (Exception, SystemExit) as err:  # sys.exit() in the function is no verdict either
             name = getattr(fn, "__name__", "the function")
             raise ConformanceError(f"{name} raised {type(err).__name__} "
                                    f"on logits {tuple(s.shape)} at temperature {T:g}: {err}") from err
@@ -230,11 +386,32 @@ def _adapter(fn, framework):
         return _torch_adapter(call)
 
     def run(case, options):
-        value, grad = call(case.student.copy(), case.teacher.copy(), case.mask.copy(), case.temperature,
-                           options)
-        return float(value), np.asarray(grad, dtype=np.float64)
+        result = call(case.student.copy(), case.teacher.copy(), case.mask.copy(), case.temperature, options)
+        return _numpy_result(result, case.student.shape)
 
     return run
+
+
+def _numpy_result(result, shape):
+    """(value, grad) from what a NumPy function returned, or a ConformanceError saying what it returned."""
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise ConformanceError(f"a numpy function must return (loss, grad), got {_described(result)}")
+    value, grad = result
+    if np.ndim(value) != 0 or not np.issubdtype(np.asarray(value).dtype, np.number):
+        raise ConformanceError(f"the loss it returned must be one number, got {_described(value)}")
+    grad = np.asarray(grad)
+    if grad.shape != shape or not np.issubdtype(grad.dtype, np.number):
+        raise ConformanceError(f"the gradient it returned must be an array of numbers shaped like the "
+                               f"student's logits {shape}, got {_described(grad)}")
+    return float(value), grad.astype(np.float64)
+
+
+def _described(x):
+    """What a returned object is, for a message: its type, and its shape where it has one."""
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        return type(x).__name__
+    return f"{type(x).__name__} of shape {tuple(shape)}"
 
 
 def _torch_adapter(call):
@@ -263,7 +440,7 @@ def _torch_adapter(call):
 
 
 def _errors(got, want, scale):
-    """(value error, gradient error) of ``got`` against ``want``, inf where ``got`` is not finite.
+    """(value error, gradient error) of ``got`` against ``want``, each inf where ``got``'s is not finite.
 
     The denominators are at least ``scale`` = the reference's (value, gradient) sizes (some variants
     are ~0).
@@ -273,16 +450,18 @@ def _errors(got, want, scale):
     sv, sg = scale
     if g.shape != rg.shape:
         raise ConformanceError(f"the gradient has shape {g.shape}; the logits have {rg.shape}")
-    if not (math.isfinite(v) and np.isfinite(g).all()):
-        return math.inf, math.inf
-    value_error = abs(v - rv) / max(abs(rv), sv, 1e-300)
-    grad_error = float(np.abs(g - rg).max() / max(np.abs(rg).max(), sg, 1e-300))
+    value_error = math.inf
+    if math.isfinite(v):
+        value_error = abs(v - rv) / max(abs(rv), sv, 1e-300)
+    grad_error = math.inf
+    if np.isfinite(g).all():
+        grad_error = float(np.abs(g - rg).max() / max(np.abs(rg).max(), sg, 1e-300))
     return value_error, grad_error
 
 
 @dataclass
 class Row:
-    """One case: the function's value, the reference's, both errors and "ok", "FAIL" or "nan"."""
+    """One case: the function's value, the reference's, both errors and "ok" or "FAIL"."""
 
     case: str
     value: float
@@ -291,20 +470,28 @@ class Row:
     grad_error: float
     status: str
 
+    @property
+    def finite(self):
+        return math.isfinite(self.value_error) and math.isfinite(self.grad_error)
+
 
 @dataclass
 class Report:
-    """The outcome: a Row per case, ``passed``, the ``diagnosis``; ``str(report)`` is the table."""
+    """The outcome: a Row per case, ``passed``, the ``diagnosis``; ``str(report)`` is the table.
+
+    ``notes``: what was left out of the check or not given to the function.
+    """
 
     loss: str
     settings: str
     tol: float
     rows: list
     diagnosis: str
+    notes: list = field(default_factory=list)
 
     @property
     def passed(self):
-        return all(row.status != "FAIL" for row in self.rows)
+        return bool(self.rows) and all(row.status == "ok" for row in self.rows)
 
     def __str__(self):
         lines = [f"{self.loss} ({self.settings}), tolerance {self.tol:g}",
@@ -312,94 +499,261 @@ class Report:
         for r in self.rows:
             lines.append(f"{r.case:<36}{r.value:>13.6g}{r.reference:>13.6g}{r.value_error:>11.1e}"
                          f"{r.grad_error:>11.1e}  {r.status}")
-        count = {s: sum(r.status == s for r in self.rows) for s in ("ok", "FAIL", "nan")}
+        failed = sum(r.status == "FAIL" for r in self.rows)
         verdict = "passed" if self.passed else "FAILED"
-        counts = ", ".join(f"{n} {s}" for s, n in count.items() if n)
+        counts = f"{len(self.rows) - failed} ok"
+        if failed:
+            counts += f", {failed} FAIL"
         lines.append(f"{verdict}: {counts} of {len(self.rows)} cases")
+        lines += [f"note: {note}" for note in self.notes]
         lines.append(self.diagnosis)
         return "\n".join(lines)
 
 
 def check(fn, loss, *, framework="torch", reduction="mean", t_squared=False, tol=DEFAULT_TOL, seed=0,
-          **options):
+          neginf=True, **options):
     """Run ``fn`` over :func:`battery` (``seed``) and compare it with ``LOSSES[loss]``; returns a Report.
 
-    ``**options``: the loss's options, passed to both. ``reduction`` and ``t_squared`` declare ``fn``'s
-    convention; ``tol``: the largest relative error that passes.
+    ``**options``: the loss's options, checked against minitodi's before ``fn`` runs, given to ``fn``
+    where its signature takes them. ``reduction`` and ``t_squared`` declare ``fn``'s convention; ``tol``:
+    the largest relative error that passes; ``neginf=False`` leaves out the case with -inf logits.
     """
-    if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; known: {', '.join(sorted(LOSSES))}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_settings(loss, framework=framework, reduction=reduction, t_squared=t_squared, tol=tol, seed=seed,
+                   neginf=neginf, **options)
     run = _adapter(fn, framework)
+    given, not_given = _options_for(fn, options)
     cases = battery(seed)
-    got = [run(case, options) for case in cases]
-    table = _variants(loss, options, reduction, t_squared)
-    variants = {}
-    for name, (f, k) in table.items():  # each variant's (value, grad) per case, in the declared convention
-        variants[name] = [tuple(x * k(c) for x in f(c)) for c in cases]
-    reference = variants.pop("reference")
-    reference_factor = table["reference"][1]
-    units = [reference_factor(c) / (c.mask.sum() * c.temperature) for c in cases]
-    scales = [(abs(v), max(np.abs(g).max(), GRAD_FLOOR * u)) for (v, g), u in zip(reference, units)]
-    rows = []
-    for case, g, r, scale in zip(cases, got, reference, scales):
-        ve, ge = _errors(g, r, scale)
-        excused = not math.isfinite(ve) and bool(np.isneginf(case.student).any())
-        rows.append(Row(case.name, g[0], r[0], ve, ge, _status(ve, ge, excused, tol)))
+    notes = []
+    if not neginf:
+        notes += [f"left out: case '{c.name}' (neginf=False: -inf logits not checked)"
+                  for c in cases if has_neginf(c)]
+        cases = [c for c in cases if not has_neginf(c)]
+    if not_given:
+        notes.append(f"not given to the function (its signature does not take them): {', '.join(not_given)}; "
+                     f"the reference uses them")
+    got = [run(case, given) for case in cases]
+    comparison = _Comparison(cases, got, computations(loss, options), _declared(reduction, t_squared),
+                             factors(reduction, t_squared), tol)
     t2 = "times T^2" if t_squared else "no T^2"
     settings = [f"{k}={v}" for k, v in options.items()]
     settings += [framework, f"{reduction} over counted positions", t2]
-    diagnosis = _diagnose(rows, got, reference, scales, variants, tol)
-    return Report(loss, ", ".join(settings), tol, rows, diagnosis)
+    return Report(loss, ", ".join(settings), tol, comparison.rows, comparison.diagnose(), notes)
 
 
-def _status(value_error, grad_error, excused, tol):
-    """A row's status: "nan" for a non-finite result on a case with -inf logits, else "ok" or "FAIL"."""
-    if excused:
-        return "nan"
-    if max(value_error, grad_error) < tol:
-        return "ok"
-    return "FAIL"
+# --------------------------------------------------------------------------------------------------
+# comparing and diagnosing
+class _Comparison:
+    """The function's results against the reference and its variants, case by case, and the diagnosis.
+
+    ``computed``: :func:`computations` (the reference first); ``declared``: the declared convention's
+    factor; ``known_factors``: :func:`factors`.
+    """
+
+    def __init__(self, cases, got, computed, declared, known_factors, tol):
+        self.cases = cases
+        self.got = got
+        self.computed = computed
+        self.declared = declared
+        self.factors = known_factors
+        self.tol = tol
+        self.results = [[c.value_and_grad(case) for case in cases] for c in computed]
+        self.entropies = {}  # computation index -> H(p) per case, computed when a variant needs it
+        self.reference = self.variant(0, False, ())
+        self.scales = [self._scale(case, ref) for case, ref in zip(cases, self.reference)]
+        self.rows = []
+        for case, result, ref, scale in zip(cases, got, self.reference, self.scales):
+            value_error, grad_error = _errors(result, ref, scale)
+            status = "ok" if max(value_error, grad_error) < tol else "FAIL"
+            self.rows.append(Row(case.name, result[0], ref[0], value_error, grad_error, status))
+
+    def _scale(self, case, reference):
+        """The (value, gradient) sizes errors are relative to: the reference's, the gradient's floored."""
+        value, grad = reference
+        counted = case.mask.sum()
+        unit = self.declared(case, counted) / (counted * case.temperature)
+        return abs(value), max(np.abs(grad).max(), GRAD_FLOOR * unit)
+
+    def variant(self, index, with_entropy, factor_indices):
+        """(value, grad) per case of computation ``index``, + H(p) if ``with_entropy``, times its factors."""
+        computation = self.computed[index]
+        if with_entropy and index not in self.entropies:
+            self.entropies[index] = [computation.entropy(case) for case in self.cases]
+        out = []
+        for i, (case, (value, grad)) in enumerate(zip(self.cases, self.results[index])):
+            counted = case.mask.sum() if computation.masked else case.mask.size
+            k = self.declared(case, counted)
+            for f in factor_indices:
+                k *= self.factors[f].factor(case, counted)
+            if with_entropy:
+                value = value + self.entropies[index][i]
+            out.append((value * k, grad * k))
+        return out
+
+    def worst(self, results, expected, indices):
+        """The largest error of ``results`` against ``expected`` over the cases ``indices``."""
+        return max(max(_errors(results[i], expected[i], self.scales[i])) for i in indices)
+
+    def fit_scale(self, results, indices):
+        """The c minimising sum_i ((v_i - c r_i) / sv_i)^2 + mean((g_i - c dr_i)^2) / sg_i^2; None if none.
+
+        Each case weighs by its scales, as its errors do, so that no case (or vocabulary size) dominates.
+        """
+        numerator = 0.0
+        denominator = 0.0
+        for i in indices:
+            value, grad = self.got[i]
+            ref_value, ref_grad = results[i]
+            sv, sg = self.scales[i]
+            sv = max(sv, 1e-300)
+            numerator += value * ref_value / sv ** 2 + float((grad * ref_grad).mean()) / sg ** 2
+            denominator += ref_value ** 2 / sv ** 2 + float((ref_grad * ref_grad).mean()) / sg ** 2
+        if denominator == 0:
+            return None
+        return numerator / denominator
+
+    def candidates(self, level):
+        """(computation, with_entropy, factors, scaled) for every variant of ``level`` deviations."""
+        for index in range(len(self.computed)):
+            for with_entropy in (False, True):
+                for count in range(level + 1):
+                    for factor_indices in itertools.combinations(range(len(self.factors)), count):
+                        for scaled in (False, True):
+                            deviations = (index > 0) + with_entropy + count + scaled
+                            if deviations == level:
+                                yield index, with_entropy, factor_indices, scaled
+
+    def search(self, indices):
+        """(the variants matching on every case of ``indices``, fewest deviations first; the closest).
+
+        Each variant is its description; the closest is (worst error, description) of those tried.
+        """
+        closest = (math.inf, "")
+        for level in (1, 2):
+            matches = []
+            for index, with_entropy, factor_indices, scaled in self.candidates(level):
+                results = self.variant(index, with_entropy, factor_indices)
+                parts = [self.computed[index].description] if index else []
+                if with_entropy:
+                    parts.append(ENTROPY_ADDED)
+                parts += [self.factors[f].description for f in factor_indices]
+                if scaled:
+                    c = self.fit_scale(results, indices)
+                    if c is None or abs(c) < SMALLEST_SCALE:
+                        continue
+                    results = [(value * c, grad * c) for value, grad in results]
+                    parts.append(f"value and gradient scaled by {c:.3g}")
+                if self.worst(results, self.reference, indices) < self.tol:
+                    continue  # the same as the reference on these cases: it names no bug
+                error = self.worst(self.got, results, indices)
+                if error < self.tol:
+                    matches.append(" and ".join(parts))
+                elif error < closest[0]:
+                    closest = (error, " and ".join(parts))
+            if matches:
+                return matches, closest
+        return [], closest
+
+    def diagnose(self):
+        """The diagnosis: non-finite results and where; then conforms, the likely bug, or where it differs."""
+        parts = [self.nonfinite(i) for i, row in enumerate(self.rows) if not row.finite]
+        finite = [i for i, row in enumerate(self.rows) if row.finite]
+        failing = [i for i in finite if self.rows[i].status == "FAIL"]
+        if not failing:
+            if parts and finite:
+                parts.append("Every other case agrees with minitodi's value and gradient.")
+            elif not parts:
+                parts.append("conforms: the same value and gradient as minitodi's on every case.")
+            return "diagnosis: " + " ".join(parts)
+        matches, closest = self.search(finite)
+        if matches:
+            found = "likely bug: " + "; or ".join(matches) + "."
+        else:
+            found = self.no_match(finite, closest)
+        if parts:  # after the non-finite cases
+            found = "On the other cases, " + found
+        parts.append(found)
+        return "diagnosis: " + " ".join(parts)
+
+    def nonfinite(self, i):
+        """What is not finite on case ``i`` (value, gradient entries and positions), and the likely cause."""
+        case = self.cases[i]
+        value, grad = self.got[i]
+        bad = ~np.isfinite(grad)
+        bad_positions = bad.any(axis=-1)  # (...)
+        inf_positions = np.isneginf(case.student).any(axis=-1)  # (...)
+        gradient = "the gradient is finite"
+        if bad.any():
+            positions = f"{int(bad_positions.sum())} of {bad_positions.size} positions"
+            if inf_positions.any() and not inf_positions.all() and not (bad_positions & ~inf_positions).any():
+                positions += ", all of them with -inf entries"
+            gradient = f"the gradient is non-finite at {int(bad.sum())} entries ({positions})"
+        if math.isfinite(value):
+            what = f"{gradient}; the value is finite"
+        elif bad.any():
+            what = f"the value is {value} and {gradient}"
+        else:
+            what = f"the value is {value}; {gradient}"
+        summary = f"Non-finite on case '{case.name}': {what}."
+        if not has_neginf(case):
+            return summary + " The case has no -inf logits: an overflow, or a log of 0?"
+        return (summary + " Both logits are -inf at the same entries there (p = q = 0, every divergence "
+                "finite): 0 * log 0 = 0 * (-inf) is NaN in floating point, and zeroing the term afterwards "
+                "(masked_fill) leaves 0 * NaN = NaN in the gradient. Replace the log-probabilities at those "
+                "entries before using them (e.g. torch.where), or pass neginf=False if your code never sees "
+                "-inf logits.")
+
+    def no_match(self, finite, closest):
+        """No variant matches: how value and gradient differ, the closest variant if near, the worst error."""
+        parts = [_mismatch_hint(self, finite) + "; no known mistake, alone or in pairs, matches."]
+        error, description = closest
+        reference_error = self.worst(self.got, self.reference, finite)
+        if error < NEAR * self.tol and error < reference_error / NEAR:
+            parts.append(f"Closest, nearly matching: {description} (worst error {error:.1e}).")
+        parts.append("Largest error: " + self.where(finite) + ".")
+        agreeing = [self.rows[i].case for i in finite if self.rows[i].status == "ok"]
+        if agreeing:
+            listed = ", ".join(f"'{name}'" for name in agreeing)
+            parts.append(f"{len(agreeing)} of {len(self.rows)} cases agree: {listed}.")
+        return " ".join(parts)
+
+    def where(self, finite):
+        """Where the largest error sits: which case, value or gradient, at which positions."""
+        i = max(finite, key=lambda j: max(self.rows[j].value_error, self.rows[j].grad_error))
+        row = self.rows[i]
+        case = self.cases[i]
+        if row.value_error >= row.grad_error:
+            return (f"the value of case '{case.name}' ({row.value:.6g} against {row.reference:.6g}, error "
+                    f"{row.value_error:.1e})")
+        grad = self.got[i][1]
+        per_position = np.abs(grad - self.reference[i][1]).max(axis=-1) / self.scales[i][1]  # (...)
+        wrong = per_position >= self.tol
+        worst = tuple(int(x) for x in np.unravel_index(per_position.argmax(), per_position.shape))
+        text = (f"the gradient of case '{case.name}' (error {row.grad_error:.1e}), at {int(wrong.sum())} "
+                f"of its {wrong.size} positions, the worst {worst}")
+        outside = int((wrong & ~case.mask).sum())
+        if outside:
+            text += f"; {outside} of them outside the mask, where the gradient should be 0"
+        return text
 
 
-def _diagnose(rows, got, reference, scales, variants, tol):
-    """The likely bug: every wrong variant that matches the function on each case it can be judged on."""
-    judged = [i for i, row in enumerate(rows) if row.status != "nan"]
-    nan_note = ""
-    if len(judged) != len(rows):
-        nan_note = (" Non-finite results where logits are -inf (reported, not failed; the official code does "
-                    "this too): leave entries with p = q = 0 out of every product, the weight's included.")
-    if all(rows[i].status == "ok" for i in judged):
-        return "diagnosis: conforms: the same value and gradient as minitodi's on every case." + nan_note
-
-    def worst_error(result, expected):
-        """The largest error of ``result`` against ``expected`` over the judged cases."""
-        return max(max(_errors(result[i], expected[i], scales[i])) for i in judged)
-
-    # a variant that equals the reference on this battery names no bug
-    distinct = {name: variant for name, variant in variants.items() if worst_error(variant, reference) >= tol}
-    matches = [name for name, variant in distinct.items() if worst_error(got, variant) < tol]
-    if matches:
-        return "diagnosis: likely bug: " + "; or ".join(matches) + "." + nan_note
-    hint = _mismatch_hint(rows, judged, tol)
-    closest = min(distinct, key=lambda name: worst_error(got, distinct[name]), default=None)
-    if not closest:
-        return f"diagnosis: {hint}." + nan_note
-    return (f"diagnosis: {hint}; closest known variant: {closest} (worst error "
-            f"{worst_error(got, distinct[closest]):.1e})." + nan_note)
-
-
-def _mismatch_hint(rows, judged, tol):
-    """What a failure with no matching variant looks like: the value or the gradient alone wrong, or both."""
-    values_ok = all(rows[i].value_error < tol for i in judged)
-    grads_ok = all(rows[i].grad_error < tol for i in judged)
-    if values_ok:
+def _mismatch_hint(comparison, finite):
+    """How a failure with no matching variant looks: the value or the gradient alone wrong, or both."""
+    rows = comparison.rows
+    tol = comparison.tol
+    if all(rows[i].value_error < tol for i in finite):
         return ("the value agrees but the gradient does not (a stop-gradient missing or extra, or a "
                 "hand-written backward)")
-    if grads_ok:
-        return "the gradient agrees but the value does not (a constant added?)"
-    return "no single known bug matches"
+    if not all(rows[i].grad_error < tol for i in finite):
+        return "the value and the gradient both differ"
+    differences = [comparison.got[i][0] - comparison.reference[i][0] for i in finite]
+    low = min(differences)
+    high = max(differences)
+    if high - low <= tol * max(abs(low), abs(high)):
+        added = f"{low:.4g} on every case"
+    else:
+        added = f"from {low:.4g} to {high:.4g} across cases"
+    return (f"the gradient agrees but the value does not: a term constant in the student's logits added? "
+            f"(value - reference: {added})")
 
 
 def load_function(target):
@@ -414,7 +768,7 @@ def load_function(target):
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except Exception as err:
+    except (Exception, SystemExit) as err:  # a script's sys.exit() at import is no verdict either
         raise ConformanceError(f"importing {path} failed: {type(err).__name__}: {err}") from None
     fn = getattr(module, name, None)
     if not callable(fn):
@@ -422,11 +776,53 @@ def load_function(target):
     return fn
 
 
-def run_target(target, loss, *, framework="torch", tol=None, **settings):
-    """``minitodi conformance``: check ``FILE.py:FUNCTION``, print the report; 0 if it passes, 1 if not."""
-    _adapter(None, framework)  # a missing framework is said before the file is imported
+PASSED, DIFFERS, COULD_NOT_RUN = 0, 1, 3  # the command's exit statuses (2: a usage error)
+
+
+def run_target(target, loss, *, framework="torch", tol=None, timeout=None, **settings):
+    """``minitodi conformance``: check ``FILE.py:FUNCTION`` and print the report; an exit status.
+
+    :data:`PASSED` (0) if it passes, :data:`DIFFERS` (1) if the check ran and the function differs,
+    :data:`COULD_NOT_RUN` (3) if it could not be run (it raised, exited, returned something else than a
+    loss, or did not return within ``timeout`` seconds). Every setting is checked before the file is
+    imported (a one-line ValueError, exit status 2 from the command line), then the framework (a missing
+    PyTorch is a ConformanceError, exit status 2 too).
+    """
     if tol is None:
         tol = DEFAULT_TOL
-    report = check(load_function(target), loss, framework=framework, tol=tol, **settings)
+    check_settings(loss, framework=framework, tol=tol, **settings)
+    valid_timeout = isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0
+    if timeout is not None and not valid_timeout:
+        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+    _adapter(None, framework)  # a missing framework is a usage error, said before the file is imported
+    try:
+        with _time_limit(timeout):
+            report = check(load_function(target), loss, framework=framework, tol=tol, **settings)
+    except ConformanceError as err:
+        print(f"could not run {target}: {err}", file=sys.stderr)
+        return COULD_NOT_RUN
     print(report)
-    return 0 if report.passed else 1
+    if report.passed:
+        return PASSED
+    return DIFFERS
+
+
+@contextlib.contextmanager
+def _time_limit(seconds):
+    """A ConformanceError if the block runs longer than ``seconds`` (None: no limit; main thread, Unix)."""
+    if seconds is None:
+        yield
+        return
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        raise ValueError("a timeout needs a Unix main thread (signal.setitimer)")
+
+    def expire(signum, frame):
+        raise ConformanceError(f"it did not return within {seconds:g} s (--timeout)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -1,9 +1,11 @@
-"""minitodi.conformance: correct float32 implementations pass, each single-bug variant fails and is named.
+"""minitodi.conformance: correct float32 implementations pass, each known deviation fails and is named.
 
 The implementations under test are written here, in the style of public code (the official ToDi code's
 float32 log-softmaxes, masked_fill of -inf entries, a sum over positions divided by the counted ones),
 once for PyTorch (autograd gives the gradient; skipped without torch) and once for NumPy (the gradient
-written out). Each bug is one change to a correct implementation.
+written out). Each bug is one change to a correct implementation; the diagnoses of factors, temperatures,
+entropies, pairs, non-finite results and no match are tested on minitodi's own losses, changed by hand.
+At the end, examples/check_libraries.py's verdicts on TRL and Liger-Kernel, where they are installed.
 """
 
 import functools
@@ -16,7 +18,7 @@ import numpy as np
 import pytest
 
 from minitodi import cli
-from minitodi.conformance import ConformanceError, _todi_attached_extra, _variants, battery, check
+from minitodi.conformance import ConformanceError, _todi_attached_extra, battery, check, computations
 from minitodi.gradcheck import central_difference
 from minitodi.losses import LOSSES, log_softmax
 
@@ -120,22 +122,44 @@ def torch_baseline(kind, bug=None):
     return fn
 
 
+# masked_fill after the product: 0 * NaN = NaN in the backward pass where both logits are -inf
+NAN_GRADIENT = {"rkl", "todi", "sfkl", "srkl", "akl"}
+
+
+def assert_nan_gradient_only(report):
+    """The -inf case fails with a non-finite gradient and a finite value; every other case agrees."""
+    assert not report.passed
+    assert [r.status for r in report.rows].count("FAIL") == 1, report
+    assert "Non-finite on case" in report.diagnosis and "the value is finite" in report.diagnosis, report
+    assert "-inf entries" in report.diagnosis and "Every other case agrees" in report.diagnosis
+
+
 @pytest.mark.parametrize("loss", ["jsd", "tvd", "sfkl", "srkl", "akl"])
 def test_torch_official_baselines(loss):
     """Measured worst 7.2e-5 (srkl, seeds 0 to 5); the same code with a T^2 factor is caught."""
-    assert check(torch_baseline(loss), loss).passed
+    assert check(torch_baseline(loss), loss, neginf=False).passed
+    report = check(torch_baseline(loss), loss)
+    if loss in NAN_GRADIENT:
+        assert_nan_gradient_only(report)
+    else:
+        assert report.passed, report
     report = check(torch_baseline(loss, "t2"), loss)
     assert not report.passed and "T^2 factor applied" in report.diagnosis, report
 
 
 @pytest.mark.parametrize("loss, options", CORRECT_CASES)
 def test_torch_float32_official_style_passes(loss, options):
-    report = check(torch_loss(loss), loss, framework="torch", **options)
-    assert report.passed, report
-    worst = max(max(r.value_error, r.grad_error) for r in report.rows if r.status == "ok")
+    """Passes without the -inf case; with it, RKL's and ToDi's gradient is NaN there, and that fails."""
+    report = check(torch_loss(loss), loss, framework="torch", neginf=False, **options)
+    assert report.passed and len(report.rows) == 9, report
+    assert "left out" in str(report) and "-inf" in report.notes[0]
+    worst = max(max(r.value_error, r.grad_error) for r in report.rows)
     assert worst < 3e-5  # float32 rounding, measured worst 1.1e-5: 1e-3 leaves a wide margin
-    if loss == "todi":  # sigmoid(-inf - -inf) = NaN: the official code's gradient is NaN there, reported
-        assert [r.status for r in report.rows].count("nan") == 1 and "Non-finite" in report.diagnosis
+    report = check(torch_loss(loss), loss, framework="torch", **options)
+    if loss in NAN_GRADIENT:  # sigmoid(-inf - -inf), p * (-inf - -inf): NaN behind masked_fill
+        assert_nan_gradient_only(report)
+    else:
+        assert report.passed, report
 
 
 @pytest.mark.parametrize("loss, options, bug", BUG_CASES)
@@ -148,7 +172,7 @@ def test_torch_single_bug_fails_and_is_named(loss, options, bug):
 
 def test_torch_other_convention_is_declared():
     fn = torch_loss("todi", "t2")  # T^2 times the mean
-    assert check(fn, "todi", t_squared=True).passed
+    assert check(fn, "todi", t_squared=True, neginf=False).passed
 
     def summed(s, t, mask, temperature):
         return torch_loss("fkl")(s, t, mask, temperature) * mask.sum()
@@ -172,7 +196,7 @@ def test_torch_kl_div_reduction_mean(torch):
         return torch.nn.functional.kl_div(log_q, log_p, reduction=reduction, log_target=True)
     report = check(lambda *args: fkl(*args, "mean"), "fkl")
     assert not report.passed and "divided by V too" in report.diagnosis, report.diagnosis
-    assert check(lambda *args: fkl(*args, "batchmean"), "fkl").passed
+    assert check(lambda *args: fkl(*args, "batchmean"), "fkl", neginf=False).passed
 
 
 def test_torch_neginf_safe_and_nan_elsewhere(torch):
@@ -190,7 +214,9 @@ def test_torch_neginf_safe_and_nan_elsewhere(torch):
     def nan_everywhere(s, t, mask, temperature):
         return official(s, t, mask, temperature) * torch.tensor(math.nan)
     report = check(nan_everywhere, "todi")
-    assert not report.passed and sum(r.status == "FAIL" for r in report.rows) == len(report.rows) - 1
+    assert all(r.status == "FAIL" for r in report.rows)
+    assert report.diagnosis.count("Non-finite on case") == len(report.rows)
+    assert report.diagnosis.count("The case has no -inf logits") == len(report.rows) - 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,6 +281,7 @@ def test_value_wrong_gradient_right_is_said():
         return value + 0.5, grad
     report = check(shifted, "rkl", framework="numpy")
     assert not report.passed and "the gradient agrees but the value does not" in report.diagnosis
+    assert "value - reference: 0.5 on every case" in report.diagnosis, report.diagnosis
 
 
 def test_value_right_gradient_wrong_is_said():
@@ -263,6 +290,135 @@ def test_value_right_gradient_wrong_is_said():
         return value, grad * 1.5
     report = check(wrong_grad, "fkl", framework="numpy")
     assert not report.passed and "the value agrees but the gradient does not" in report.diagnosis
+
+
+# --------------------------------------------------------------------------------------------------
+# diagnoses: minitodi's own losses changed by hand (NumPy), each change a known deviation or none
+
+
+def teacher_entropy(t, mask, T):
+    """Mean over counted positions of H(p), p = softmax(t / T), 0 log 0 = 0."""
+    lp = log_softmax(t / T)
+    return float(-(np.exp(lp) * np.where(np.isneginf(lp), 0.0, lp)).sum(-1)[mask].mean())
+
+
+def scaled(loss, factor, masked=True, **options):
+    """LOSSES[loss] times factor(s, mask, temperature), value and gradient; every position if not masked."""
+    def fn(s, t, mask, temperature):
+        counted = mask if masked else None
+        value, grad = LOSSES[loss](s, t, counted, temperature=temperature, **options)
+        k = factor(s, mask, temperature)
+        return value * k, grad * k
+    return fn
+
+
+def test_constant_factor_is_named():
+    """Liger's fused JSD module with its default weight_soft_loss: 0.5 x the divergence."""
+    report = check(scaled("gjsd", lambda s, m, T: 0.5, beta=0.1), "gjsd", framework="numpy", beta=0.1)
+    assert report.diagnosis == "diagnosis: likely bug: value and gradient scaled by 0.5.", report
+    report = check(scaled("todi", lambda s, m, T: -1.0), "todi", framework="numpy", neginf=False)
+    assert "scaled by -1." in report.diagnosis, report.diagnosis  # the divergence maximised
+
+    def half_value(s, t, mask, temperature):  # the value alone halved: no constant factor explains it
+        value, grad = LOSSES["fkl"](s, t, mask, temperature=temperature)
+        return 0.5 * value, grad
+    report = check(half_value, "fkl", framework="numpy")
+    assert "scaled" not in report.diagnosis and "no known mistake" in report.diagnosis, report.diagnosis
+
+
+def test_temperature_ignored_is_named():
+    """DistiLLM's losses take no temperature: run at T != 1 they compute the divergence at T = 1."""
+    def at_one(s, t, mask, temperature):
+        return LOSSES["rkl"](s, t, mask, temperature=1.0)
+    report = check(at_one, "rkl", framework="numpy")
+    assert report.diagnosis == "diagnosis: likely bug: temperature ignored (the divergence at T = 1).", report
+    assert all((row.status == "ok") == ("temp 1" in row.case) for row in report.rows)
+
+
+@pytest.mark.parametrize("loss", ["fkl", "sfkl", "gjsd"])
+def test_entropy_added_is_named(loss):
+    """-sum p log q = FKL + H(p); DistiLLM's skewed_forward_kl, -sum p log m = SFKL + H(p)."""
+    def cross_entropy(s, t, mask, temperature):
+        value, grad = LOSSES[loss](s, t, mask, temperature=temperature)
+        return value + teacher_entropy(t, mask, temperature), grad
+    report = check(cross_entropy, loss, framework="numpy")
+    assert "likely bug: cross-entropy in place of KL: the teacher's entropy H(p) added to the value" in (
+        report.diagnosis), report.diagnosis
+    assert " and " not in report.diagnosis.split("(")[0]  # one deviation, not a pair
+
+
+PAIRS = [  # (loss, fn, the diagnosis's words): two deviations at once
+    ("fkl", scaled("fkl", lambda s, m, T: m.size / m.shape[0], masked=False),  # TRL's loss without labels
+     "likely bug: mask ignored (every position counted) and the sum divided by the batch size B "
+     "(the first dimension) instead of by the counted positions."),
+    ("todi", scaled("todi", lambda s, m, T: m.sum() * T ** 2),
+     "likely bug: T^2 factor applied and sum over positions instead of mean."),
+    ("rkl", scaled("rkl", lambda s, m, T: 0.25 * T ** 2), "likely bug: T^2 factor applied and value and "
+     "gradient scaled by 0.25."),
+]
+
+
+@pytest.mark.parametrize("loss, fn, words", PAIRS, ids=["mask+batch", "t2+sum", "t2+scaled"])
+def test_pairs_are_named(loss, fn, words):
+    report = check(fn, loss, framework="numpy")
+    assert report.diagnosis == "diagnosis: " + words, report
+
+
+def test_temperature_ignored_and_entropy_added_is_named():
+    """DistiLLM's forward_kl: -sum p log q at T = 1 whatever the temperature."""
+    def forward_kl(s, t, mask, temperature):
+        value, grad = LOSSES["fkl"](s, t, mask, temperature=1.0)
+        return value + teacher_entropy(t, mask, 1.0), grad
+    report = check(forward_kl, "fkl", framework="numpy")
+    assert report.diagnosis.startswith("diagnosis: likely bug: temperature ignored (the divergence at T = 1) "
+                                       "and cross-entropy in place of KL"), report.diagnosis
+
+
+def test_no_match_says_where_the_largest_error_sits():
+    """GJSD at beta 0.1 is no known mistake of JSD: no closest variant, but the case and positions."""
+    def other_beta(s, t, mask, temperature):
+        return LOSSES["gjsd"](s, t, mask, temperature=temperature, beta=0.1)
+    report = check(other_beta, "jsd", framework="numpy")
+    diagnosis = report.diagnosis
+    assert "no known mistake, alone or in pairs, matches" in diagnosis, diagnosis
+    assert "likely bug" not in diagnosis and "Closest" not in diagnosis
+    worst = max(report.rows, key=lambda r: max(r.value_error, r.grad_error))
+    part = "gradient" if worst.grad_error > worst.value_error else "value"
+    assert f"Largest error: the {part} of case '{worst.case}'" in diagnosis, diagnosis
+
+    def leaky(s, t, mask, temperature):  # right value; gradient also at the positions the mask leaves out
+        value, grad = LOSSES["fkl"](s, t, mask, temperature=temperature)
+        everywhere = LOSSES["fkl"](s, t, None, temperature=temperature)[1]
+        return value, np.where(mask[..., None], grad, everywhere)
+    diagnosis = check(leaky, "fkl", framework="numpy").diagnosis
+    assert "the value agrees but the gradient does not" in diagnosis, diagnosis
+    assert "outside the mask, where the gradient should be 0" in diagnosis
+
+
+def test_closest_is_shown_only_when_nearly_matching():
+    """Half the loss, drifting by 0.3% per unit of T: no constant fits within 1e-3, 0.5 within 1e-2."""
+    fn = scaled("fkl", lambda s, m, T: 0.5 * (1 + 0.003 * T))
+    report = check(fn, "fkl", framework="numpy")
+    assert "no known mistake" in report.diagnosis
+    assert "Closest, nearly matching: value and gradient scaled by 0.5" in report.diagnosis, report.diagnosis
+    assert "Closest" not in check(fn, "fkl", framework="numpy", tol=1e-4).diagnosis  # 10 tol: too far
+
+
+def test_nonfinite_value_fails_and_neginf_false_leaves_the_case_out():
+    """What F.kl_div(log_target=True) does where p = q = 0: a NaN value (and TRL's gradient NaN too)."""
+    def nan_value(s, t, mask, temperature):
+        value, grad = LOSSES["fkl"](s, t, mask, temperature=temperature)
+        if np.isneginf(s).any():
+            value = math.nan
+        return value, grad
+    report = check(nan_value, "fkl", framework="numpy")
+    assert not report.passed
+    assert ("Non-finite on case '(2, 4, 20) -inf entries, temp 2': the value is nan; the gradient is finite. "
+            "Both logits are -inf at the same entries there") in report.diagnosis, report.diagnosis
+    assert "pass neginf=False" in report.diagnosis and "weight" not in report.diagnosis
+    report = check(nan_value, "fkl", framework="numpy", neginf=False)
+    assert report.passed and len(report.rows) == 9 and "-inf" not in "".join(r.case for r in report.rows)
+    assert "note: left out: case '(2, 4, 20) -inf entries, temp 2' (neginf=False" in str(report)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,9 +470,8 @@ def test_todi_not_detached_at_beta_1_is_fkl_plus_rkl():
 def test_todi_reversed_weight_variant():
     """FKL + RKL - ToDi equals sum (1 - a) p d - a q d; its gradient holds a at the base point."""
     case = battery(seed=5)[2]
-    variants = _variants("todi", {"beta": 2.0}, "mean", False)
-    f, _ = variants["ToDi's weight reversed (a on RKL's term, 1 - a on FKL's)"]
-    value, grad = f(case)
+    named = {c.description: c for c in computations("todi", {"beta": 2.0})}
+    value, grad = named["ToDi's weight reversed (a on RKL's term, 1 - a on FKL's)"].value_and_grad(case)
     s, T = case.student.copy(), case.temperature
     lp = log_softmax(case.teacher / T)
     a0 = 1 / (1 + np.exp(-2.0 * (lp - log_softmax(s / T))))
@@ -353,13 +508,59 @@ def test_torch_missing_is_a_clear_error(monkeypatch):
         check(lambda *a: 0.0, "fkl", framework="torch")
 
 
-def test_bad_arguments():
-    with pytest.raises(ValueError, match="unknown loss"):
-        check(numpy_loss("fkl"), "kl", framework="numpy")
-    with pytest.raises(ValueError, match="framework"):
-        check(numpy_loss("fkl"), "fkl", framework="jax")
-    with pytest.raises(ConformanceError, match="raised TypeError"):
-        check(numpy_loss("fkl"), "fkl", framework="numpy", gamma=1.0)
+def recording(loss):
+    """fn(s, t, mask, temperature, beta=0.5) = LOSSES[loss] (numpy), and the list of its calls."""
+    calls = []
+
+    def fn(s, t, mask, temperature, beta=0.5):
+        calls.append(beta)
+        return LOSSES[loss](s, t, mask, temperature=temperature)
+    return fn, calls
+
+
+BAD_TOLS = (0, -1e-3, math.nan, math.inf, "1e-3", True, None)
+
+
+@pytest.mark.parametrize("loss, settings, words", [
+    ("fkl", {"beta": 0.0}, "fkl has no option 'beta'; its options: none"),
+    ("gjsd", {"gamma": 1.0}, "gjsd has no option 'gamma'; its options: beta"),
+    ("todi", {"beta": 1.0, "lam": 0.1}, "todi has no option 'lam'; its options: beta"),
+    ("gjsd", {"beta": 1.5}, "beta must be 0 <= beta <= 1, got 1.5"),
+    ("sfkl", {"lam": "0.1"}, "lam must be 0 < lam < 1"),
+    ("fkl", {"temperature": 2.0}, "'temperature' is not an option of a check (the battery sets it"),
+    ("todi", {"detach": False}, "'detach' is not an option of a check"),
+    ("kl", {}, "unknown loss 'kl'; known: akl, fkl"),
+    ("fkl", {"framework": "jax"}, "framework must be one of"),
+    ("fkl", {"reduction": "batchmean"}, "reduction must be one of"),
+    ("fkl", {"neginf": "no"}, "neginf must be True or False"),
+    ("fkl", {"t_squared": 1}, "t_squared must be True or False"),
+    ("fkl", {"seed": -1}, "seed must be an integer >= 0"),
+] + [("fkl", {"tol": tol}, "tol must be a finite number > 0") for tol in BAD_TOLS])
+def test_settings_checked_before_the_function_runs(loss, settings, words):
+    """Each bad setting is a one-line ValueError that names it, raised before ``fn`` is ever called."""
+    fn, calls = recording("fkl")
+    with pytest.raises(ValueError) as raised:
+        check(fn, loss, **settings)  # framework="torch" by default: not even imported first
+    assert words in str(raised.value) and "\n" not in str(raised.value), raised.value
+    assert calls == []
+
+
+def test_options_given_where_the_signature_takes_them():
+    fn, calls = recording("gjsd")  # takes beta, but computes beta = 0.5: the option reaches it
+    check(fn, "gjsd", framework="numpy", beta=0.3)
+    assert set(calls) == {0.3}
+
+    def fixed_beta(s, t, mask, temperature):  # beta 0.3 built in: it cannot be given
+        return LOSSES["gjsd"](s, t, mask, temperature=temperature, beta=0.3)
+    report = check(fixed_beta, "gjsd", framework="numpy", beta=0.3)
+    assert report.passed and report.notes == [
+        "not given to the function (its signature does not take them): beta; the reference uses them"]
+    assert "note: not given to the function" in str(report)
+
+    def any_options(s, t, mask, temperature, **options):
+        return LOSSES["gjsd"](s, t, mask, temperature=temperature, **options)
+    report = check(any_options, "gjsd", framework="numpy", beta=0.3)
+    assert report.passed and report.notes == []
 
 
 SOURCE = '''
@@ -396,13 +597,157 @@ def test_cli_exit_status(tmp_path, capsys, monkeypatch):
     assert "needs PyTorch" in capsys.readouterr().err
 
 
-@pytest.mark.usefixtures("torch")
-def test_example_verdicts(capsys):
-    """examples/check_your_loss.py: the official-style ToDi passes, the attached weight and T^2 fail."""
-    path = Path(__file__).parent.parent / "examples" / "check_your_loss.py"
-    spec = importlib.util.spec_from_file_location("check_your_loss", path)
+IMPORT_MARK = """
+import pathlib
+pathlib.Path(__file__).with_suffix(".imported").touch()
+"""
+
+
+def test_cli_bad_settings_are_one_line_and_exit_2(tmp_path, capsys):
+    """Every bad setting is said in one line, exit status 2, before FILE.py is even imported."""
+    path = tmp_path / "mine.py"
+    path.write_text(SOURCE + IMPORT_MARK)
+    bad = [(["--loss", "fkl", "--option", "beta=0"], "fkl has no option 'beta'; its options: none"),
+           (["--loss", "gjsd", "--option", "beta=2"], "beta must be 0 <= beta <= 1, got 2"),
+           (["--loss", "fkl", "--tol", "0"], "tol must be a finite number > 0, got 0.0"),
+           (["--loss", "fkl", "--tol", "nan"], "tol must be a finite number > 0, got nan"),
+           (["--loss", "fkl", "--framework", "numpy", "--option", "gamma=1"], "no option 'gamma'")]
+    for extra, words in bad:
+        assert cli.main(["conformance", f"{path}:good"] + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "mine.imported").exists()
+    assert cli.main(["conformance", f"{path}:good", "--loss", "fkl", "--framework", "numpy"]) == 0
+    assert (tmp_path / "mine.imported").exists()  # the check above could see an import
+
+
+def load_example(name):
+    """examples/NAME.py as a module (examples are scripts, not a package)."""
+    path = Path(__file__).parent.parent / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    assert example.main() == 0
+    return example
+
+
+@pytest.mark.usefixtures("torch")
+def test_example_verdicts(capsys):
+    """examples/check_your_loss.py: the official-style ToDi passes (neginf=False), the rest fail.
+
+    The attached weight and T^2 fail, and so does the official-style ToDi with the case of -inf logits.
+    """
+    example = load_example("check_your_loss")
+    assert example.main() == 0  # the -inf case in, the official-style ToDi fails: that verdict is right too
     out = capsys.readouterr().out
     assert "weight not detached" in out and "T^2 factor applied" in out
+    assert "Non-finite on case '(2, 4, 20) -inf entries, temp 2': the gradient is non-finite" in out
+
+
+# --------------------------------------------------------------------------------------------------
+# the libraries people use: examples/check_libraries.py's checks, where the pinned versions are installed
+
+
+@pytest.mark.parametrize("distribution", ["trl", "liger-kernel"])
+def test_library_verdicts(distribution):
+    """Every verdict of the example, and the ones issue 24 names, said here again in plain words.
+
+    TRL's generalized_jsd_loss passes at beta 0, 0.1, 0.5, 0.9 and 1 with labels (without the -inf case);
+    without labels it ignores the mask and divides the sum by the batch size; on the -inf case its value
+    is NaN. Liger's LigerFusedLinearJSDLoss with its default weights is 0.5 x GJSD.
+    """
+    example = load_example("check_libraries")
+    pinned = example.PINNED[distribution]
+    version = example.installed(distribution)
+    if version is None:
+        pytest.skip(f"{distribution} or torch not installed (.ci/run installs {distribution}=={pinned})")
+    if version != pinned:
+        pytest.skip(f"{distribution} {version} installed: the verdicts are {pinned}'s")
+    _, make_checks = example.LIBRARIES[distribution]
+    reports = {item.setting: (item, item.run()) for item in make_checks()}
+    wrong = [f"{setting}: {example.summary(report)}" for setting, (item, report) in reports.items()
+             if not item.verdict_right(report)]
+    assert not wrong, wrong
+    if distribution == "trl":
+        for beta in example.TRL_BETAS:
+            assert reports[f"labels, beta={beta:g}"][1].passed
+        with_inf = reports["labels, beta=0.5, -inf logits"][1]
+        assert not with_inf.passed
+        assert "the value is nan and the gradient is non-finite" in with_inf.diagnosis
+        without_labels = reports["no labels, beta=0.5"][1].diagnosis
+        assert "likely bug: mask ignored" in without_labels
+        assert "divided by the batch size B" in without_labels
+    else:
+        default = reports["LigerFusedLinearJSDLoss, default weights, beta=0.1"][1]
+        assert default.diagnosis == "diagnosis: likely bug: value and gradient scaled by 0.5."
+        assert reports["LigerFusedLinearJSDLoss, weight_soft_loss=1, beta=0.1"][1].passed
+
+
+RUNAWAY = '''
+import sys
+import time
+import numpy as np
+
+
+def exits(s, t, mask, temperature):
+    sys.exit(0)
+
+
+def returns_a_vector(s, t, mask, temperature):
+    return np.zeros(s.shape[:-1]), np.zeros(s.shape)
+
+
+def returns_a_float(s, t, mask, temperature):
+    return 0.5
+
+
+def returns_none(s, t, mask, temperature):
+    return None
+
+
+def returns_nan(s, t, mask, temperature):
+    return float("nan"), np.zeros(s.shape)
+
+
+def hangs(s, t, mask, temperature):
+    time.sleep(60)
+'''
+
+
+@pytest.mark.parametrize("name, words", [
+    ("exits", "raised SystemExit"),
+    ("returns_a_vector", "must be one number"),
+    ("returns_a_float", "must return (loss, grad)"),
+    ("returns_none", "must return (loss, grad), got NoneType"),
+])
+def test_cli_a_function_that_cannot_be_run_exits_3_with_one_line(tmp_path, capsys, name, words):
+    """'Could not run' (exit 3) is never 'passes' (0) nor 'differs' (1), and never a traceback."""
+    path = tmp_path / "runaway.py"
+    path.write_text(RUNAWAY)
+    assert cli.main(["conformance", f"{path}:{name}", "--loss", "fkl", "--framework", "numpy"]) == 3
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_a_file_that_exits_at_import_is_not_a_pass(tmp_path, capsys):
+    path = tmp_path / "quits.py"
+    path.write_text("import sys\nsys.exit(0)\n")
+    assert cli.main(["conformance", f"{path}:fn", "--loss", "fkl", "--framework", "numpy"]) == 3
+    err = capsys.readouterr().err
+    assert "importing" in err and "failed: SystemExit" in err
+
+
+def test_cli_a_nan_loss_differs_and_is_said_to(tmp_path, capsys):
+    path = tmp_path / "runaway.py"
+    path.write_text(RUNAWAY)
+    assert cli.main(["conformance", f"{path}:returns_nan", "--loss", "fkl", "--framework", "numpy"]) == 1
+    out = capsys.readouterr().out
+    assert "T^2" not in out.split("diagnosis", 1)[-1]
+
+
+def test_cli_a_hanging_function_gives_up_at_the_timeout(tmp_path, capsys):
+    path = tmp_path / "runaway.py"
+    path.write_text(RUNAWAY)
+    argv = ["conformance", f"{path}:hangs", "--loss", "fkl", "--framework", "numpy", "--timeout", "0.5"]
+    assert cli.main(argv) == 3
+    assert "did not return within 0.5 s" in capsys.readouterr().err
+    assert cli.main(argv[:-1] + ["-1"]) == 2
