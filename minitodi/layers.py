@@ -270,6 +270,9 @@ def rmsnorm_backward(dy, cache):
     d xhat_i / d x_j = rstd (delta_ij - xhat_i xhat_j / C):
 
         dx = rstd * (dxhat - xhat * mean(dxhat * xhat)).
+
+    So <dx, xhat> = rstd <dxhat, xhat> eps / (mean(x^2) + eps): zero only up to eps, as for layer norm.
+    Derived in notebook 05, "RMSNorm backward".
     """
     xhat, rstd, w = cache
     C = dy.shape[-1]
@@ -322,7 +325,7 @@ def rotary_backward(dy, cache):
         y_i = x_i cos a - x_{i+hs/2} sin a,    y_{i+hs/2} = x_{i+hs/2} cos a + x_i sin a.
 
     The backward of a rotation is the inverse rotation: dx = R(a)^T dy = R(-a) dy, that is
-    dx = dy cos - rotate_half(dy) sin.
+    dx = dy cos - rotate_half(dy) sin. Notebook 05, "Rotary embedding backward".
     """
     cos, sin = cache
     B, T, C = dy.shape
@@ -347,6 +350,8 @@ def swiglu_backward(dy, cache):
     """forward was: y = g s u, s = sigmoid(g), so with ds/dg = s (1 - s):
 
         dg = dy u (s + g s (1 - s)),    du = dy g s.       Returns (dg, du).
+
+    Notebook 05, "SwiGLU backward".
     """
     g, u, s = cache
     gs = g * s
@@ -403,7 +408,8 @@ def grouped_attention_backward(dy, cache):
         dv = sum over the group of att^T dy,    dk = sum over the group of dpre^T q * scale.
 
     Returns dq (B, T, n_head hs), dk and dv (B, T, n_kv_head hs). Only for a full sequence (no ``past``).
-    Derived in index notation in notebook 03, "Attention backward".
+    Derived in index notation in notebook 03, "Attention backward"; the group's sum in notebook 05,
+    "Grouped-query attention backward".
     """
     qg = cache["qg"]
     kg = cache["kg"]

@@ -158,7 +158,10 @@ def block_forward(x, p, config, past=None):
 
 
 def block_backward(dx, c):
-    """The block's backward: (dL/d its input, {name within the block: gradient}) from dL/d its output."""
+    """The block's backward: (dL/d its input, {name within the block: gradient}) from dL/d its output.
+
+    Notebook 03, "The whole block, chained in reverse", runs it layer by layer.
+    """
     d = {}
     # forward was: x = x + mlp(ln_2(x)): the residual passes dx through and adds the branch's gradient
     dm, d["mlp.c_proj.weight"], d["mlp.c_proj.bias"] = layers.linear_backward(dx, c["mlp_proj"])
@@ -308,7 +311,10 @@ def llama_block_forward(x, p, config, past=None):
 
 
 def llama_block_backward(dx, c):
-    """The block's backward: (dL/d its input, {name within the block: gradient}) from dL/d its output."""
+    """The block's backward: (dL/d its input, {name within the block: gradient}) from dL/d its output.
+
+    Notebook 05, "Llama block backward", derives it layer by layer.
+    """
     d = {}
     # forward was: x = x + down_proj(swiglu(gate_proj(m), up_proj(m))), m = post_attention_layernorm(x)
     dswiglu = _proj_backward(dx, c, "mlp.down_proj", d)

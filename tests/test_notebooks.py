@@ -6,6 +6,13 @@ limit per cell; they are skipped, with the reason, when nbclient, nbformat or ip
 (``pip install -e '.[notebook]'``). The saved copies must have been executed in order, so that the
 outputs a reader sees on GitHub come from the code above them.
 
+A saved output that prints package source must print the package as it is now: for every code cell
+that calls ``inspect.getsource(X)`` (or ``getsource(X)``) on a minitodi object, X is resolved through the
+notebook's own minitodi imports (``from minitodi import model`` makes ``model.block_forward`` the function
+``minitodi.model.block_forward``) and its current source, whitespace normalised, must appear in the cell's
+saved stream output. Nothing is executed for this check; a deliberately stale copy of a notebook, written
+to a temporary directory, shows that it fails.
+
 Examples run as ``python examples/NAME.py`` with no arguments, in a temporary working directory
 (anything they write, such as a figure at its default path, lands there) and with MINITODI_FAST=1
 in the environment: an example that would take more than a few seconds should read that variable
@@ -13,7 +20,10 @@ and do a smaller run. Both lists come from glob, so files added later are covere
 this module.
 """
 
+import ast
 import glob
+import importlib
+import inspect
 import os
 import subprocess
 import sys
@@ -63,6 +73,132 @@ def test_notebook_executes(path):
     client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
     ran = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count is not None for c in ran)
+
+
+def _parse(source):
+    """A code cell's syntax tree; lines of IPython magics and shell escapes (% and !) are left out."""
+    lines = [line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))]
+    return ast.parse("\n".join(lines))
+
+
+def _dotted(node):
+    """``a.b.c`` for a chain of names and attributes, else None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    parts.append(node.id)
+    return ".".join(reversed(parts))
+
+
+def _minitodi_names(cells):
+    """{name the notebook binds: the minitodi module or object's dotted path}, from its import statements."""
+    names = {}
+    for cell in cells:
+        for node in ast.walk(_parse(cell.source)):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module is not None:
+                if node.module.split(".")[0] == "minitodi":
+                    for alias in node.names:
+                        names[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.split(".")[0] != "minitodi":
+                        continue
+                    if alias.asname:
+                        names[alias.asname] = alias.name
+                    else:  # `import minitodi.model` binds the name minitodi
+                        names["minitodi"] = "minitodi"
+    return names
+
+
+def _printed_sources(nb):
+    """``(cell index, dotted path)`` of every minitodi object whose source a code cell prints.
+
+    A cell prints source with ``inspect.getsource(X)`` or ``getsource(X)``; X is a name or attribute chain
+    whose first name the notebook imported from minitodi. Other objects (a function the notebook defines
+    itself) cannot go stale and are not listed.
+    """
+    cells = [c for c in nb.cells if c.cell_type == "code"]
+    names = _minitodi_names(cells)
+    found = []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code" or "getsource" not in cell.source:
+            continue
+        for node in ast.walk(_parse(cell.source)):
+            is_call = isinstance(node, ast.Call) and _dotted(node.func) in ("getsource", "inspect.getsource")
+            if not is_call or len(node.args) != 1:
+                continue
+            target = _dotted(node.args[0])
+            if target is None:
+                continue
+            root, _, rest = target.partition(".")
+            if root in names:
+                found.append((i, ".".join(filter(None, [names[root], rest]))))
+    return found
+
+
+def _resolve(dotted):
+    """The object at a dotted path: the longest importable prefix, then attributes."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(f"nothing in {dotted!r} can be imported")
+
+
+def _normalised(text):
+    return " ".join(text.split())
+
+
+def _stale_sources(nb):
+    """One line for every printed minitodi source that the cell's saved stream output does not show."""
+    stale = []
+    for i, dotted in _printed_sources(nb):
+        shown = "".join(o.get("text", "") for o in nb.cells[i].outputs if o.output_type == "stream")
+        if _normalised(inspect.getsource(_resolve(dotted))) not in _normalised(shown):
+            stale.append(f"cell {i}: its saved output does not show the current source of {dotted}")
+    return stale
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_printed_source_is_current(path):
+    nbformat = pytest.importorskip("nbformat", reason="nbformat missing: pip install -e '.[notebook]'")
+    stale = _stale_sources(nbformat.read(path, as_version=4))
+    assert not stale, f"{Path(path).name} is stale, re-run it top to bottom: " + "; ".join(stale)
+
+
+def test_stale_printed_source_fails(tmp_path):
+    nbformat = pytest.importorskip("nbformat", reason="nbformat missing: pip install -e '.[notebook]'")
+    printing = [p for p in NOTEBOOKS if _printed_sources(nbformat.read(p, as_version=4))]
+    assert printing, "no notebook prints package source: the source check has nothing to check"
+    nb = nbformat.read(printing[0], as_version=4)
+    i, dotted = _printed_sources(nb)[0]
+    in_cell = [d for j, d in _printed_sources(nb) if j == i]
+    copy = tmp_path / Path(printing[0]).name
+
+    def saved_with(text):
+        """The notebook's copy with cell i's output replaced by ``text``, as read back from disk."""
+        nb.cells[i].outputs = [nbformat.v4.new_output("stream", name="stdout", text=text)]
+        nbformat.write(nb, copy)
+        return nbformat.read(copy, as_version=4)
+
+    current = [inspect.getsource(_resolve(d)) for d in in_cell]
+    assert _stale_sources(saved_with("\n".join(current))) == []
+    # the first function as it was before a line was deleted from it
+    last_line = current[0].rstrip().splitlines()[-1]
+    indent = last_line[:len(last_line) - len(last_line.lstrip())]
+    older = current[0].replace(last_line, f"{indent}pass  # deleted since\n{last_line}")
+    stale = _stale_sources(saved_with("\n".join([older, *current[1:]])))
+    assert stale == [f"cell {i}: its saved output does not show the current source of {dotted}"]
+    # a copy saved without the output
+    assert len(_stale_sources(saved_with(""))) == len(in_cell)
 
 
 def _run_example(path, tmp_path, *args):
