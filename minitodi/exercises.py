@@ -534,7 +534,10 @@ def _layernorm_variant(dy, x, w, b, eps, *, mean_term=True, variance_term=True, 
     if variance_term:
         dx -= xhat * (dxhat * xhat).sum(axis=-1, keepdims=True) / (C - ddof)
     dx *= rstd
-    dw = (dy * (xhat if xhat_in_dw else x)).sum(axis=0)
+    w_input = xhat  # what w multiplies in the forward
+    if not xhat_in_dw:
+        w_input = x  # the mistake: dw computed against the raw input
+    dw = (dy * w_input).sum(axis=0)
     db = dy.sum(axis=0)
     return dx, dw, db
 
@@ -849,7 +852,10 @@ def _rmsnorm_variant(dy, x, w, eps, *, xhat_term=True, w_in_dxhat=True, xhat_in_
     if xhat_term:
         dx -= xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
     dx *= rstd
-    dw = (dy * (xhat if xhat_in_dw else x)).sum(axis=0)
+    w_input = xhat  # what w multiplies in the forward
+    if not xhat_in_dw:
+        w_input = x  # the mistake: dw computed against the raw input
+    dw = (dy * w_input).sum(axis=0)
     return dx, dw
 
 

@@ -214,7 +214,9 @@ def backward_in_shards(dlogits, cache):
 
 
 # ---- malloc --------------------------------------------------------------------------------------
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers, from glibc's malloc.h
+# mallopt's parameter numbers, from glibc's malloc.h
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 
 
 def reuse_freed_memory():
