@@ -114,8 +114,9 @@ def child(args):
 
 def minitodi_run(args, s, t):
     """minitodi's loss + gradient on s and t moved to ``--device``, as a function of no arguments."""
-    from minitodi import device, losses, parallel
-    from minitodi.losses import LOSSES
+    from minitodi import parallel
+    from minitodi.core import device, losses
+    from minitodi.core.losses import LOSSES
 
     losses.USE_FUSED = args.impl == "minitodi"  # plain: the blocked array path, also on CuPy
     parallel.reuse_freed_memory()  # as the command line runs minitodi
@@ -250,7 +251,7 @@ def roofline(args):
 
     import numpy as np
 
-    from minitodi.losses import BLOCK_ELEMENTS
+    from minitodi.core.losses import BLOCK_ELEMENTS
 
     entries = args.positions * args.vocab
     blocks = [np.random.default_rng(i).standard_normal(BLOCK_ELEMENTS, dtype=np.float32)

@@ -31,8 +31,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minitodi import layers, model, optim, parallel  # noqa: E402
-from minitodi.device import get_xp, to_device  # noqa: E402
+from minitodi import parallel  # noqa: E402
+from minitodi.core import layers, model, optim  # noqa: E402
+from minitodi.core.device import get_xp, to_device  # noqa: E402
 
 
 def minitodi_step(args, cfg, params, idx, targets, update=True):

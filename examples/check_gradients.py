@@ -3,7 +3,7 @@
     python examples/check_gradients.py                 # exit status 1 if any check fails
     python examples/check_gradients.py --tol 1e-8
 
-minitodi.gradcheck.gradcheck_table checks random float64 logits shaped (2, 3, 11), two positions masked
+minitodi.core.gradcheck.gradcheck_table checks random float64 logits shaped (2, 3, 11), two positions masked
 off, against central differences of the loss value over every logit (stop-gradient weights held at the
 base point). Prints the worst relative error per loss with its default options.
 """
@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from minitodi.gradcheck import gradcheck_table  # noqa: E402
+from minitodi.core.gradcheck import gradcheck_table  # noqa: E402
 
 
 def main(argv=None):

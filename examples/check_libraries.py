@@ -4,7 +4,7 @@
     python examples/check_libraries.py --full   # every report in full, a row per case
 
 Each loss is called the way its library calls it, wrapped in the signature that
-``minitodi.conformance.check`` expects, and checked against ``minitodi.losses.gjsd`` (GKD's generalized
+``minitodi.conformance.check`` expects, and checked against ``minitodi.core.losses.gjsd`` (GKD's generalized
 JSD, Agarwal et al. 2024, whose beta = 0 and 1 are FKL and RKL in both libraries' code):
 
 - TRL 1.16.0, ``GKDTrainer.generalized_jsd_loss`` (trl.experimental.gkd): with labels (-100 where the

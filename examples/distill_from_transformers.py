@@ -31,9 +31,9 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from minitodi import checkpoint, data, parallel  # noqa: E402
+from minitodi.core.losses import LOSSES  # noqa: E402
+from minitodi.core.model import n_params  # noqa: E402
 from minitodi.evaluation import Protocol, evaluate  # noqa: E402
-from minitodi.losses import LOSSES  # noqa: E402
-from minitodi.model import n_params  # noqa: E402
 from minitodi.presets import PRESETS  # noqa: E402
 from minitodi.teacher import Teacher  # noqa: E402
 from minitodi.train import SFT, fit  # noqa: E402

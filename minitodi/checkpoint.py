@@ -4,7 +4,7 @@ A checkpoint directory holds::
 
     config.json                 GPT-2 or Llama configuration (``GPT2LMHeadModel`` or ``LlamaForCausalLM``
                                 ``.from_pretrained(directory)`` works)
-    model.safetensors           the parameters, named as in :mod:`minitodi.model` (a tied head omitted)
+    model.safetensors           the parameters, named as in :mod:`minitodi.core.model` (a tied head omitted)
     training_state.safetensors  optional: the optimizer's moment arrays, for an exact resume
     training_state.json         optional: step, RNG state, data position and anything else JSON can hold
 
@@ -34,8 +34,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
-from .device import to_device, to_numpy
-from .model import GPTConfig, LlamaConfig, check_params, param_shapes
+from .core.device import to_device, to_numpy
+from .core.model import GPTConfig, LlamaConfig, check_params, param_shapes
 
 MODEL_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"  # sharded weights: {"weight_map": {name: shard file}}
@@ -103,11 +103,11 @@ def save(directory, params, config, *, training_state=None, config_extra=None):
 
     Args:
         directory: the checkpoint directory (a str or Path); created if missing, files in it replaced.
-        params: the parameters, a dict of arrays (NumPy or CuPy) named as in :mod:`minitodi.model`;
+        params: the parameters, a dict of arrays (NumPy or CuPy) named as in :mod:`minitodi.core.model`;
             checked against ``config`` before anything is written.
         config: the model's GPTConfig or LlamaConfig, written as ``config.json``.
         training_state: None, or a dict with an ``"optimizer"`` entry (the state of
-            :func:`minitodi.optim.adamw_init`) and any JSON-serialisable entries (step, RNG state, data
+            :func:`minitodi.core.optim.adamw_init`) and any JSON-serialisable entries (step, RNG state, data
             position, ...).
         config_extra: extra ``config.json`` entries, e.g. ``{"eos_token_id": 0}``.
     Returns the directory as a Path.

@@ -5,8 +5,9 @@ import os
 import sys
 from pathlib import Path
 
-from . import gradcheck, losses, parallel
-from .device import resolve_device
+from . import parallel
+from .core import gradcheck, losses
+from .core.device import resolve_device
 from .parallel import cores
 from .presets import ARCHS, MODELS, model_config
 

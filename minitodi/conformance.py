@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .losses import LOSSES, log_softmax
+from .core.losses import LOSSES, log_softmax
 
 DEFAULT_TOL = 1e-3
 GRAD_FLOOR = 1e-2  # gradient errors are relative to at least this fraction of the unit 1/(N T)

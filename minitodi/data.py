@@ -52,8 +52,8 @@ from pydoc_data.topics import topics
 
 import numpy as np
 
-from .device import to_device
-from .layers import IGNORE_INDEX
+from .core.device import to_device
+from .core.layers import IGNORE_INDEX
 from .tokenizer import Tokenizer
 
 # --------------------------------------------------------------------------------------------------

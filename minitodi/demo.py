@@ -32,11 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, data, losses, metrics, optim, parallel, rundir
-from .device import to_numpy
+from . import checkpoint, data, metrics, parallel, rundir
+from .core import losses, optim
+from .core.device import to_numpy
+from .core.layers import IGNORE_INDEX
+from .core.model import init_params
 from .evaluation import PAPER, evaluate
-from .layers import IGNORE_INDEX
-from .model import init_params
 from .parallel import cores
 from .presets import PRESETS
 from .progress import Progress

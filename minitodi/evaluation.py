@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import layers, losses, metrics
+from . import metrics
+from .core import layers, losses
+from .core.device import to_float
 from .data import eval_batches, format_prompt
-from .device import to_float
 from .generate import check_settings, generate
 from .parallel import forward_in_shards
 

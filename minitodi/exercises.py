@@ -21,8 +21,8 @@ per row, temperature 1:
 **How an answer is graded.** The learner's function runs on three fixed cases per exercise (small float64
 arrays from fixed seeds, one with edge structure: equal or tied rows, a constant row, a single position,
 saturated values), each call on fresh copies of the inputs. Every output is compared, entry by entry,
-with the reference answer: minitodi's own code (minitodi.losses for the divergences, one row at a time;
-minitodi.layers for the layers), which tests/test_exercises.py checks against float64 finite differences.
+with the reference answer: minitodi's own code (minitodi.core.losses for the divergences, one row at a time;
+minitodi.core.layers for the layers), which tests/test_exercises.py checks against float64 finite differences.
 An output agrees when every entry's relative error
 
     |a - e| / max(|a| + |e|, FLOOR * scale)        scale = the output's largest |e| over the cases
@@ -50,8 +50,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import layers, losses
-from .losses import fkl_rows, log_softmax, rkl_rows, todi_attached_rows, todi_rows, todi_weights
+from .core import layers, losses
+from .core.losses import fkl_rows, log_softmax, rkl_rows, todi_attached_rows, todi_rows, todi_weights
 
 TOL = 1e-8
 """Largest relative error that agrees. Correct answers written independently of minitodi (the worked
@@ -159,11 +159,11 @@ class Report:
 
 
 # --------------------------------------------------------------------------------------------------
-# the divergences: references from minitodi.losses, and the known mistakes
+# the divergences: references from minitodi.core.losses, and the known mistakes
 
 
 def _per_row(loss, s, t, **options):
-    """(D (n,), dD/ds (n, V)) from one of minitodi.losses' public functions, called on one row at a time.
+    """(D (n,), dD/ds (n, V)) from one of minitodi.core.losses' public functions, called on one row at a time.
 
     On a single position the mean over positions is that row's D, and the gradient that row's own.
     """
@@ -175,17 +175,17 @@ def _per_row(loss, s, t, **options):
 
 
 def fkl_reference(s, t):
-    """Forward KL per row and its gradient, from minitodi.losses.fkl."""
+    """Forward KL per row and its gradient, from minitodi.core.losses.fkl."""
     return _per_row(losses.fkl, s, t)
 
 
 def rkl_reference(s, t):
-    """Reverse KL per row and its gradient, from minitodi.losses.rkl."""
+    """Reverse KL per row and its gradient, from minitodi.core.losses.rkl."""
     return _per_row(losses.rkl, s, t)
 
 
 def todi_reference(s, t, beta):
-    """ToDi per row and its gradient, the weight held constant, from minitodi.losses.todi."""
+    """ToDi per row and its gradient, the weight held constant, from minitodi.core.losses.todi."""
     return _per_row(losses.todi, s, t, beta=beta)
 
 
@@ -255,7 +255,7 @@ def _rkl_gradient(s, t, with_qD=True, with_step=True, sign=1.0):
 
 
 def _todi_parts(s, t, beta):
-    """(log p, log q, p, q, a, 1 - a) of ToDi, the weight computed as minitodi.losses does."""
+    """(log p, log q, p, q, a, 1 - a) of ToDi, the weight computed as minitodi.core.losses does."""
     lp, lq, p, q = _probabilities(s, t)
     a, one_minus_a = todi_weights(lp, lq, p, q, beta)
     return lp, lq, p, q, a, one_minus_a
@@ -322,7 +322,7 @@ DIVERGENCE_OUTPUTS = (Output("D", "(n,): one divergence per row, no mean"), Outp
 _MEAN_OVER_ROWS = ("you averaged over the rows: your D is one number and your dD_ds is divided by n.",
                    "This exercise wants one divergence per row, D of shape (n,), and each row's own gradient "
                    "dD[i]/ds[i], with no 1/n. The mean over positions is taken later, once, by the loss in "
-                   "minitodi.losses.")
+                   "minitodi.core.losses.")
 
 FKL_MISTAKES = (
     Mistake("rkl_gradient",
@@ -443,7 +443,7 @@ TODI_MISTAKES = (
 
 
 def linear_reference(dy, x, w, b):
-    """(dx, dw, db) from minitodi.layers' linear_forward and linear_backward."""
+    """(dx, dw, db) from minitodi.core.layers' linear_forward and linear_backward."""
     _, cache = layers.linear_forward(x, w, b)
     return layers.linear_backward(dy, cache)
 
@@ -511,7 +511,7 @@ LINEAR_MISTAKES = (
 
 
 def layernorm_reference(dy, x, w, b, eps):
-    """(dx, dw, db) from minitodi.layers' layernorm_forward and layernorm_backward."""
+    """(dx, dw, db) from minitodi.core.layers' layernorm_forward and layernorm_backward."""
     _, cache = layers.layernorm_forward(x, w, b, eps)
     return layers.layernorm_backward(dy, cache)
 
@@ -606,7 +606,7 @@ GELU_A = 0.044715
 
 
 def gelu_reference(dy, x):
-    """dx from minitodi.layers' gelu_forward and gelu_backward."""
+    """dx from minitodi.core.layers' gelu_forward and gelu_backward."""
     _, cache = layers.gelu_forward(x)
     return layers.gelu_backward(dy, cache)
 
@@ -676,7 +676,7 @@ GELU_MISTAKES = (
 
 
 def cross_entropy_reference(logits, targets):
-    """dlogits from minitodi.layers' cross_entropy_forward and cross_entropy_backward (dL = 1)."""
+    """dlogits from minitodi.core.layers' cross_entropy_forward and cross_entropy_backward (dL = 1)."""
     _, cache = layers.cross_entropy_forward(logits, targets)
     return layers.cross_entropy_backward(1.0, cache)
 
@@ -747,7 +747,7 @@ CROSS_ENTROPY_MISTAKES = (
 
 
 def attention_reference(dy, q, k, v):
-    """(dq, dk, dv) from minitodi.layers' grouped attention with one head, on (1, T, hs)."""
+    """(dq, dk, dv) from minitodi.core.layers' grouped attention with one head, on (1, T, hs)."""
     _, cache = layers.grouped_attention_forward(q[None], k[None], v[None], 1, 1)
     dq, dk, dv = layers.grouped_attention_backward(dy[None], cache)
     return dq[0], dk[0], dv[0]
@@ -833,7 +833,7 @@ ATTENTION_MISTAKES = (
 
 
 def rmsnorm_reference(dy, x, w, eps):
-    """(dx, dw) from minitodi.layers' rmsnorm_forward and rmsnorm_backward."""
+    """(dx, dw) from minitodi.core.layers' rmsnorm_forward and rmsnorm_backward."""
     _, cache = layers.rmsnorm_forward(x, w, eps)
     return layers.rmsnorm_backward(dy, cache)
 

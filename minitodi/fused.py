@@ -1,6 +1,6 @@
 r"""Fused CuPy kernels for FKL, RKL and ToDi: value and gradient in five passes over the logits.
 
-The array path of :mod:`minitodi.losses` builds log p, log q, p, q, the terms and g as arrays, block by
+The array path of :mod:`minitodi.core.losses` builds log p, log q, p, q, the terms and g as arrays, block by
 block; on a GPU each of those is a round trip through memory. Here, for logits flattened to (M, V):
 
 1. per row, max and log-sum-exp of s / temperature and of t / temperature   (2 reads of each)
@@ -9,7 +9,7 @@ block; on a GPU each of those is a round trip through memory. Here, for logits f
 
 with w_row = 1 / (N temperature) on counted rows and 0 elsewhere. Every per-entry quantity (log q,
 log p, q, p, ToDi's weight a, the term, g) is recomputed in registers from s and t where it is needed.
-The formulas, and D clamped at 0, are those of :mod:`minitodi.losses`, whose ``_mean_over_positions``
+The formulas, and D clamped at 0, are those of :mod:`minitodi.core.losses`, whose ``_mean_over_positions``
 comes here for CuPy arrays without -inf (0 log 0 and +inf stay with the array path) or ``stopgrad_at``.
 """
 

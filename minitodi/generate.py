@@ -26,9 +26,9 @@ from collections import defaultdict
 
 import numpy as np
 
-from .device import array_module, to_numpy
-from .losses import log_softmax
-from .model import forward
+from .core.device import array_module, to_numpy
+from .core.losses import log_softmax
+from .core.model import forward
 
 
 def check_settings(*, max_new_tokens=1, temperature=0.0, top_k=None, top_p=None, no_repeat_ngram_size=0,

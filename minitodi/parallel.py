@@ -8,8 +8,8 @@ them side by side on the CPU:
   GIL inside its loops, so threads share the work of one process.
 - :func:`one_blas_thread`: BLAS (the library behind NumPy's matrix products) on one thread inside a
   block, through threadpoolctl, which finds and limits OpenBLAS, MKL, BLIS and the others portably.
-- :func:`forward_in_shards` and :func:`backward_in_shards`: the pure :func:`minitodi.model.forward` and
-  :func:`minitodi.model.backward` on shards of whole sequences, side by side. The training step, the
+- :func:`forward_in_shards` and :func:`backward_in_shards`: the pure :func:`minitodi.core.model.forward` and
+  :func:`minitodi.core.model.backward` on shards of whole sequences, side by side. The training step, the
   teacher's logits and the held-out losses go through them.
 - :func:`reuse_freed_memory`: glibc's malloc tuned for NumPy's temporaries. A process-wide change, so
   only the command line and the demo's workers call it; call it yourself to opt in (see README).
@@ -28,8 +28,8 @@ from contextlib import contextmanager
 import numpy as np
 import threadpoolctl
 
-from . import model
-from .device import array_module
+from .core import model
+from .core.device import array_module
 
 THREADS = None  # threads for the losses' blocks of rows, AdamW's groups and the shards; None: cores()
 
@@ -159,7 +159,7 @@ def shards(B, T, C):
 
 
 def forward_in_shards(params, idx, config, *, rows=None):
-    """:func:`minitodi.model.forward` on shards of whole sequences, side by side: (logits, cache).
+    """:func:`minitodi.core.model.forward` on shards of whole sequences, side by side: (logits, cache).
 
     A sequence never meets another one, so the logits are the unsharded ones; :func:`backward_in_shards`
     adds the shards' gradients in shard order. ``rows`` (a boolean (B, T) mask) is as in model.forward:
@@ -196,7 +196,7 @@ def forward_in_shards(params, idx, config, *, rows=None):
 
 
 def backward_in_shards(dlogits, cache):
-    """:func:`minitodi.model.backward` of :func:`forward_in_shards`: the gradients of the whole batch.
+    """:func:`minitodi.core.model.backward` of :func:`forward_in_shards`: the gradients of the whole batch.
 
     The shards' gradients are added in shard order, whatever the threads.
     """

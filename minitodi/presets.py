@@ -15,8 +15,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from . import data, losses
-from .model import GPTConfig, LlamaConfig
+from . import data
+from .core import losses
+from .core.model import GPTConfig, LlamaConfig
 
 SFT = "sft"  # the loss name of a cross-entropy-only run
 
@@ -31,7 +32,7 @@ _NON_NEGATIVE = ("min_lr", "weight_decay", "kd_rate")  # finite numbers >= 0
 class TrainConfig:
     """Settings of one training run; every one is checked when the config is made.
 
-    ``loss`` is "sft" (cross-entropy alone) or a name in :data:`minitodi.losses.LOSSES`; a distillation
+    ``loss`` is "sft" (cross-entropy alone) or a name in :data:`minitodi.core.losses.LOSSES`; a distillation
     step's loss is (1 - kd_rate) CE + kd_rate KD at ``temperature``, with ``loss_options`` handed to the
     divergence (kd_rate = 0.5 and T = 2 are the official ToDi scripts' values).
     """

@@ -35,9 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, optim
-from .device import to_numpy
-from .model import init_params
+from . import checkpoint
+from .core import optim
+from .core.device import to_numpy
+from .core.model import init_params
 
 RUN_FILE = "run.json"  # the settings of the run
 LOG_FILE = "metrics.jsonl"  # one JSON object per logged step and evaluation

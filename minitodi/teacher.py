@@ -13,9 +13,9 @@ pass would give, up to float rounding.
 import numpy as np
 
 from . import checkpoint
+from .core.device import array_module, to_numpy
+from .core.layers import IGNORE_INDEX
 from .data import collate
-from .device import array_module, to_numpy
-from .layers import IGNORE_INDEX
 from .parallel import forward_in_shards
 from .tokenizer import Tokenizer
 

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, layers, losses, optim, rundir
+from . import checkpoint, rundir
+from .core import layers, losses, optim
+from .core.device import to_float
 from .data import BatchIterator
-from .device import to_float
 from .evaluation import heldout_losses
 from .parallel import backward_in_shards, forward_in_shards
 from .presets import SFT, TrainConfig

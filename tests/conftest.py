@@ -8,7 +8,8 @@ and transformers for the comparisons with them (skipped where they are not insta
 import pytest
 from helpers import perturbed_params, small_gpt2_config, small_llama_config
 
-from minitodi import data, device
+from minitodi import data
+from minitodi.core import device
 from minitodi.tokenizer import Tokenizer
 
 

@@ -7,8 +7,8 @@ test module here, tests/ having no __init__.py).
 
 import numpy as np
 
-from minitodi import layers, model
-from minitodi.gradcheck import check_array
+from minitodi.core import layers, model
+from minitodi.core.gradcheck import check_array
 
 
 def small_gpt2_config(**overrides):

@@ -8,8 +8,9 @@ import pytest
 from helpers import cross_entropy_both, perturbed_params, random_hf_model, small_gpt2_config
 from safetensors.numpy import load_file, save_file
 
-from minitodi import checkpoint, optim
+from minitodi import checkpoint
 from minitodi.checkpoint import CONFIG_FILE, MODEL_FILE, STATE_FILE, STATE_JSON
+from minitodi.core import optim
 
 make_params = functools.partial(perturbed_params, dtype=np.float32)
 

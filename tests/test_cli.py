@@ -9,7 +9,7 @@ import pytest
 
 from minitodi import presets
 from minitodi.cli import main
-from minitodi.losses import LOSSES
+from minitodi.core.losses import LOSSES
 from minitodi.train import TrainConfig
 
 TINY = ["--preset", "tiny", "--steps", "6", "--batch-size", "8", "--eval-every", "3", "--vocab-size", "300",
@@ -148,7 +148,7 @@ def test_evaluate_log_is_checked_before_the_evaluation(runs, tmp_path, capsys, c
 def test_a_model_whose_vocabulary_is_not_its_tokenizers_is_refused_at_load(runs, tmp_path, capsys):
     """config.json's vocabulary against tokenizer.json's: one line naming both, before any generation."""
     from minitodi import checkpoint
-    from minitodi.model import GPTConfig, init_params
+    from minitodi.core.model import GPTConfig, init_params
 
     shutil.copy(runs / "student" / "tokenizer.json", tmp_path / "tokenizer.json")
     config = GPTConfig(vocab_size=40, n_positions=56, n_embd=16, n_layer=1, n_head=2)

@@ -19,8 +19,8 @@ import pytest
 
 from minitodi import cli
 from minitodi.conformance import ConformanceError, _todi_attached_extra, battery, check, computations
-from minitodi.gradcheck import central_difference
-from minitodi.losses import LOSSES, log_softmax
+from minitodi.core.gradcheck import central_difference
+from minitodi.core.losses import LOSSES, log_softmax
 
 BUGS = {  # bug -> words the diagnosis must contain
     "t2": "T^2 factor applied",
@@ -565,7 +565,7 @@ def test_options_given_where_the_signature_takes_them():
 
 SOURCE = '''
 import numpy as np
-from minitodi.losses import LOSSES
+from minitodi.core.losses import LOSSES
 
 def good(s, t, mask, temperature):
     return LOSSES["fkl"](s, t, mask, temperature=temperature)

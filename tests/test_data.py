@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from minitodi import data
-from minitodi.layers import IGNORE_INDEX
+from minitodi.core.layers import IGNORE_INDEX
 from minitodi.metrics import exact_match
 from minitodi.tokenizer import Tokenizer
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from minitodi import device, losses
+from minitodi.core import device, losses
 
 
 def test_cpu_device_gives_numpy(monkeypatch):

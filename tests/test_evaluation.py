@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from minitodi import data, evaluation, metrics
+from minitodi.core.model import GPTConfig, init_params
 from minitodi.evaluation import PAPER, Protocol, evaluate, validity_and_coverage
 from minitodi.generate import generate
-from minitodi.model import GPTConfig, init_params
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import pytest
 from helpers import reference_log_softmax
 
 from minitodi import exercises
+from minitodi.core.gradcheck import central_difference
 from minitodi.exercises import EXERCISES, check
-from minitodi.gradcheck import central_difference
 
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTIONS = ROOT / "notebooks" / "solutions" / "06_exercises_solutions.py"
@@ -47,7 +47,7 @@ def _with_outputs(name, change):
 
 
 # ---- the references against finite differences ---------------------------------------------------
-# Forwards written out here, independent of minitodi.layers and minitodi.losses.
+# Forwards written out here, independent of minitodi.core.layers and minitodi.core.losses.
 
 
 def _divergence_values(name, s, t, a=None):

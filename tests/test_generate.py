@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from minitodi import checkpoint
+from minitodi.core.model import GPTConfig, forward, init_params
 from minitodi.generate import check_settings, generate, next_token
-from minitodi.model import GPTConfig, forward, init_params
 
 CFG = GPTConfig(vocab_size=23, n_positions=24, n_embd=16, n_layer=2, n_head=2)
 

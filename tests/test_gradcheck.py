@@ -1,9 +1,9 @@
-"""minitodi.gradcheck: central differences, sampled and directional checks, and that they can fail."""
+"""minitodi.core.gradcheck: central differences, sampled and directional checks, and that they can fail."""
 
 import numpy as np
 import pytest
 
-from minitodi import gradcheck
+from minitodi.core import gradcheck
 
 
 def _cubic():

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from helpers import check_layer_gradients, fake_loss
 
-from minitodi import layers, model
-from minitodi.gradcheck import check_array
+from minitodi.core import layers, model
+from minitodi.core.gradcheck import check_array
 
 TOL = 1e-6
 

@@ -20,9 +20,10 @@ from helpers import (
 )
 from safetensors.numpy import save_file
 
-from minitodi import checkpoint, device, layers, model
+from minitodi import checkpoint
+from minitodi.core import device, layers, model
+from minitodi.core.gradcheck import check_arrays, directional_check
 from minitodi.generate import generate
-from minitodi.gradcheck import check_arrays, directional_check
 
 TOL = 1e-6
 

@@ -14,7 +14,7 @@ from helpers import reference_log_softmax
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from minitodi.losses import LOSSES, InfiniteDivergenceError
+from minitodi.core.losses import LOSSES, InfiniteDivergenceError
 
 SETTINGS = settings(max_examples=30, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow])

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from helpers import reference_log_softmax
 
-from minitodi import device, fused, gradcheck, losses, parallel
-from minitodi.gradcheck import LOSS_CHECK_EPS, LOSS_CHECK_ORDER
-from minitodi.losses import LOSSES, InfiniteDivergenceError
+from minitodi import fused, parallel
+from minitodi.core import device, gradcheck, losses
+from minitodi.core.gradcheck import LOSS_CHECK_EPS, LOSS_CHECK_ORDER
+from minitodi.core.losses import LOSSES, InfiniteDivergenceError
 
 NAMES = sorted(LOSSES)
 # every loss with its defaults, plus option values that change the gradient

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from helpers import cross_entropy_pass, perturbed_params, small_gpt2_config
 
-from minitodi import device, layers, model, parallel
-from minitodi.gradcheck import check_array, check_arrays, directional_check
-from minitodi.losses import LOSSES
+from minitodi import parallel
+from minitodi.core import device, layers, model
+from minitodi.core.gradcheck import check_array, check_arrays, directional_check
+from minitodi.core.losses import LOSSES
 
 TOL = 1e-6
 # Whole-model checks use the fourth-order stencil at eps = 1e-3. Measured over EVERY checkable entry of

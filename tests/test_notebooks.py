@@ -8,10 +8,10 @@ outputs a reader sees on GitHub come from the code above them.
 
 A saved output that prints package source must print the package as it is now: for every code cell
 that calls ``inspect.getsource(X)`` (or ``getsource(X)``) on a minitodi object, X is resolved through the
-notebook's own minitodi imports (``from minitodi import model`` makes ``model.block_forward`` the function
-``minitodi.model.block_forward``) and its current source, whitespace normalised, must appear in the cell's
-saved stream output. Nothing is executed for this check; a deliberately stale copy of a notebook, written
-to a temporary directory, shows that it fails.
+notebook's own minitodi imports (``from minitodi.core import model`` makes ``model.block_forward`` the
+function ``minitodi.core.model.block_forward``) and its current source, whitespace normalised, must appear
+in the cell's saved stream output. Nothing is executed for this check; a deliberately stale copy of a
+notebook, written to a temporary directory, shows that it fails.
 
 Examples run as ``python examples/NAME.py`` with no arguments, in a temporary working directory
 (anything they write, such as a figure at its default path, lands there) and with MINITODI_FAST=1
@@ -108,7 +108,7 @@ def _minitodi_names(cells):
                         continue
                     if alias.asname:
                         names[alias.asname] = alias.name
-                    else:  # `import minitodi.model` binds the name minitodi
+                    else:  # `import minitodi.core.model` binds the name minitodi
                         names["minitodi"] = "minitodi"
     return names
 
@@ -224,7 +224,7 @@ def test_gradient_analysis_writes_a_png(tmp_path):
 
 
 def test_check_gradients_reports_every_loss_and_fails_when_it_should(tmp_path):
-    from minitodi.losses import LOSSES
+    from minitodi.core.losses import LOSSES
 
     script = str(ROOT / "examples" / "check_gradients.py")
     proc = _run_example(script, tmp_path)

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from minitodi import optim, parallel
+from minitodi import parallel
+from minitodi.core import optim
 
 BETAS, ADAM_EPS, WD = (0.9, 0.95), 1e-8, 0.1
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import threadpoolctl
 
-from minitodi import model, parallel
+from minitodi import parallel
+from minitodi.core import model
 
 needs_blas = pytest.mark.skipif(not parallel.parallel_blas_calls(),
                                 reason="threadpoolctl finds no BLAS whose thread count it can set")
@@ -165,7 +166,7 @@ class Spy:  # stands in for glibc's mallopt wherever minitodi looks it up
         calls.append(args)
         return 1
 ctypes.CDLL = lambda *a, **k: type("L", (), {"mallopt": Spy()})()
-import minitodi, minitodi.cli, minitodi.demo, minitodi.train, minitodi.losses, minitodi.parallel
+import minitodi, minitodi.cli, minitodi.demo, minitodi.train, minitodi.core.losses, minitodi.parallel
 assert calls == [], calls
 assert minitodi.parallel.reuse_freed_memory() is True and len(calls) == 2, calls
 """

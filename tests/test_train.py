@@ -10,11 +10,12 @@ import sys
 import numpy as np
 import pytest
 
-from minitodi import checkpoint, data, evaluation, layers, losses, optim, rundir
+from minitodi import checkpoint, data, evaluation, rundir
+from minitodi.core import layers, losses, optim
+from minitodi.core.gradcheck import directional_check
+from minitodi.core.layers import IGNORE_INDEX
+from minitodi.core.model import GPTConfig, backward, forward, init_params
 from minitodi.evaluation import evaluate, heldout_losses
-from minitodi.gradcheck import directional_check
-from minitodi.layers import IGNORE_INDEX
-from minitodi.model import GPTConfig, backward, forward, init_params
 from minitodi.teacher import Teacher
 from minitodi.tokenizer import Tokenizer
 from minitodi.train import TrainConfig, fit, step_loss

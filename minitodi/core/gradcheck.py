@@ -25,7 +25,7 @@ The entry points, from one number to the whole table:
 - :func:`check_arrays`: the same for a dict of parameters, never skipping a tensor;
 - :func:`directional_check`: one number for a whole model, <grad, u> against the difference quotient
   along a random direction u (two loss evaluations instead of two per entry);
-- :func:`check_loss`: one divergence of :mod:`minitodi.losses`, its stop-gradient weights (ToDi, AKL)
+- :func:`check_loss`: one divergence of :mod:`minitodi.core.losses`, its stop-gradient weights (ToDi, AKL)
   held fixed at the base point so that finite differences see the gradient training uses;
 - :func:`gradcheck_table`: every divergence and option of :data:`GRADCHECK_CASES` at each temperature,
   the table ``minitodi gradcheck`` prints.
@@ -188,7 +188,7 @@ def directional_check(f, arrays: dict, grads: dict, *, eps=DEFAULT_EPS, rng=None
 
 
 # --------------------------------------------------------------------------------------------------
-# the divergences of minitodi.losses
+# the divergences of minitodi.core.losses
 
 LOSS_CHECK_EPS = 1e-4
 LOSS_CHECK_ORDER = 4
@@ -228,7 +228,7 @@ def check_loss(name, student_logits, teacher_logits, mask=None, *, temperature=1
 
     Stop-gradient weights (ToDi, AKL) are frozen at the base point by passing ``stopgrad_at`` = the
     base student logits to every evaluation: finite differences then measure exactly the gradient
-    training uses (the derivation is in :mod:`minitodi.losses`). Returns a :class:`CheckResult`.
+    training uses (the derivation is in :mod:`minitodi.core.losses`). Returns a :class:`CheckResult`.
     """
     fn = losses.LOSSES[name]
     student = student_logits.copy()  # perturbed in place by the check

@@ -38,7 +38,7 @@ computed (it is itself of the size of the rounding there).
 (the paper says so; the official code detaches them). They are computed by their own functions and
 handed to the divergence. ``stopgrad_at=`` (logits; default: the student's own) is where they are
 evaluated: holding it at a base point s0 makes the loss a function whose true gradient at s0 is the
-stop-gradient gradient, which is what :func:`minitodi.gradcheck.check_loss` checks.
+stop-gradient gradient, which is what :func:`minitodi.core.gradcheck.check_loss` checks.
 
 Reading order: the divergences (pure functions of one block of rows, arrays (n, V) -> D (n,) and
 g (n, V)), their weights, the public functions, then what runs around them: input checks, -inf logits,
@@ -50,9 +50,9 @@ from functools import partial
 
 import numpy as np
 
+from ..fused import loss_and_grad as fused_loss_and_grad
+from ..parallel import in_order, threads
 from .device import array_module, to_numpy
-from .fused import loss_and_grad as fused_loss_and_grad
-from .parallel import in_order, threads
 
 # Entries per block of rows (256 KiB in float32): a block's temporaries stay in cache and below malloc's
 # mmap threshold. With 2^20, every temporary was fresh pages from the system: ToDi at 512 x 32000 took

@@ -15,8 +15,8 @@ parameters are vectors and are left undecayed.
 
 import math
 
+from ..parallel import in_order, threads
 from .device import array_module, to_float
-from .parallel import in_order, threads
 
 # The least work worth handing to a thread: a width-32 model's update was slower on two threads than on
 # one (each group's few small arrays cost more in hand-offs than they save).
