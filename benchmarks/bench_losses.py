@@ -115,17 +115,19 @@ def child(args):
 def minitodi_run(args, s, t):
     """minitodi's loss + gradient on s and t moved to ``--device``, as a function of no arguments."""
     from minitodi import parallel
-    from minitodi.core import device, losses
+    from minitodi.core import device
     from minitodi.core.losses import LOSSES
 
-    losses.USE_FUSED = args.impl == "minitodi"  # plain: the blocked array path, also on CuPy
     parallel.reuse_freed_memory()  # as the command line runs minitodi
     parallel.THREADS = args.threads
     xp = device.get_xp(args.device)
     s, t = xp.asarray(s), xp.asarray(t)
 
     def run():
-        LOSSES[args.loss](s, t, temperature=2.0)
+        if args.impl == "minitodi":  # as training runs it: blocks on threads, or the fused CuPy kernels
+            parallel.loss_and_grad(args.loss, s, t, temperature=2.0)
+        else:  # plain: the pure function, its blocks one after another, the array path also on CuPy
+            LOSSES[args.loss](s, t, temperature=2.0)
     return run
 
 

@@ -45,7 +45,7 @@ def minitodi_step(args, cfg, params, idx, targets, update=True):
         grads = parallel.backward_in_shards(layers.cross_entropy_backward(1.0, ce_cache), cache)
         if update:
             optim.clip_grad_norm(grads, 1.0)
-            optim.adamw_step(params, grads, opt, lr=1e-3, weight_decay=0.1)
+            parallel.adamw_step(params, grads, opt, lr=1e-3, weight_decay=0.1)
     return step
 
 

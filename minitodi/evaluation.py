@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from . import metrics
-from .core import layers, losses
+from .core import layers
 from .core.device import to_float
 from .data import eval_batches, format_prompt
 from .generate import check_settings, generate
-from .parallel import forward_in_shards
+from .parallel import forward_in_shards, loss_and_grad
 
 ROUGE = "rouge_score RougeScorer(['rougeL'], use_stemmer=True) F-measure, max over references, x100"
 
@@ -83,7 +83,7 @@ def heldout_losses(params, config, examples, pad_id, *, batch_size=64, device="c
         n = cache[3]  # the number of counted tokens in the batch
         nll += to_float(ce) * n
         if teacher is not None:
-            divergence, _ = losses.fkl(logits, teacher.logits(idx, counted), temperature=1.0)
+            divergence, _ = loss_and_grad("fkl", logits, teacher.logits(idx, counted), temperature=1.0)
             kl += divergence * n
         count += n
     if teacher is None:

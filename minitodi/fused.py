@@ -9,12 +9,15 @@ block; on a GPU each of those is a round trip through memory. Here, for logits f
 
 with w_row = 1 / (N temperature) on counted rows and 0 elsewhere. Every per-entry quantity (log q,
 log p, q, p, ToDi's weight a, the term, g) is recomputed in registers from s and t where it is needed.
-The formulas, and D clamped at 0, are those of :mod:`minitodi.core.losses`, whose ``_mean_over_positions``
-comes here for CuPy arrays without -inf (0 log 0 and +inf stay with the array path) or ``stopgrad_at``.
+The formulas, and D clamped at 0, are those of :mod:`minitodi.core.losses`;
+:func:`minitodi.parallel.loss_and_grad` comes here for CuPy arrays where :func:`applies`.
 """
 
 import functools
+import math
 from string import Template
+
+from .core.losses import check_option
 
 # One entry's quantities from its two logits and its row's log-sum-exps (all of type T).
 _PREAMBLE = r"""
@@ -99,6 +102,36 @@ def _log_sum_exp(x, inv_t):
 
     m = x.max(axis=1, keepdims=True)
     return m * inv_t + cupy.log(_sumexp()(x, m, inv_t, axis=1, keepdims=True))
+
+
+def applies(name, options, s, t):
+    """Whether ``LOSSES[name](s, t, **options)`` can run in these kernels.
+
+    FKL and RKL without options, ToDi with its weight detached at the student's own logits (any beta);
+    no -inf logits (0 log 0 stays with the array path).
+    """
+    allowed = set()
+    if name == "todi":
+        allowed = {"beta", "detach"}
+    if name not in TERMS or not set(options) <= allowed:
+        return False
+    if options.get("detach", True) is not True:
+        return False
+    return float(s.min()) > -math.inf and float(t.min()) > -math.inf
+
+
+def mean_loss(name, s, t, mask, temperature, beta=1.0, detach=True):
+    """The loss and gradient of ``LOSSES[name]`` (where :func:`applies`), CuPy logits (..., V) checked.
+
+    The checks :func:`minitodi.core.losses.check_inputs` makes have been made; beta is checked here.
+    """
+    check_option("beta", beta, lambda x: x >= 0, "a finite number >= 0")
+    V = s.shape[-1]
+    rows = None  # every row counts
+    if mask is not None and not bool(mask.all()):
+        rows = mask.reshape(-1).nonzero()[0]
+    loss, grad = loss_and_grad(name, s.reshape(-1, V), t.reshape(-1, V), rows, temperature, beta)
+    return loss, grad.reshape(s.shape)
 
 
 def loss_and_grad(name, s2, t2, rows, temperature, beta=1.0):

@@ -1,16 +1,19 @@
 """The machinery beside the math: threads, BLAS threads, a batch run as shards, malloc settings.
 
-Nothing here changes a number. The math modules stay pure functions of their arrays; this module runs
-them side by side on the CPU:
+Nothing here changes a number. The math of :mod:`minitodi.core` stays pure functions of their arrays,
+run one after another; this module runs the same functions on parts of the work side by side on the CPU,
+and adds the parts up in a fixed order:
 
 - :func:`in_order`: ``[fn(item) for item in items]`` on a shared thread pool, results in item order.
-  The losses run their blocks of rows through it, AdamW its groups of parameters. NumPy releases the
-  GIL inside its loops, so threads share the work of one process.
+  NumPy releases the GIL inside its loops, so threads share the work of one process.
+- :func:`loss_and_grad`: a divergence of :data:`minitodi.core.losses.LOSSES` on its blocks of rows
+  side by side (on CuPy arrays, FKL, RKL and ToDi in the fused kernels of :mod:`minitodi.fused`).
+- :func:`adamw_step`: :func:`minitodi.core.optim.adamw_step` on groups of parameters side by side.
 - :func:`one_blas_thread`: BLAS (the library behind NumPy's matrix products) on one thread inside a
   block, through threadpoolctl, which finds and limits OpenBLAS, MKL, BLIS and the others portably.
-- :func:`forward_in_shards` and :func:`backward_in_shards`: the pure :func:`minitodi.core.model.forward` and
-  :func:`minitodi.core.model.backward` on shards of whole sequences, side by side. The training step, the
-  teacher's logits and the held-out losses go through them.
+- :func:`forward_in_shards` and :func:`backward_in_shards`: the pure :func:`minitodi.core.model.forward`
+  and :func:`minitodi.core.model.backward` on shards of whole sequences, side by side. The training step,
+  the teacher's logits and the held-out losses go through them.
 - :func:`reuse_freed_memory`: glibc's malloc tuned for NumPy's temporaries. A process-wide change, so
   only the command line and the demo's workers call it; call it yourself to opt in (see README).
 
@@ -26,9 +29,9 @@ import threading
 from contextlib import contextmanager
 
 import numpy as np
-import threadpoolctl
 
-from .core import model
+from . import fused
+from .core import losses, model, optim
 from .core.device import array_module
 
 THREADS = None  # threads for the losses' blocks of rows, AdamW's groups and the shards; None: cores()
@@ -74,10 +77,104 @@ def _pool(threads):
     return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix=_WORKER_PREFIX)
 
 
+# ---- the losses' blocks of rows, AdamW's groups of parameters ------------------------------------
+def loss_and_grad(name, student_logits, teacher_logits, mask=None, *, temperature=1.0, **options):
+    """``LOSSES[name](student_logits, teacher_logits, mask, temperature=..., **options)``, side by side.
+
+    The pure function computes its blocks of rows one after another (:func:`losses.rows_per_block`
+    rows each), each adding its share of the mean, sum D / N, in block order. Here each block is one
+    call of the same function with ``n_counted=N``, the blocks run on :func:`threads` threads and
+    their shares are added in block order: the same loss and gradient bit for bit, whatever the
+    threads. With -inf logits the whole batch is one call, so that an error names its position in the
+    batch. On CuPy arrays FKL, RKL and ToDi (its weight detached, not at ``stopgrad_at``) run in the
+    fused kernels of :mod:`minitodi.fused` instead: the same formulas, rounded in another order.
+    """
+    fn = losses.LOSSES[name]
+    xp, s, t, mask, w = losses.check_inputs(student_logits, teacher_logits, mask, temperature,
+                                            options.get("stopgrad_at"))
+    if xp is not np and fused.applies(name, options, s, t):
+        return fused.mean_loss(name, s, t, mask, temperature, **options)
+    count = threads(xp)
+    has_neginf = any(float(x.min()) == -np.inf for x in (s, t, w) if x is not None)
+    if count == 1 or has_neginf:
+        return fn(s, t, mask, temperature=temperature, **options)
+    V = s.shape[-1]
+    s2 = s.reshape(-1, V)  # (..., V) -> (M, V)
+    t2 = t.reshape(-1, V)
+    rows = None  # every row counts
+    if mask is not None and not bool(mask.all()):
+        rows = xp.flatnonzero(mask.reshape(-1))
+    n = s2.shape[0] if rows is None else int(rows.size)
+    N = options.pop("n_counted", None) or n
+    blocks = losses.row_blocks(rows, n, losses.rows_per_block(V))
+    grad = xp.zeros_like(s2)
+
+    def block(sel):  # one block's rows of the gradient; its share of the mean
+        block_options = dict(options)
+        if w is not None:
+            block_options["stopgrad_at"] = w.reshape(-1, V)[sel]
+        share, grad[sel] = fn(s2[sel], t2[sel], temperature=temperature, n_counted=N, **block_options)
+        return share
+
+    loss = 0.0
+    for share in in_order(block, blocks, count):
+        loss += share  # in block order, as the pure function adds them
+    return loss, grad.reshape(s.shape)
+
+
+def adamw_step(params, grads, state, **hyper):
+    """:func:`minitodi.core.optim.adamw_step` with the parameters in groups side by side.
+
+    Each parameter's update is its own, so the groups (:data:`GROUP_ENTRIES` entries or more each, about
+    equal) run on :func:`threads` threads: the same numbers bit for bit as one call on all of them. The
+    step counter advances once.
+    """
+    xp = array_module(*params.values())
+    total = sum(x.size for x in params.values())
+    count = min(threads(xp), 1 + total // GROUP_ENTRIES)
+    if count == 1:
+        optim.adamw_step(params, grads, state, **hyper)
+        return
+    groups = _balanced_groups({name: x.size for name, x in params.items()}, count)
+    step = state["step"] + 1
+
+    def update(names):
+        part = {"step": step - 1, "m": state["m"], "v": state["v"]}  # the step this call advances
+        optim.adamw_step({k: params[k] for k in names}, {k: grads[k] for k in names}, part, **hyper)
+
+    in_order(update, groups, count)
+    state["step"] = step
+
+
+# The least work worth handing to a thread: a width-32 model's update was slower on two threads than on
+# one (each group's few small arrays cost more in hand-offs than they save).
+GROUP_ENTRIES = 1 << 18
+
+
+def _balanced_groups(sizes, count):
+    """The names of ``sizes`` in at most ``count`` groups of about equal total size (none empty).
+
+    Largest first, each to the group with the least so far.
+    """
+    groups = [[] for _ in range(count)]
+    loads = [0] * count
+    for name in sorted(sizes, key=lambda name: -sizes[name]):
+        lightest = loads.index(min(loads))
+        groups[lightest].append(name)
+        loads[lightest] += sizes[name]
+    return [group for group in groups if group]
+
+
 # ---- BLAS threads --------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
 def _blas():
-    """threadpoolctl's controller of the BLAS libraries loaded in this process (possibly none)."""
+    """threadpoolctl's controller of the BLAS libraries loaded in this process (possibly none).
+
+    Imported here, at the first use, not with minitodi: importing threadpoolctl sets an environment
+    variable (KMP_DUPLICATE_LIB_OK), and importing minitodi changes nothing process-wide.
+    """
+    import threadpoolctl
+
     return threadpoolctl.ThreadpoolController().select(user_api="blas")
 
 
@@ -102,6 +199,8 @@ def _set_blas_threads(counts):
     that restores it may not be the one that set it: let go at once. (Where another thread holds it, a
     ``threadpool_limits`` block of the user's, our change is skipped and the user's limit stands.)
     """
+    import threadpoolctl  # loaded already: _blas() imported it
+
     for lib, count in zip(_blas().lib_controllers, counts):
         lib.set_num_threads(count)
     let_go = getattr(threadpoolctl.OpenBLASController, "clear_controlling_thread", None)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, rundir
-from .core import layers, losses, optim
+from . import checkpoint, parallel, rundir
+from .core import layers, optim
 from .core.device import to_float
 from .data import BatchIterator
 from .evaluation import heldout_losses
@@ -49,8 +49,8 @@ def step_loss(params, config, idx, labels, tcfg, teacher=None):
         dlogits = layers.cross_entropy_backward(1.0, ce_cache)
         return ce, ce, None, backward_in_shards(dlogits, cache)
     teacher_logits = teacher.batch_logits(idx, labels)
-    kd_loss = losses.LOSSES[tcfg.loss]
-    kd, dkd = kd_loss(logits, teacher_logits, temperature=tcfg.temperature, **tcfg.loss_options)
+    kd, dkd = parallel.loss_and_grad(tcfg.loss, logits, teacher_logits, temperature=tcfg.temperature,
+                                     **tcfg.loss_options)
     # loss = (1 - kd_rate) CE + kd_rate KD, so dloss/dlogits = (1 - kd_rate) dCE/dlogits + kd_rate dKD/dlogits
     total = (1.0 - tcfg.kd_rate) * ce + tcfg.kd_rate * kd
     dlogits = layers.cross_entropy_backward(1.0 - tcfg.kd_rate, ce_cache)
@@ -99,7 +99,7 @@ class _Trainer:
                 norm = optim.clip_grad_norm(grads, tcfg.grad_clip)
             if not (math.isfinite(total) and math.isfinite(norm)):  # nothing non-finite is ever saved
                 self._stop_non_finite(total, ce, kd, norm, lr)
-            optim.adamw_step(run.params, grads, run.opt, lr=lr, weight_decay=tcfg.weight_decay)
+            parallel.adamw_step(run.params, grads, run.opt, lr=lr, weight_decay=tcfg.weight_decay)
             run.step += 1
             self.last_loss = f"the last finite loss was {total:.6g}"
             if run.step % tcfg.log_every == 0:
@@ -120,7 +120,7 @@ class _Trainer:
             raise FloatingPointError(f"the validation loss is {valid_ce} at step {run.step}: the parameters "
                                      f"diverged (nothing was saved; {run.last} holds the last finite state)")
         if valid_ce < run.best["valid_ce"]:
-            run.save_best(valid_ce, self.tokenizer.eos_id)
+            run.save_best(valid_ce, self.tokenizer)
         rundir.append_log(run.log, {"step": run.step, "valid_ce": valid_ce})
         run.save_last()
         return valid_ce
@@ -189,18 +189,18 @@ def fit(out, model_config, tokenizer, train_examples, valid_examples, tcfg: Trai
         if resumable:
             rundir.check_same_settings(out, run_settings)
         if start == "best":
-            rundir.check_best_model(out, model_config)
+            rundir.check_best_model(out, model_config, tokenizer.fingerprint())
         if tcfg.loss != SFT:
             teacher.precompute(train_examples, device, stop=stop)
-        if stop:  # Ctrl-C while the teacher's logits were computed: nothing is written yet
-            print(f"\ninterrupted before {out} changed; run the same command again to start.")
-            raise KeyboardInterrupt
-        rundir.write_settings(out, run_settings)
-        tokenizer.save(out)
         # rows are padded with the tokenizer's eos id (labels -100 there: no loss reads a padded position)
         batches = BatchIterator(train_examples, tcfg.batch_size, pad_id=tokenizer.eos_id, seed=tcfg.seed,
                                 device=device)
-        run = rundir.RunState(out, model_config, tcfg, batches, start, device, valid_ce)
+        run = rundir.RunState(out, model_config, tcfg, batches, start, device, valid_ce)  # reads, checks
+        if stop:  # Ctrl-C while the teacher's logits or the state were read: nothing is written yet
+            print(f"\ninterrupted before {out} changed; run the same command again to start.")
+            raise KeyboardInterrupt
+        rundir.write_settings(out, run_settings)
+        run.begin()  # the tokenizer is written with the first best model, never beside another one
         trainer = _Trainer(run, tokenizer, tcfg, teacher, valid_ce)
         begin = time.perf_counter()
         steps_left = tcfg.steps - run.step

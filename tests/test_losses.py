@@ -278,18 +278,57 @@ def test_blocking_does_not_change_results(monkeypatch):
 
 
 @pytest.mark.parametrize("name,options", CASES, ids=CASE_IDS)
-def test_threads_give_the_single_thread_result_bit_for_bit(name, options, monkeypatch):
+def test_blocks_on_threads_give_the_pure_function_bit_for_bit(name, options, monkeypatch):
+    """parallel.loss_and_grad runs the blocks side by side: the pure loss's numbers, bit for bit."""
     s, t, mask = _inputs(shape=(6, 7, 29), seed=17)
-    s[..., 3] = t[..., 3] = -np.inf  # the -inf path too
     monkeypatch.setattr(losses, "BLOCK_ELEMENTS", 2 * 29)  # 21 blocks of 2 rows, 12 of them with the mask
+    monkeypatch.setattr(parallel, "THREADS", 3)
+    calls = []
+    real = LOSSES[name]
+    monkeypatch.setitem(LOSSES, name, lambda *a, **k: calls.append(k.get("n_counted")) or real(*a, **k))
     for m in (None, mask):
-        monkeypatch.setattr(parallel, "THREADS", 1)
-        v1, g1 = LOSSES[name](s, t, m, temperature=2.0, **options)
-        monkeypatch.setattr(parallel, "THREADS", 3)
-        v3, g3 = LOSSES[name](s, t, m, temperature=2.0, **options)
+        v1, g1 = real(s, t, m, temperature=2.0, **options)
+        calls.clear()
+        v3, g3 = parallel.loss_and_grad(name, s, t, m, temperature=2.0, **options)
         assert v3 == v1
         np.testing.assert_array_equal(g3, g1)
-    assert parallel._pool.cache_info().currsize > 0  # the threaded path ran
+        n = 42 if m is None else int(m.sum())
+        assert calls == [n] * math.ceil(n / 2)  # one call a block, each dividing by the whole batch's N
+
+
+@pytest.mark.parametrize("name,options", CASES, ids=CASE_IDS)
+def test_blocks_with_neginf_logits_run_as_one_call(name, options, monkeypatch):
+    """With -inf logits the batch is one call of the pure loss, so its errors name batch positions."""
+    s, t, mask = _inputs(shape=(6, 7, 29), seed=17)
+    s[..., 3] = t[..., 3] = -np.inf
+    monkeypatch.setattr(losses, "BLOCK_ELEMENTS", 2 * 29)
+    monkeypatch.setattr(parallel, "THREADS", 3)
+    v1, g1 = LOSSES[name](s, t, mask, temperature=2.0, **options)
+    v3, g3 = parallel.loss_and_grad(name, s, t, mask, temperature=2.0, **options)
+    assert v3 == v1
+    np.testing.assert_array_equal(g3, g1)
+    t[2, 5, 4] = -np.inf  # the student has mass there: RKL-like losses are infinite at (2, 5)
+    everywhere = np.ones_like(mask)
+    try:
+        LOSSES[name](s, t, everywhere, temperature=2.0, **options)
+    except InfiniteDivergenceError as error:
+        with pytest.raises(InfiniteDivergenceError, match=r"position \(2, 5\)") as raised:
+            parallel.loss_and_grad(name, s, t, everywhere, temperature=2.0, **options)
+        assert str(raised.value) == str(error)
+
+
+def test_parts_with_n_counted_add_up_to_the_whole_batch():
+    """Two halves, each divided by the whole batch's N: their losses and gradients are the batch's."""
+    s, t, _ = _inputs(shape=(6, 7, 29), seed=3)
+    for name in NAMES:
+        whole, g = LOSSES[name](s, t, temperature=2.0)
+        first, g1 = LOSSES[name](s[:2], t[:2], temperature=2.0, n_counted=42)
+        second, g2 = LOSSES[name](s[2:], t[2:], temperature=2.0, n_counted=42)
+        assert first + second == pytest.approx(whole, rel=1e-13)
+        np.testing.assert_allclose(np.concatenate([g1, g2]), g, rtol=1e-13, atol=1e-18)
+    for bad in (13, 0, 41.0, True, -1):
+        with pytest.raises(ValueError, match="n_counted"):
+            LOSSES["fkl"](s[:2], t[:2], n_counted=bad)
 
 
 # ------------------------------------------------------------------------------------------ -inf logits
@@ -466,7 +505,7 @@ def test_fused_cupy_kernels_match_the_numpy_path(name, options, dtype, monkeypat
     calls = []
     real = fused.loss_and_grad
     monkeypatch.setattr(fused, "loss_and_grad", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
-    v_cp, g_cp = LOSSES[name](dev(s), dev(t), dev(mask), temperature=2.0, **options)
+    v_cp, g_cp = parallel.loss_and_grad(name, dev(s), dev(t), dev(mask), temperature=2.0, **options)
     assert calls == [name]  # the fused path ran
     tol = 1e-10 if dtype == np.float64 else 1e-5
     assert v_cp == pytest.approx(v_np, rel=tol)

@@ -91,24 +91,42 @@ def test_adamw_keeps_float32():
     assert all(state[s][k].dtype == np.float32 for s in ("m", "v") for k in params)
 
 
-def test_adamw_on_threads_gives_the_one_thread_numbers(monkeypatch):
-    """The parameters in groups on 3 threads: the same numbers bit for bit as on one thread."""
-    runs, calls = [], []
-    monkeypatch.setattr(optim, "in_order", lambda fn, items, n: calls.append([len(i) for i in items]) or
-                        parallel.in_order(fn, items, n))
-    monkeypatch.setattr(optim, "GROUP_ENTRIES", 1)
-    for threads in (1, 3):
-        monkeypatch.setattr(parallel, "THREADS", threads)
+def test_adamw_in_groups_on_threads_gives_the_pure_step_bit_for_bit(monkeypatch):
+    """parallel.adamw_step: the parameters in groups on 3 threads, the pure step's numbers bit for bit."""
+    calls = []
+    monkeypatch.setattr(parallel, "in_order", lambda fn, items, n: calls.append([len(i) for i in items]) or
+                        [fn(item) for item in items])
+    monkeypatch.setattr(parallel, "GROUP_ENTRIES", 1)
+    monkeypatch.setattr(parallel, "THREADS", 3)
+    runs = []
+    for step in (optim.adamw_step, parallel.adamw_step):
         params = _params(np.float32)
         state = optim.adamw_init(params)
         for seed in range(3):
-            optim.adamw_step(params, _grads(params, seed), state, lr=1e-2, betas=BETAS, eps=ADAM_EPS,
-                             weight_decay=WD)
+            step(params, _grads(params, seed), state, lr=1e-2, betas=BETAS, eps=ADAM_EPS, weight_decay=WD)
+        runs.append((params, state))
+    for name in runs[0][0]:
+        np.testing.assert_array_equal(runs[1][0][name], runs[0][0][name])
+        np.testing.assert_array_equal(runs[1][1]["m"][name], runs[0][1]["m"][name])
+        np.testing.assert_array_equal(runs[1][1]["v"][name], runs[0][1]["v"][name])
+    assert runs[1][1]["step"] == runs[0][1]["step"] == 3
+    # each call: 12 and 10 entries alone, then 3 + 2 in the lightest group
+    assert calls == [[1, 1, 2]] * 3
+
+
+def test_adamw_in_groups_runs_the_threads(monkeypatch):
+    """With a real pool of 2 threads the numbers are still the pure step's."""
+    monkeypatch.setattr(parallel, "GROUP_ENTRIES", 1)
+    monkeypatch.setattr(parallel, "THREADS", 2)
+    runs = []
+    for step in (optim.adamw_step, parallel.adamw_step):
+        params = _params(np.float64)
+        state = optim.adamw_init(params)
+        step(params, _grads(params, 0), state, lr=1e-2, betas=BETAS, eps=ADAM_EPS, weight_decay=WD)
         runs.append(params)
     for name in runs[0]:
         np.testing.assert_array_equal(runs[1][name], runs[0][name])
-    # the last call: 12 and 10 entries alone, then 3 + 2 in the lightest group
-    assert calls[0] == [4] and calls[-1] == [1, 1, 2]
+    assert parallel._pool.cache_info().currsize > 0  # the pool ran
 
 
 def test_adamw_matches_torch(torch):

@@ -46,19 +46,17 @@ blocks of rows and the fused GPU path. A reader of the math never meets the mach
 """
 
 import math
+import numbers
 from functools import partial
 
 import numpy as np
 
-from ..fused import loss_and_grad as fused_loss_and_grad
-from ..parallel import in_order, threads
 from .device import array_module, to_numpy
 
 # Entries per block of rows (256 KiB in float32): a block's temporaries stay in cache and below malloc's
 # mmap threshold. With 2^20, every temporary was fresh pages from the system: ToDi at 512 x 32000 took
 # 1.06 s of CPU, against 0.32-0.37 s at 2^16-2^17, float32 and float64 alike (2.5x and more).
 BLOCK_ELEMENTS = 1 << 16
-USE_FUSED = True  # on CuPy arrays, FKL, RKL and ToDi use the fused kernels of minitodi.fused
 LOG_ZERO = -1e4  # stands for log 0 inside the math: exp(LOG_ZERO) == 0 in float32 and float64
 
 
@@ -249,100 +247,109 @@ def akl_weights(lp, lq, p, q, mu):
 
 
 # ---- the public functions: options checked, then the mean over positions
+#
+# ``n_counted`` (every function): the N of the mean when these logits are one part of a larger batch (a
+# shard, or one micro-batch of gradient accumulation): the loss is then this part's share, sum D / N, and
+# the gradient is scaled by 1 / (N temperature), so that the parts' losses and gradients add up to the
+# whole batch's. None: N is this call's own number of counted positions.
 
 
-def fkl(student_logits, teacher_logits, mask=None, *, temperature=1.0):
+def fkl(student_logits, teacher_logits, mask=None, *, temperature=1.0, n_counted=None):
     """Forward KL, :func:`fkl_rows`. Infinite where the teacher has mass on a student -inf logit."""
     return _mean_over_positions("fkl", fkl_rows, student_logits, teacher_logits, mask, temperature,
-                                infinite_where=("q=0<p",), fused={})
+                                n_counted, infinite_where=("q=0<p",))
 
 
-def rkl(student_logits, teacher_logits, mask=None, *, temperature=1.0):
+def rkl(student_logits, teacher_logits, mask=None, *, temperature=1.0, n_counted=None):
     """Reverse KL, :func:`rkl_rows`. Infinite where the student has mass on a teacher -inf logit."""
     return _mean_over_positions("rkl", rkl_rows, student_logits, teacher_logits, mask, temperature,
-                                infinite_where=("p=0<q",), fused={})
+                                n_counted, infinite_where=("p=0<q",))
 
 
 def todi(student_logits, teacher_logits, mask=None, *, temperature=1.0, beta=1.0, detach=True,
-         stopgrad_at=None):
+         stopgrad_at=None, n_counted=None):
     """ToDi, :func:`todi_rows`, with a = sigmoid(beta log(p/q)) (beta >= 0).
 
     ``detach=True`` (the paper's ToDi and the official code's): a is held constant, at ``stopgrad_at``
     when given. ``detach=False`` differentiates through a (:func:`todi_attached_rows`), the ablation of
     that choice; ``stopgrad_at`` has no meaning then.
     """
-    _check_option("beta", beta, lambda x: x >= 0, "a finite number >= 0")
+    check_option("beta", beta, lambda x: x >= 0, "a finite number >= 0")
     _check_flag("detach", detach)
     divergence = todi_rows
-    fused = {"beta": beta}
     if not detach:
         if stopgrad_at is not None:
             raise ValueError("stopgrad_at holds ToDi's weight fixed, detach=False differentiates it: "
                              "pass one or the other")
         divergence = partial(todi_attached_rows, beta=beta)
-        fused = None  # the fused kernels compute the detached gradient
     return _mean_over_positions("todi", divergence, student_logits, teacher_logits, mask, temperature,
-                                weights=lambda *rows: todi_weights(*rows, beta), stopgrad_at=stopgrad_at,
-                                infinite_where=("q=0<p", "p=0<q"), fused=fused)
+                                n_counted, weights=lambda *rows: todi_weights(*rows, beta),
+                                stopgrad_at=stopgrad_at, infinite_where=("q=0<p", "p=0<q"))
 
 
 def todi_weight(student_logits, teacher_logits, *, temperature=1.0, beta=1.0):
     """ToDi's weight a = sigmoid(beta * (log p - log q)) at every position and vocabulary entry, (..., V)."""
-    _check_option("beta", beta, lambda x: x >= 0, "a finite number >= 0")
-    xp, s, t, _, _ = _check_inputs(student_logits, teacher_logits, None, temperature, None)
+    check_option("beta", beta, lambda x: x >= 0, "a finite number >= 0")
+    xp, s, t, _, _ = check_inputs(student_logits, teacher_logits, None, temperature, None)
     _check_neginf("todi_weight", {"student_logits": s, "teacher_logits": t}, None, s.shape)
     lq, q = _log_probs(s, temperature, True)
     lp, p = _log_probs(t, temperature, True)
     return todi_weights(lp, lq, p, q, beta)[0]
 
 
-def jsd(student_logits, teacher_logits, mask=None, *, temperature=1.0):
+def jsd(student_logits, teacher_logits, mask=None, *, temperature=1.0, n_counted=None):
     """Jensen-Shannon divergence, :func:`jsd_rows`. Always finite."""
-    return _mean_over_positions("jsd", jsd_rows, student_logits, teacher_logits, mask, temperature)
+    return _mean_over_positions("jsd", jsd_rows, student_logits, teacher_logits, mask, temperature,
+                                n_counted)
 
 
-def gjsd(student_logits, teacher_logits, mask=None, *, temperature=1.0, beta=0.5):
+def gjsd(student_logits, teacher_logits, mask=None, *, temperature=1.0, beta=0.5, n_counted=None):
     """Generalized JSD, :func:`gjsd_rows` (0 <= beta <= 1), as TRL's and Liger-Kernel's GKD losses.
 
     As their code does, beta = 0 is KL(p || q) (:func:`fkl`) and beta = 1 is KL(q || p) (:func:`rkl`),
     infinite where those are; in between it is always finite.
     """
-    _check_option("beta", beta, lambda x: 0 <= x <= 1, "0 <= beta <= 1")
+    check_option("beta", beta, lambda x: 0 <= x <= 1, "0 <= beta <= 1")
     if beta == 0:
         return _mean_over_positions("gjsd", fkl_rows, student_logits, teacher_logits, mask, temperature,
-                                    infinite_where=("q=0<p",))
+                                    n_counted, infinite_where=("q=0<p",))
     if beta == 1:
         return _mean_over_positions("gjsd", rkl_rows, student_logits, teacher_logits, mask, temperature,
-                                    infinite_where=("p=0<q",))
+                                    n_counted, infinite_where=("p=0<q",))
     divergence = partial(gjsd_rows, beta=beta)
-    return _mean_over_positions("gjsd", divergence, student_logits, teacher_logits, mask, temperature)
+    return _mean_over_positions("gjsd", divergence, student_logits, teacher_logits, mask, temperature,
+                                n_counted)
 
 
-def tvd(student_logits, teacher_logits, mask=None, *, temperature=1.0):
+def tvd(student_logits, teacher_logits, mask=None, *, temperature=1.0, n_counted=None):
     """Total variation distance, :func:`tvd_rows`. Always finite."""
-    return _mean_over_positions("tvd", tvd_rows, student_logits, teacher_logits, mask, temperature)
+    return _mean_over_positions("tvd", tvd_rows, student_logits, teacher_logits, mask, temperature,
+                                n_counted)
 
 
-def sfkl(student_logits, teacher_logits, mask=None, *, temperature=1.0, lam=0.1):
+def sfkl(student_logits, teacher_logits, mask=None, *, temperature=1.0, lam=0.1, n_counted=None):
     """Skew forward KL, :func:`sfkl_rows` (0 < lam < 1). Always finite."""
-    _check_option("lam", lam, lambda x: 0 < x < 1, "0 < lam < 1")
+    check_option("lam", lam, lambda x: 0 < x < 1, "0 < lam < 1")
     divergence = partial(sfkl_rows, lam=lam)
-    return _mean_over_positions("sfkl", divergence, student_logits, teacher_logits, mask, temperature)
+    return _mean_over_positions("sfkl", divergence, student_logits, teacher_logits, mask, temperature,
+                                n_counted)
 
 
-def srkl(student_logits, teacher_logits, mask=None, *, temperature=1.0, lam=0.1):
+def srkl(student_logits, teacher_logits, mask=None, *, temperature=1.0, lam=0.1, n_counted=None):
     """Skew reverse KL, :func:`srkl_rows` (0 < lam < 1). Always finite."""
-    _check_option("lam", lam, lambda x: 0 < x < 1, "0 < lam < 1")
+    check_option("lam", lam, lambda x: 0 < x < 1, "0 < lam < 1")
     divergence = partial(srkl_rows, lam=lam)
-    return _mean_over_positions("srkl", divergence, student_logits, teacher_logits, mask, temperature)
+    return _mean_over_positions("srkl", divergence, student_logits, teacher_logits, mask, temperature,
+                                n_counted)
 
 
-def akl(student_logits, teacher_logits, mask=None, *, temperature=1.0, mu=0.5, stopgrad_at=None):
+def akl(student_logits, teacher_logits, mask=None, *, temperature=1.0, mu=0.5, stopgrad_at=None,
+        n_counted=None):
     """Adaptive KL, :func:`akl_rows`, split at teacher mass mu (0 <= mu <= 1), weights at ``stopgrad_at``."""
-    _check_option("mu", mu, lambda x: 0 <= x <= 1, "0 <= mu <= 1")
+    check_option("mu", mu, lambda x: 0 <= x <= 1, "0 <= mu <= 1")
     return _mean_over_positions("akl", akl_rows, student_logits, teacher_logits, mask, temperature,
-                                weights=lambda *rows: akl_weights(*rows, mu), stopgrad_at=stopgrad_at,
-                                infinite_where=("q=0<p", "p=0<q"))
+                                n_counted, weights=lambda *rows: akl_weights(*rows, mu),
+                                stopgrad_at=stopgrad_at, infinite_where=("q=0<p", "p=0<q"))
 
 
 LOSSES = {f.__name__: f for f in (fkl, rkl, todi, jsd, gjsd, tvd, sfkl, srkl, akl)}
@@ -355,21 +362,22 @@ STOPGRAD_LOSSES = {"todi", "akl"}
 # ---- around the math: the mean over positions, in blocks of rows
 
 
-def _mean_over_positions(name, divergence, student_logits, teacher_logits, mask, temperature, *,
-                         weights=None, stopgrad_at=None, infinite_where=(), fused=None):
+def _mean_over_positions(name, divergence, student_logits, teacher_logits, mask, temperature, n_counted, *,
+                         weights=None, stopgrad_at=None, infinite_where=()):
     """loss = (1/N) sum_counted max(D, 0) and its gradient (1/(N temperature)) (g - q sum_v g), blocked.
 
     ``divergence(lp, lq, p, q, *weights(lp, lq_w, p, q_w))`` -> (D (n,), g (n, V)) for a block of rows,
     the weights computed at ``stopgrad_at``'s rows (lq_w, q_w; default the student's). ``infinite_where``:
     "q=0<p" (the teacher has mass on a student -inf logit) and/or "p=0<q", where D is +inf, an error.
-    ``fused``: options of :func:`minitodi.fused.loss_and_grad`, on CuPy arrays without -inf (None: never).
+    N is ``n_counted``, by default the number of counted positions.
 
-    Positions are processed in blocks of about ``BLOCK_ELEMENTS / V`` rows, so temporaries are O(block x V)
-    and only the output gradient is full size; only counted positions are computed. Blocks run on
-    :func:`parallel.threads` threads (NumPy releases the GIL in its loops); each writes its own rows of the
-    gradient and the block sums are added in block order: the result does not depend on the thread count.
+    Positions are processed in blocks of :func:`rows_per_block` rows, so temporaries are O(block x V) and
+    only the output gradient is full size; only counted positions are computed. Each block adds its share
+    of the mean, sum D / N, in block order: a caller that runs the blocks elsewhere (side by side on
+    threads, :func:`minitodi.parallel.loss_in_blocks`) and adds their shares in the same order gets the
+    same loss bit for bit.
     """
-    xp, s, t, mask, w = _check_inputs(student_logits, teacher_logits, mask, temperature, stopgrad_at)
+    xp, s, t, mask, w = check_inputs(student_logits, teacher_logits, mask, temperature, stopgrad_at)
     shape = s.shape
     V = shape[-1]
     s = s.reshape(-1, V)  # (..., V) -> (M, V)
@@ -379,23 +387,14 @@ def _mean_over_positions(name, divergence, student_logits, teacher_logits, mask,
     rows = None  # every row counts
     if mask is not None and not bool(mask.all()):
         rows = xp.flatnonzero(mask.reshape(-1))  # the counted rows' indices
+    n = s.shape[0] if rows is None else int(rows.size)
+    N = _check_n_counted(n_counted, n)
     named = {"student_logits": s, "teacher_logits": t, "stopgrad_at": w}
     has_neginf = any(float(x.min()) == -math.inf for x in named.values() if x is not None)
     if has_neginf:
         _check_neginf(name, named, rows, shape, infinite_where)
-    if fused is not None and USE_FUSED and xp is not np and w is None and not has_neginf:
-        loss, grad = fused_loss_and_grad(name, s, t, rows, temperature, **fused)
-        return loss, grad.reshape(shape)
-    loss, grad = _in_blocks(divergence, weights, s, t, w, rows, temperature, has_neginf)
-    return loss, grad.reshape(shape)
-
-
-def _in_blocks(divergence, weights, s, t, w, rows, temperature, has_neginf):
-    """The loss and its gradient (M, V), computed on blocks of rows side by side (see above)."""
-    xp = array_module(s)
-    n = s.shape[0] if rows is None else int(rows.size)
     grad = xp.zeros(s.shape, dtype=s.dtype)
-    scale = 1.0 / (n * temperature)
+    scale = 1.0 / (N * temperature)
 
     def block(sel):  # one block of rows: writes its rows of grad, returns its sum of D
         lq, q = _log_probs(s[sel], temperature, has_neginf)
@@ -411,13 +410,32 @@ def _in_blocks(divergence, weights, s, t, w, rows, temperature, has_neginf):
         grad[sel] = (g - q * g.sum(axis=-1, keepdims=True)) * scale  # the shared step, over N temperature
         return float(xp.maximum(values, 0).sum())
 
-    step = max(1, BLOCK_ELEMENTS // s.shape[-1])  # rows per block
+    loss = 0.0
+    for sel in row_blocks(rows, n, rows_per_block(V)):
+        loss += block(sel) / N  # this block's share of the mean
+    return loss, grad.reshape(shape)
+
+
+def rows_per_block(V):
+    """Rows per block of the mean over positions: about :data:`BLOCK_ELEMENTS` entries, at least one row."""
+    return max(1, BLOCK_ELEMENTS // V)
+
+
+def row_blocks(rows, n, step):
+    """The blocks of ``step`` rows: slices of all rows, or pieces of the counted rows' indices ``rows``."""
     if rows is None:
-        blocks = [slice(i, min(i + step, n)) for i in range(0, n, step)]
-    else:
-        blocks = [rows[i:i + step] for i in range(0, n, step)]
-    block_sums = in_order(block, blocks, threads(xp))
-    return sum(block_sums) / n, grad  # the block sums added in block order, whatever the threads
+        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+    return [rows[i:i + step] for i in range(0, n, step)]
+
+
+def _check_n_counted(n_counted, n):
+    """N of the mean: ``n_counted``, a whole number at least this call's ``n`` counted rows, or ``n``."""
+    if n_counted is None:
+        return n
+    if isinstance(n_counted, bool) or not isinstance(n_counted, numbers.Integral) or n_counted < n:
+        raise ValueError(f"n_counted must be a whole number >= the {n} positions counted here, "
+                         f"got {n_counted!r}")
+    return int(n_counted)
 
 
 def _log_probs(logits, temperature, has_neginf):
@@ -458,7 +476,7 @@ def _as_logits(x, what, xp):
     return x
 
 
-def _check_inputs(student_logits, teacher_logits, mask, temperature, stopgrad_at):
+def check_inputs(student_logits, teacher_logits, mask, temperature, stopgrad_at):
     xp = array_module(student_logits, teacher_logits, mask, stopgrad_at)
     s, t = _as_logits(student_logits, "student_logits", xp), _as_logits(teacher_logits, "teacher_logits", xp)
     if s.shape != t.shape:
@@ -477,8 +495,7 @@ def _check_inputs(student_logits, teacher_logits, mask, temperature, stopgrad_at
             raise TypeError(f"mask must be boolean (e.g. labels != -100), got dtype {mask.dtype}")
         if not bool(mask.any()):
             raise ValueError("mask is False everywhere: no position counts, the mean is undefined")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    check_option("temperature", temperature, lambda x: x > 0, "a positive finite number")
     return xp, s, t, mask, stopgrad_at
 
 
@@ -487,10 +504,10 @@ def _check_flag(name, value):
         raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
-def _check_option(name, value, ok, requirement):
-    if isinstance(value, bool):  # True is an int to Python, never a number here
-        raise ValueError(f"{name} must be {requirement}, got {value!r}")
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
+def check_option(name, value, ok, requirement):
+    """Raise unless ``value`` is a real number (NumPy's scalars included, never a bool) passing ``ok``."""
+    is_bool = isinstance(value, (bool, np.bool_))  # True is an int to Python, never a number here
+    if is_bool or not isinstance(value, numbers.Real) or not math.isfinite(value) or not ok(value):
         raise ValueError(f"{name} must be {requirement}, got {value!r}")
 
 

@@ -15,12 +15,7 @@ parameters are vectors and are left undecayed.
 
 import math
 
-from ..parallel import in_order, threads
 from .device import array_module, to_float
-
-# The least work worth handing to a thread: a width-32 model's update was slower on two threads than on
-# one (each group's few small arrays cost more in hand-offs than they save).
-GROUP_ENTRIES = 1 << 18
 
 
 def adamw_init(params):
@@ -38,9 +33,8 @@ def decays(x):
 def adamw_step(params, grads, state, *, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
     """One AdamW update of ``params`` in place; ``state`` is advanced in place too.
 
-    Each parameter's update is its own, so they run side by side on :func:`parallel.threads` threads, in
-    groups of about equal size (:data:`GROUP_ENTRIES` entries or more each): the same numbers bit for bit
-    as on one thread.
+    Each parameter's update is its own (:func:`minitodi.parallel.adamw_step` runs groups of them side by
+    side, to the same numbers).
     """
     b1, b2 = betas
     state["step"] += 1
@@ -48,42 +42,20 @@ def adamw_step(params, grads, state, *, lr, betas=(0.9, 0.95), eps=1e-8, weight_
     step_size = lr / (1.0 - b1 ** t)  # lr with the first moment's bias correction
     bias2 = math.sqrt(1.0 - b2 ** t)  # the second moment's, applied to sqrt(v)
     xp = array_module(*params.values())
-
-    def update(names):
-        for name in names:
-            x = params[name]
-            g = grads[name]
-            m = state["m"][name]
-            v = state["v"][name]
-            if weight_decay and decays(x):
-                x *= 1.0 - lr * weight_decay
-            m *= b1
-            m += (1.0 - b1) * g
-            v *= b2
-            v += (1.0 - b2) * (g * g)
-            denom = xp.sqrt(v)
-            denom /= bias2
-            denom += eps
-            x -= step_size * (m / denom)
-
-    total = sum(x.size for x in params.values())
-    count = min(threads(xp), 1 + total // GROUP_ENTRIES)
-    groups = _balanced_groups({name: x.size for name, x in params.items()}, count)
-    in_order(update, groups, count)
-
-
-def _balanced_groups(sizes, count):
-    """The names of ``sizes`` in at most ``count`` groups of about equal total size (none empty).
-
-    Largest first, each to the group with the least so far.
-    """
-    groups = [[] for _ in range(count)]
-    loads = [0] * count
-    for name in sorted(sizes, key=lambda name: -sizes[name]):
-        lightest = loads.index(min(loads))
-        groups[lightest].append(name)
-        loads[lightest] += sizes[name]
-    return [group for group in groups if group]
+    for name, x in params.items():
+        g = grads[name]
+        m = state["m"][name]
+        v = state["v"][name]
+        if weight_decay and decays(x):
+            x *= 1.0 - lr * weight_decay
+        m *= b1
+        m += (1.0 - b1) * g
+        v *= b2
+        v += (1.0 - b2) * (g * g)
+        denom = xp.sqrt(v)
+        denom /= bias2
+        denom += eps
+        x -= step_size * (m / denom)
 
 
 def global_norm(grads):
