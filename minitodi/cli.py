@@ -170,7 +170,7 @@ def cmd_generate(args):
 
 
 def cmd_demo(args):
-    from . import demo
+    from . import demo, report
     from .evaluation import Protocol
 
     names = sorted(losses.LOSSES) if args.losses == ["all"] else args.losses
@@ -178,8 +178,8 @@ def cmd_demo(args):
     results = demo.run(args.out, preset="quick" if args.quick else "full", loss_names=names, seeds=args.seeds,
                        protocol=protocol, device=resolve_device(args.device), progress=not args.quiet,
                        arch=args.arch, jobs=args.jobs)
-    print("\n" + demo.table(results))
-    if demo.figure(results, f"{args.out}/demo.png"):
+    print("\n" + report.table(results))
+    if report.figure(results, f"{args.out}/demo.png"):
         figure = f", figure: {args.out}/demo.png"
     else:
         figure = " (install matplotlib, e.g. pip install 'minitodi[plot]', for the figure)"

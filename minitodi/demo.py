@@ -7,10 +7,12 @@
    per divergence, (1 - kd_rate) CE + kd_rate KD from the frozen teacher. Students of one seed share their
    initial weights and the order of their batches: they differ only by their loss.
 4. Evaluate every model on the test split under the paper's protocol (:mod:`minitodi.evaluation`).
-5. Statistics: each student's mean over training seeds with its standard error; for every other student X,
-   the difference todi - X seed by seed, its mean and Student-t 95% interval. Efficiency: milliseconds per
-   distillation step and the peak memory of the KD loss, per divergence. A table, ``OUT/results.json`` and
-   ``OUT/demo.png``.
+5. Efficiency: milliseconds per distillation step and the peak memory of the KD loss, per divergence.
+6. ``OUT/results.json``: :mod:`minitodi.report` computes the statistics over training seeds and writes it
+   (the command line then prints its table and draws ``OUT/demo.png``).
+
+This module runs things (the teacher and its cache, the students, the worker processes); what the
+results say, and how they are shown, is :mod:`minitodi.report`'s.
 
 Every run directory resumes (see :mod:`minitodi.rundir`), and a finished student is not trained again,
 so an interrupted demo picks up where it stopped. ``OUT`` must be new, empty or an earlier demo's
@@ -19,7 +21,6 @@ so an interrupted demo picks up where it stopped. ``OUT`` must be new, empty or 
 
 import hashlib
 import json
-import math
 import multiprocessing
 import os
 import signal
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, data, metrics, parallel, rundir
+from . import checkpoint, data, parallel, report, rundir
 from .core import losses, optim
 from .core.device import to_numpy
 from .core.layers import IGNORE_INDEX
@@ -46,9 +47,9 @@ from .train import SFT, fit, settings, step_loss
 
 DEFAULT_LOSSES = ("fkl", "rkl", "todi")
 BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-METRICS = ("rouge_l", "exact_match", "validity", "coverage", "perplexity", "divergence")
 DONE = "summary.json"  # in a run directory: the run is finished (its summary), not to be trained again
-DEMO_OUTPUTS = {("students", True), ("demo.png", False), ("results.json", False)}  # (name, is a directory)
+# what a demo writes into OUT: (name, is a directory)
+DEMO_OUTPUTS = {("students", True), (report.FIGURE_FILE, False), (report.RESULTS_FILE, False)}
 REUSE_HINT = "an earlier demo with other settings left it: choose another --out (or delete that run)"
 PARENT_CHECK_S = 0.5  # how often a worker looks whether the demo that started it is still there
 
@@ -109,10 +110,56 @@ def _is_demo_output(out):
     entries = {(p.name, p.is_dir()) for p in out.iterdir()}
     if not entries <= DEMO_OUTPUTS:
         return False
-    results = out / "results.json"
+    results = out / report.RESULTS_FILE
     if results.exists():
-        return _is_demo_results(results)
-    return not (out / "demo.png").exists()
+        return report.is_results(results)
+    return not (out / report.FIGURE_FILE).exists()
+
+
+def efficiency(config, tokenizer, examples, teacher, names, tcfg, device, steps=30):
+    """Per loss, the milliseconds of a training step and the memory of the KD loss alone.
+
+    ms per training step: forward, CE + KD, backward, clipping, AdamW; the median of ``steps`` after one
+    warm-up, the same batches for every loss, the losses taking turns step by step so that a change of
+    machine load reaches them all. Per divergence, the peak memory of the KD loss and its gradient alone
+    in MB (tracemalloc, on the host) at ``kd_shape``, the counted positions of a training batch by the
+    vocabulary (the logits a training step computes).
+    """
+    teacher.precompute(examples, device)  # as training does: the teacher's logits come from its cache
+    batches = data.BatchIterator(examples, tcfg.batch_size, pad_id=tokenizer.eos_id, seed=0, device=device)
+    runs = {name: replace(tcfg, loss=name) for name in names}
+    params = {name: init_params(config, 0, dtype=np.dtype(tcfg.dtype), device=device) for name in names}
+    opts = {name: optim.adamw_init(params[name]) for name in names}
+    times = {name: [] for name in names}
+    for _ in range(steps + 1):
+        idx, labels = next(batches)
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run_teacher = None if name == SFT else teacher
+            grads = step_loss(params[name], config, idx, labels, run, run_teacher)[3]
+            optim.clip_grad_norm(grads, run.grad_clip)
+            parallel.adamw_step(params[name], grads, opts[name], lr=1e-4, weight_decay=run.weight_decay)
+            times[name].append(1000 * (time.perf_counter() - start))
+    counted = labels != IGNORE_INDEX
+    result = {"ms_per_step": {name: float(np.median(t[1:])) for name, t in times.items()},  # after warm-up
+              "kd_peak_mb": {},
+              "kd_shape": [int(to_numpy(counted).sum()), config.vocab_size]}
+    for name in names:
+        if name != SFT:  # on the last batch
+            result["kd_peak_mb"][name] = _kd_peak_mb(runs[name], params[name], config, idx, labels, teacher)
+    return result
+
+
+def _kd_peak_mb(tcfg, params, config, idx, labels, teacher):
+    """The peak host memory in MB of one KD loss and its gradient, on one batch's counted positions."""
+    counted = labels != IGNORE_INDEX
+    s = to_numpy(parallel.forward_in_shards(params, idx, config, rows=counted)[0])
+    t = to_numpy(teacher.batch_logits(idx, labels))
+    tracemalloc.start()
+    parallel.loss_and_grad(tcfg.loss, s, t, temperature=tcfg.temperature, **tcfg.loss_options)
+    peak = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    return peak
 
 
 class _Students:
@@ -140,7 +187,7 @@ class _Students:
                               tcfg, teacher=teacher, device=self.device, progress=self.progress,
                               label=f"{name} seed {seed}")
         params, config = checkpoint.load(run_dir, device=self.device)
-        row = _row(evaluate(params, config, self.tokenizer, teacher=self.teacher, **self.test))
+        row = report.scores(evaluate(params, config, self.tokenizer, teacher=self.teacher, **self.test))
         return {"seed": seed, **row}, summary["valid_curve"]
 
 
@@ -274,10 +321,7 @@ def run(out, *, preset="full", loss_names=DEFAULT_LOSSES, seeds=None, protocol=P
     teacher, teacher_summary, teacher_dir = _teacher(cfg, suite, tokenizer, split, device, progress, log)
     test = {"records": suite["test"], "examples": split["test"], "protocol": protocol,
             "max_new_tokens": cfg.max_new_tokens, "device": device}
-    teacher_row = _row(evaluate(teacher.params, teacher.config, tokenizer, **test))
-    teacher_row["divergence"] = 0.0  # KL(teacher || teacher)
-    results = {"protocol": protocol.to_dict(), "teacher": teacher_row, "students": {},
-               "curves": {"teacher": teacher_summary["valid_curve"]}}
+    teacher_scores = report.scores(evaluate(teacher.params, teacher.config, tokenizer, **test))
     names = (SFT, *loss_names)
     runs = [(name, seed) for name in names for seed in cfg.seeds]
     if device != "cpu":
@@ -289,16 +333,15 @@ def run(out, *, preset="full", loss_names=DEFAULT_LOSSES, seeds=None, protocol=P
         done = _in_workers(students, runs, jobs, progress)
     else:
         done = {run: students(*run) for run in runs}
+    teacher_curve = teacher_summary["valid_curve"]
+    results = report.assemble(protocol, teacher_scores, teacher_curve, names, cfg.seeds, done)
     for name in names:
-        results["students"][name] = _summarise([done[name, seed][0] for seed in cfg.seeds])
-        results["curves"].update({f"{name}-seed{seed}": done[name, seed][1] for seed in cfg.seeds})
         log(f"{name:>5}: ROUGE-L {results['students'][name]['rouge_l']:.1f}")
-    results["comparisons"] = comparisons(results["students"])
     results["efficiency"] = efficiency(student_cfg, tokenizer, split["train"], teacher, names,
                                        cfg.student_train, device)
     results["config"] = {"preset": preset, "device": device, "seeds": list(cfg.seeds), "jobs": jobs,
                          "losses": list(names), "demo": json.loads(json.dumps(asdict(cfg), default=str)),
                          "teacher_dir": str(teacher_dir), "seconds": time.perf_counter() - start,
                          "cpu_seconds": time.process_time() - cpu_start}
-    checkpoint.write_json(out / "results.json", results)
+    report.write(out, results)
     return results

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from minitodi import demo, metrics, presets
+from minitodi import demo, metrics, presets, report
 from minitodi.evaluation import PAPER, Protocol
 from minitodi.train import TrainConfig
 
@@ -141,7 +141,7 @@ def test_efficiency_per_divergence(results):
 
 
 def test_table_prints_intervals(results):
-    text = demo.table(results)
+    text = report.table(results)
     assert "teacher" in text and "todi-fkl" in text and "95% CI [" in text and "KD peak MB" in text
 
 
