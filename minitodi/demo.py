@@ -22,6 +22,7 @@ so an interrupted demo picks up where it stopped. ``OUT`` must be new, empty or 
 import hashlib
 import json
 import multiprocessing
+import numbers
 import os
 import signal
 import threading
@@ -40,7 +41,7 @@ from .core.layers import IGNORE_INDEX
 from .core.model import init_params
 from .evaluation import PAPER, evaluate
 from .parallel import cores
-from .presets import PRESETS
+from .presets import ARCHS, PRESETS
 from .progress import Progress
 from .teacher import Teacher
 from .train import SFT, fit, settings, step_loss
@@ -257,16 +258,52 @@ def _in_workers(students, runs, jobs, progress):
     return results
 
 
-def _check_run_arguments(loss_names, seeds, jobs):
-    """The demo's own arguments, checked before anything is written."""
+def _check_run_arguments(preset, arch, loss_names, seeds, jobs):
+    """The demo's own arguments, checked before anything is written or trained: a one-line ValueError."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: choose from {sorted(PRESETS)}")
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    _check_losses(loss_names)
+    if seeds is not None:
+        _check_seeds(seeds)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+
+
+def _check_losses(loss_names):
+    """Distinct names of divergences, at least one (sft, the student without a teacher, always runs)."""
+    if isinstance(loss_names, str):  # "todi" would otherwise be read as the losses t, o, d, i
+        raise ValueError(f"losses must be a list of names, got the string {loss_names!r}")
+    if len(loss_names) == 0:
+        raise ValueError(f"losses: name at least one divergence to distil with, from {sorted(losses.LOSSES)}")
+    if SFT in loss_names:
+        raise ValueError(f"{SFT} is always trained (the students without a teacher): losses names only the "
+                         f"divergences, from {sorted(losses.LOSSES)}")
     unknown = [n for n in loss_names if n not in losses.LOSSES]
     if unknown:
         raise ValueError(f"unknown losses {unknown}: choose from {sorted(losses.LOSSES)}")
-    repeated = sorted({seed for seed in seeds if list(seeds).count(seed) > 1})
+    repeated = _given_twice(loss_names)
+    if repeated:  # two students of one loss and seed would share, and fight over, one run directory
+        raise ValueError(f"losses {repeated} are given more than once: each loss is one student per seed")
+
+
+def _check_seeds(seeds):
+    """Distinct integers >= 0 (NumPy's too), at least one: every student's TrainConfig would take them."""
+    if len(seeds) == 0:
+        raise ValueError("seeds: give at least one training seed")
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 0]
+    if bad:
+        raise ValueError(f"seeds must be integers >= 0, got {bad}")
+    repeated = _given_twice(seeds)
     if repeated:  # one student counted twice would shrink the intervals to nothing
         raise ValueError(f"seeds {repeated} are given more than once: each training seed is one student")
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+
+
+def _given_twice(values):
+    """The values that occur more than once in ``values``, sorted."""
+    values = list(values)
+    return sorted({v for v in values if values.count(v) > 1})
 
 
 def _check_earlier_students(out, cfg, student_cfg, tokenizer, loss_names):
@@ -307,10 +344,10 @@ def run(out, *, preset="full", loss_names=DEFAULT_LOSSES, seeds=None, protocol=P
     Models of ``arch`` (gpt2 or llama); ``jobs`` students trained at once, in as many processes (1 on a
     GPU).
     """
+    _check_run_arguments(preset, arch, loss_names, seeds, jobs)
     cfg = replace(PRESETS[preset], arch=arch)
     if seeds is not None:
-        cfg = replace(cfg, seeds=tuple(seeds))
-    _check_run_arguments(loss_names, cfg.seeds, jobs)
+        cfg = replace(cfg, seeds=tuple(int(seed) for seed in seeds))  # NumPy's integers as Python's
     out = _claim(Path(out))
     start = time.perf_counter()
     cpu_start = time.process_time()

@@ -44,11 +44,52 @@ def test_students_in_parallel_processes_give_the_same_numbers(runs):
         assert json.loads(json.dumps(parallel[key])) == json.loads(json.dumps(serial[key]))
 
 
-@pytest.mark.parametrize("jobs", [0, -1, 1.5, True])
-def test_jobs_must_be_a_positive_integer(jobs, tmp_path):
-    with pytest.raises(ValueError, match="jobs"):
-        demo.run(tmp_path / "out", preset="quick", jobs=jobs, progress=False, log=lambda *_: None)
+BAD_SETTINGS = [
+    ({"loss_names": ("fkl", "fkl")}, r"losses \['fkl'\] are given more than once"),
+    ({"loss_names": ()}, "losses: name at least one divergence"),
+    ({"loss_names": ("fkl", "nope")}, r"unknown losses \['nope'\]"),
+    ({"loss_names": "todi"}, "losses must be a list of names, got the string 'todi'"),
+    ({"loss_names": ("sft", "fkl")}, "sft is always trained"),
+    ({"seeds": [-1]}, r"seeds must be integers >= 0, got \[-1\]"),
+    ({"seeds": [0, math.nan]}, r"seeds must be integers >= 0, got \[nan\]"),
+    ({"seeds": [1.5, True]}, r"seeds must be integers >= 0, got \[1.5, True\]"),
+    ({"seeds": []}, "seeds: give at least one training seed"),
+    ({"seeds": [3, 0, 3]}, r"seeds \[3\] are given more than once"),
+    ({"jobs": 0}, "jobs must be an integer >= 1, got 0"),
+    ({"jobs": -1}, "jobs must be"),
+    ({"jobs": 1.5}, "jobs must be"),
+    ({"jobs": True}, "jobs must be"),
+    ({"preset": "huge"}, "unknown preset 'huge'"),
+    ({"arch": "bert"}, "arch must be one of"),
+]
+
+
+@pytest.mark.parametrize("settings, message", BAD_SETTINGS)
+def test_bad_settings_are_refused_before_anything_is_written_or_trained(settings, message, tmp_path,
+                                                                        monkeypatch):
+    """Each refusal names the setting, and comes before the output directory or the teacher's cache exists."""
+    monkeypatch.setenv("MINITODI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(demo, "fit", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(ValueError, match=message):
+        demo.run(tmp_path / "out", **{"preset": "quick", **settings}, progress=False, log=lambda *_: None)
     assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--losses", "fkl", "rkl", "fkl"], "minitodi demo: error: losses ['fkl'] are given more than once"),
+    (["--seeds", "-1"], "minitodi demo: error: seeds must be integers >= 0, got [-1]"),
+])
+def test_the_command_line_refuses_them_in_one_line(flags, message, tmp_path, monkeypatch, capsys):
+    from minitodi.cli import main
+
+    monkeypatch.setenv("MINITODI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(demo, "fit", lambda *a, **k: pytest.fail("training started"))
+    assert main(["demo", *flags, "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "cache").exists()
 
 
 @pytest.mark.parametrize("mine", ["notes.txt", "results.json", "demo.png/", "students"])
@@ -91,12 +132,6 @@ def test_a_users_results_or_figure_is_never_taken_for_the_demos(tmp_path, files)
         demo._claim(tmp_path)
     for name, text in files.items():
         assert (tmp_path / name).read_text() == text
-
-
-def test_a_seed_given_twice_is_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"seeds \[0\] are given more than once"):
-        demo.run(tmp_path / "out", preset="quick", seeds=[0, 0], log=lambda *_: None)
-    assert not (tmp_path / "out").exists()
 
 
 def test_results_carry_the_protocol_and_every_metric(results):
