@@ -157,9 +157,10 @@ def test_attention_past_equals_full_sequence():
     H = 3
     y, _ = layers.attention_forward(qkv, H)
     y1, c1 = layers.attention_forward(qkv[:, :4], H)
-    y2, c2 = layers.attention_forward(qkv[:, 4:], H, past=c1["present"])
+    k, v = c1[1:3]  # the cache is (q, k, v, att, scale): k and v are the KV cache
+    y2, c2 = layers.attention_forward(qkv[:, 4:], H, past=(k, v))
     np.testing.assert_allclose(np.concatenate([y1, y2], axis=1), y, rtol=0, atol=1e-12)
-    assert c2["present"][0].shape == (2, H, 7, 4)
+    assert c2[1].shape == (2, H, 7, 4)
 
 
 # ------------------------------------------------------------------------------------------ cross-entropy

@@ -110,7 +110,7 @@ def test_grouped_attention_with_past_matches_the_full_sequence():
     k, v = (rng.standard_normal((B, T, Hkv * hs)) for _ in range(2))
     full, _ = layers.grouped_attention_forward(q, k, v, H, Hkv)
     first, cache = layers.grouped_attention_forward(q[:, :4], k[:, :4], v[:, :4], H, Hkv)
-    rest, _ = layers.grouped_attention_forward(q[:, 4:], k[:, 4:], v[:, 4:], H, Hkv, past=cache["present"])
+    rest, _ = layers.grouped_attention_forward(q[:, 4:], k[:, 4:], v[:, 4:], H, Hkv, past=cache[1:3])
     np.testing.assert_allclose(np.concatenate([first, rest], axis=1), full, rtol=1e-12, atol=1e-14)
 
 

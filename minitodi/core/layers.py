@@ -90,9 +90,9 @@ def layernorm_backward(dy, cache):
     dw = (dy2 * xhat.reshape(-1, C)).sum(axis=0)
     db = dy2.sum(axis=0)
     dxhat = dy * w
-    dx = xhat * (_row_dot(dxhat, xhat) / C)  # xhat mean(dxhat * xhat), then in place:
-    xp.subtract(dxhat, dx, out=dx)
-    dx -= dxhat.sum(axis=-1, keepdims=True) / C
+    along_xhat = xhat * (_row_dot(dxhat, xhat) / C)  # xhat mean(dxhat * xhat)
+    dx = xp.subtract(dxhat, along_xhat, out=along_xhat)  # dx takes over the buffer, built in place:
+    dx -= dxhat.sum(axis=-1, keepdims=True) / C  # dxhat - mean(dxhat) - xhat mean(dxhat * xhat)
     dx *= rstd
     return dx, dw, db
 
@@ -104,25 +104,29 @@ def _row_dot(a, b):
 
 # ---- linear (GPT-2's Conv1D: the weight is stored (in, out)) -------------------------------------
 def linear_forward(x, w, b):
-    """y = x @ w + b:   x (..., in), w (in, out), b (out,) -> y (..., out).
+    """y = x @ w + b:   x (..., in), w (in, out), b (out,) or None (no bias) -> y (..., out).
 
     The product runs on x flattened to (N, in): one matrix product instead of a batch of small ones.
     """
     y = x.reshape(-1, x.shape[-1]) @ w  # (N, in) @ (in, out)
-    y += b
-    return y.reshape(*x.shape[:-1], w.shape[1]), (x, w)
+    if b is not None:
+        y += b
+    return y.reshape(*x.shape[:-1], w.shape[1]), (x, w, b is not None)
 
 
 def linear_backward(dy, cache):
     """forward was: y = x @ w + b, so dx = dy @ w^T, dw = x^T @ dy (summed over positions), db = sum dy.
 
-    Derived in index notation in notebook 03, "Linear backward".
+    Returns (dx, dw, db), db None without a bias. Derived in index notation in notebook 03, "Linear
+    backward".
     """
-    x, w = cache
+    x, w, has_bias = cache
     dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
     dx = (dy2 @ w.T).reshape(x.shape)  # (N, out) @ (out, in)
     dw = x.reshape(-1, x.shape[-1]).T @ dy2  # (in, N) @ (N, out)
-    db = dy2.sum(axis=0)
+    db = None
+    if has_bias:
+        db = dy2.sum(axis=0)
     return dx, dw, db
 
 
@@ -139,14 +143,14 @@ def gelu_forward(x):
     negative x. In place on one temporary: GELU is the widest elementwise layer of the model.
     """
     xp = array_module(x)
-    s = x * x
-    s *= -2.0 * _GELU_K * _GELU_A
-    s -= 2.0 * _GELU_K
-    s *= x  # -2u
+    minus_2u = x * x
+    minus_2u *= -2.0 * _GELU_K * _GELU_A
+    minus_2u -= 2.0 * _GELU_K
+    minus_2u *= x  # built in place: -2k (x + a x^3) = -2u
     with np.errstate(over="ignore"):  # x below about -10: exp overflows to inf, and s = 1 / inf is 0
-        xp.exp(s, out=s)
-    s += 1.0
-    xp.reciprocal(s, out=s)  # s = sigmoid(2u)
+        denominator = xp.exp(minus_2u, out=minus_2u)  # the same buffer from here on
+    denominator += 1.0  # 1 + exp(-2u)
+    s = xp.reciprocal(denominator, out=denominator)  # s = 1 / (1 + exp(-2u)) = sigmoid(2u)
     return x * s, (x, s)
 
 
@@ -161,20 +165,20 @@ def gelu_backward(dy, cache):
     Notebook 03, "GELU backward".
     """
     x, s = cache
+    xp = array_module(x)
     dudx = x * x
     dudx *= 3.0 * _GELU_A * _GELU_K
-    dudx += _GELU_K  # du/dx = k (1 + 3 a x^2)
-    dx = 1.0 - s
-    dx *= s
-    dx *= 2.0  # ds/du = 2 s (1 - s)
-    dx *= dudx
-    dx *= x  # x ds/dx
-    dx += s  # dy/dx
-    dx *= dy
-    return dx
+    dudx += _GELU_K  # built in place: du/dx = k (1 + 3 a x^2)
+    dsdu = 1.0 - s
+    dsdu *= s
+    dsdu *= 2.0  # built in place: ds/du = 2 s (1 - s)
+    dydx = xp.multiply(dsdu, dudx, out=dsdu)  # ds/dx = ds/du du/dx, in the same buffer
+    dydx *= x
+    dydx += s  # built in place: dy/dx = s + x ds/dx
+    return xp.multiply(dydx, dy, out=dydx)  # dx = dy dy/dx
 
 
-# ---- causal multi-head self-attention ------------------------------------------------------------
+# ---- causal multi-head self-attention (GPT-2's) ---------------------------------------------------
 def _split_heads(x, H):
     B, T, C = x.shape
     return x.reshape(B, T, H, C // H).transpose(0, 2, 1, 3)  # (B, T, C) -> (B, H, T, hs)
@@ -185,21 +189,80 @@ def _merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(B, T, H * hs)  # (B, H, T, hs) -> (B, T, C)
 
 
+def _causal_softmax(scores, scale):
+    """att = softmax(scores * scale + causal mask) over the last axis, in the scores' buffer.
+
+    scores (..., T, S): T queries at the last T of S positions (a KV cache holds the first S - T), each
+    reading the keys up to its own position; a key after it gets -inf, so its weight is exactly 0.
+    """
+    xp = array_module(scores)
+    T, S = scores.shape[-2:]
+    future = xp.arange(S)[None, :] > xp.arange(S - T, S)[:, None]  # (T, S): the key comes after the query
+    att = scores  # the same buffer from here on, turned into the weights in place:
+    att *= scale
+    att += xp.where(future, -xp.inf, 0.0).astype(att.dtype)
+    att -= att.max(axis=-1, keepdims=True)  # the softmax, shifted by the row's max (no overflow)
+    xp.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
+    return att
+
+
+def _causal_softmax_backward(datt, att):
+    """dscores from datt, forward was att = softmax(scores * scale + mask) (its scale not applied here).
+
+    The softmax's Jacobian row by row, d att_j / d pre_i = att_j (delta_ij - att_i), gives
+    dpre = att * (datt - sum_j datt_j att_j); a masked entry has att = 0 and gets none.
+    """
+    centered = datt - _row_dot(datt, att)
+    dpre = array_module(att).multiply(centered, att, out=centered)  # in the same buffer
+    return dpre
+
+
 def attention_forward(qkv, n_head, past=None):
     """GPT-2's causal self-attention from its fused projection qkv = [q | k | v] (c_attn's output).
 
-    :func:`grouped_attention_forward` (below, the formula there) with every query head its own key/value
-    head: qkv (B, T, 3C) -> y (B, T, C). ``past``, for decoding with a KV cache, is ``(k, v)`` of the
-    earlier positions, each (B, H, P, hs): the T new queries sit at positions P..P+T-1 and attend to all
-    P + T keys up to their own. The cache's ``"present"`` is the ``(k, v)`` to pass next time.
+    Per head, with hs the head size:
+
+        att = softmax(q k^T / sqrt(hs) + causal mask),    y = att v,    heads merged.
+
+    qkv (B, T, 3C) -> y (B, T, C). ``past``, for decoding with a KV cache, is ``(k, v)`` of the earlier
+    positions, each (B, H, P, hs): the T new queries sit at positions P..P+T-1 and attend to all P + T
+    keys up to their own. The cache is (q, k, v, att, scale), k and v with the earlier positions: the
+    model passes ``(k, v)`` as ``past`` next time.
     """
-    q, k, v = array_module(qkv).split(qkv, 3, axis=-1)
-    return grouped_attention_forward(q, k, v, n_head, n_head, past)
+    xp = array_module(qkv)
+    q, k, v = xp.split(qkv, 3, axis=-1)  # (B, T, 3C) -> 3 x (B, T, C)
+    q = _split_heads(q, n_head)  # (B, T, C) -> (B, H, T, hs)
+    k = _split_heads(k, n_head)
+    v = _split_heads(v, n_head)
+    if past is not None:
+        k = xp.concatenate([past[0], k], axis=2)  # (B, H, P + T, hs)
+        v = xp.concatenate([past[1], v], axis=2)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    att = _causal_softmax(q @ k.swapaxes(-1, -2), scale)  # (B, H, T, hs) @ (B, H, hs, S) -> (B, H, T, S)
+    y = _merge_heads(att @ v)  # (B, H, T, S) @ (B, H, S, hs) -> (B, H, T, hs) -> (B, T, C)
+    return y, (q, k, v, att, scale)
 
 
 def attention_backward(dy, cache):
-    """dqkv = [dq | dk | dv] (B, T, 3C) from :func:`grouped_attention_backward` (derivation there)."""
-    return array_module(dy).concatenate(grouped_attention_backward(dy, cache), axis=-1)
+    """forward was: pre = q k^T * scale (masked), att = softmax(pre), y = att v, so per head
+
+        dv = att^T dy,    datt = dy v^T,    dpre = att * (datt - sum_j datt_j att_j),
+        dscores = dpre * scale,    dq = dscores k,    dk = dscores^T q,
+
+    and dqkv = [dq | dk | dv] (B, T, 3C). Only for a full sequence (no ``past``). Derived in index
+    notation in notebook 03, "Attention backward".
+    """
+    q, k, v, att, scale = cache
+    xp = array_module(dy)
+    dy = _split_heads(dy, q.shape[1])  # (B, T, C) -> (B, H, T, hs)
+    dv = att.swapaxes(-1, -2) @ dy  # (B, H, T, T) @ (B, H, T, hs)
+    datt = dy @ v.swapaxes(-1, -2)  # (B, H, T, hs) @ (B, H, hs, T)
+    dpre = _causal_softmax_backward(datt, att)
+    dscores = xp.multiply(dpre, scale, out=dpre)  # forward was: pre = scores * scale, scores = q k^T
+    dq = dscores @ k  # (B, H, T, T) @ (B, H, T, hs)
+    dk = dscores.swapaxes(-1, -2) @ q
+    return xp.concatenate([_merge_heads(dq), _merge_heads(dk), _merge_heads(dv)], axis=-1)  # (B, T, 3C)
 
 
 # ---- softmax cross-entropy with an ignore index --------------------------------------------------
@@ -278,9 +341,9 @@ def rmsnorm_backward(dy, cache):
     C = dy.shape[-1]
     dw = (dy.reshape(-1, C) * xhat.reshape(-1, C)).sum(axis=0)
     dxhat = dy * w
-    dx = xhat * (_row_dot(dxhat, xhat) / C)
-    array_module(dy).subtract(dxhat, dx, out=dx)
-    dx *= rstd
+    along_xhat = xhat * (_row_dot(dxhat, xhat) / C)  # xhat mean(dxhat * xhat)
+    dx = array_module(dy).subtract(dxhat, along_xhat, out=along_xhat)  # dx takes over the buffer:
+    dx *= rstd  # rstd (dxhat - xhat mean(dxhat * xhat))
     return dx, dw
 
 
@@ -360,16 +423,17 @@ def swiglu_backward(dy, cache):
     return dg, du
 
 
-# ---- causal grouped-query attention (Llama's; n_kv_head = n_head is GPT-2's multi-head attention)
+# ---- causal grouped-query attention (Llama's; with n_kv_head = n_head it is GPT-2's attention)
 def grouped_attention_forward(q, k, v, n_head, n_kv_head, past=None):
     """Causal attention where G = n_head / n_kv_head query heads share one key/value head.
 
-    Query head h reads key/value head h // G (transformers' repeat_kv order):
+    Query head h reads key/value head h // G (transformers' repeat_kv order). Per query head:
 
-        att = softmax(q k^T / sqrt(hs) + causal mask),   y = att v,   per query head, heads then merged.
+        att = softmax(q k^T / sqrt(hs) + causal mask),   y = att v,   heads then merged.
 
     q (B, T, n_head hs), k and v (B, T, n_kv_head hs), already rotated -> y (B, T, n_head hs). ``past``
-    and ``cache["present"]`` are as in :func:`attention_forward`, with n_kv_head heads.
+    as in :func:`attention_forward`, with n_kv_head heads; the cache is (q, k, v, att, scale) as there,
+    q grouped (B, Hkv, G, T, hs) and k, v (B, Hkv, S, hs).
     """
     xp = array_module(q)
     k = _split_heads(k, n_kv_head)  # (B, T, Hkv hs) -> (B, Hkv, T, hs)
@@ -379,21 +443,13 @@ def grouped_attention_forward(q, k, v, n_head, n_kv_head, past=None):
         v = xp.concatenate([past[1], v], axis=2)
     B, T = q.shape[:2]
     G = n_head // n_kv_head  # query heads per key/value head
-    S = k.shape[2]  # keys: the P earlier positions and the T new ones
     hs = k.shape[3]
-    qg = _split_heads(q, n_head).reshape(B, n_kv_head, G, T, hs)  # the G query heads of each kv head
-    kg = k[:, :, None]  # (B, Hkv, 1, S, hs): broadcast over the group
-    vg = v[:, :, None]
+    q = _split_heads(q, n_head).reshape(B, n_kv_head, G, T, hs)  # the G query heads of each kv head
     scale = 1.0 / math.sqrt(hs)
-    att = qg @ kg.swapaxes(-1, -2)  # (B, Hkv, G, T, S); below, in place: the scale, the mask, the softmax
-    att *= scale
-    future = xp.arange(S)[None, :] > xp.arange(S - T, S)[:, None]  # (T, S): key after the query
-    att += xp.where(future, -xp.inf, 0.0).astype(att.dtype)
-    att -= att.max(axis=-1, keepdims=True)
-    xp.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True)
-    y = _merge_heads((att @ vg).reshape(B, n_head, T, hs))  # (B, Hkv, G, T, hs) -> (B, T, n_head hs)
-    return y, {"qg": qg, "kg": kg, "vg": vg, "att": att, "scale": scale, "present": (k, v)}
+    scores = q @ k[:, :, None].swapaxes(-1, -2)  # k broadcast over the group: (B, Hkv, G, T, S)
+    att = _causal_softmax(scores, scale)
+    y = _merge_heads((att @ v[:, :, None]).reshape(B, n_head, T, hs))  # (B, Hkv, G, T, hs) -> (B, T, H hs)
+    return y, (q, k, v, att, scale)
 
 
 def grouped_attention_backward(dy, cache):
@@ -401,36 +457,30 @@ def grouped_attention_backward(dy, cache):
 
         datt = dy v^T,   dpre = att * (datt - sum_j datt_j att_j),   dq = dpre k * scale,
 
-    (the softmax's Jacobian row by row: d att_j / d pre_i = att_j (delta_ij - att_i); a masked entry
-    has att = 0 and gets no gradient), and a key/value head, read by G query heads, gets the sum of
-    their gradients:
+    as in :func:`attention_backward`, and a key/value head, read by G query heads, gets the sum of their
+    gradients:
 
         dv = sum over the group of att^T dy,    dk = sum over the group of dpre^T q * scale.
 
     Returns dq (B, T, n_head hs), dk and dv (B, T, n_kv_head hs). Only for a full sequence (no ``past``).
-    Derived in index notation in notebook 03, "Attention backward"; the group's sum in notebook 05,
-    "Grouped-query attention backward".
+    The group's sum is derived in notebook 05, "Grouped-query attention backward".
     """
-    qg = cache["qg"]
-    kg = cache["kg"]
-    vg = cache["vg"]
-    att = cache["att"]
-    B, Hkv, G, T, hs = qg.shape
-    dyg = _split_heads(dy, Hkv * G).reshape(qg.shape)  # (B, T, H hs) -> (B, Hkv, G, T, hs)
-    dv = _sum_over_group(att.swapaxes(-1, -2) @ dyg)  # (B, Hkv, T, hs)
-    dpre = dyg @ vg.swapaxes(-1, -2)  # datt (B, Hkv, G, T, T), then in place:
-    dpre -= _row_dot(dpre, att)
-    dpre *= att
-    dpre *= cache["scale"]
-    dq = (dpre @ kg).reshape(B, Hkv * G, T, hs)
-    dk = _sum_over_group(dpre.swapaxes(-1, -2) @ qg)
+    q, k, v, att, scale = cache
+    B, Hkv, G, T, hs = q.shape
+    dy = _split_heads(dy, Hkv * G).reshape(q.shape)  # (B, T, H hs) -> (B, Hkv, G, T, hs)
+    dv = _sum_over_group(att.swapaxes(-1, -2) @ dy)  # (B, Hkv, T, hs)
+    datt = dy @ v[:, :, None].swapaxes(-1, -2)  # (B, Hkv, G, T, T)
+    dpre = _causal_softmax_backward(datt, att)
+    dscores = array_module(dy).multiply(dpre, scale, out=dpre)  # forward was: pre = scores * scale
+    dq = (dscores @ k[:, :, None]).reshape(B, Hkv * G, T, hs)
+    dk = _sum_over_group(dscores.swapaxes(-1, -2) @ q)
     return _merge_heads(dq), _merge_heads(dk), _merge_heads(dv)
 
 
 def _sum_over_group(x):
     """(B, Hkv, G, T, hs) -> (B, Hkv, T, hs): the sum over a key/value head's G query heads.
 
-    With G = 1 (GPT-2) there is nothing to add: a view, no summing pass.
+    With G = 1 (as many key/value heads as query heads) there is nothing to add: a view, no summing pass.
     """
     if x.shape[2] == 1:
         return x[:, :, 0]

@@ -141,13 +141,14 @@ def block_forward(x, p, config, past=None):
     """One GPT-2 block, x (B, T, C) -> (B, T, C), and its cache.
 
     ``p``: the block's tensors by their names within the block (``"ln_1.weight"``, ...); ``past``: its
-    ``(k, v)`` for decoding, the cache's ``"present"``.
+    ``(k, v)`` for decoding, the cache's ``"present"``. The cache holds the layers' caches by name.
     """
     eps = config.layer_norm_epsilon
     c = {}  # the layers' caches, by name
     a, c["ln_1"] = layers.layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"], eps)
     a, c["c_attn"] = layers.linear_forward(a, p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # (B, T, 3C)
     a, c["attn"] = layers.attention_forward(a, config.n_head, past)
+    c["present"] = c["attn"][1:3]  # (k, v) of every position so far: the KV cache for the next call
     a, c["c_proj"] = layers.linear_forward(a, p["attn.c_proj.weight"], p["attn.c_proj.bias"])
     x = x + a
     m, c["ln_2"] = layers.layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"], eps)
@@ -182,19 +183,21 @@ def gpt2_head_forward(x, params, config):
     wte = params["transformer.wte.weight"]
     w = params["transformer.ln_f.weight"]
     b = params["transformer.ln_f.bias"]
-    xf, c_lnf = layers.layernorm_forward(x, w, b, config.layer_norm_epsilon)
+    c = {}  # the layers' caches, by name
+    xf, c["ln_f"] = layers.layernorm_forward(x, w, b, config.layer_norm_epsilon)
     logits = xf.reshape(-1, xf.shape[-1]) @ wte.T  # (N, C) @ (C, V)
     logits = logits.reshape(*x.shape[:-1], wte.shape[0])  # (N, V) -> (..., V)
-    return logits, (xf, wte, c_lnf)
+    c["lm_head"] = (xf, wte)
+    return logits, c
 
 
-def gpt2_head_backward(dlogits, cache):
+def gpt2_head_backward(dlogits, c):
     """forward was: logits = xf @ wte^T, xf = ln_f(x), so dxf = dlogits @ wte, dwte = dlogits^T @ xf."""
-    xf, wte, c_lnf = cache
+    xf, wte = c["lm_head"]
     dlogits2 = dlogits.reshape(-1, dlogits.shape[-1])  # (N, V)
     dxf = (dlogits2 @ wte).reshape(xf.shape)  # (N, V) @ (V, C)
     dwte = dlogits2.T @ xf.reshape(-1, xf.shape[-1])  # (V, N) @ (N, C)
-    dx, dw, db = layers.layernorm_backward(dxf, c_lnf)
+    dx, dw, db = layers.layernorm_backward(dxf, c["ln_f"])
     grads = {"transformer.wte.weight": dwte, "transformer.ln_f.weight": dw, "transformer.ln_f.bias": db}
     return dx, grads
 
@@ -265,11 +268,7 @@ def llama_param_shapes(config):
 
 def _proj_forward(x, p, name, c):
     """transformers' nn.Linear, y = x @ W^T (+ b) with W stored (out, in); its cache goes to c[name]."""
-    b = p.get(name + ".bias")
-    c[name + ".bias"] = b is not None
-    if b is None:
-        b = 0.0  # no bias: adding 0.0 leaves x @ W^T as it is
-    y, c[name] = layers.linear_forward(x, p[name + ".weight"].T, b)
+    y, c[name] = layers.linear_forward(x, p[name + ".weight"].T, p.get(name + ".bias"))
     return y
 
 
@@ -277,7 +276,7 @@ def _proj_backward(dy, c, name, d):
     """dx of a projection; its dW (out, in), and db if it has a bias, go to d."""
     dx, dw, db = layers.linear_backward(dy, c[name])
     d[name + ".weight"] = dw.T  # (in, out) -> (out, in)
-    if c[name + ".bias"]:
+    if db is not None:
         d[name + ".bias"] = db
     return dx
 
@@ -302,6 +301,7 @@ def llama_block_forward(x, p, config, past=None):
     k, c["rope_k"] = layers.rotary_forward(k, cos, sin, Hkv)
     v = _proj_forward(a, p, "self_attn.v_proj", c)  # (B, T, Hkv hs)
     a, c["attn"] = layers.grouped_attention_forward(q, k, v, H, Hkv, past)
+    c["present"] = c["attn"][1:3]  # (k, v) of every position so far: the KV cache for the next call
     x = x + _proj_forward(a, p, "self_attn.o_proj", c)
     m, c["norm_2"] = layers.rmsnorm_forward(x, p["post_attention_layernorm.weight"], eps)
     gate = _proj_forward(m, p, "mlp.gate_proj", c)  # (B, T, I)
@@ -421,7 +421,7 @@ def forward(params, idx, config, *, past=None, rows=None):
         x_head = x
     logits, c_head = arch.head_forward(x_head, params, config)
     cache = {"config": config, "names": list(params), "embed": c_embed, "blocks": blocks, "head": c_head,
-             "present": [c["attn"]["present"] for c in blocks], "has_past": past is not None,
+             "present": [c["present"] for c in blocks], "has_past": past is not None,
              "rows": rows, "shape": x.shape}
     return logits, cache
 
