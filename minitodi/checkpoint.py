@@ -23,12 +23,15 @@ the field, never a silently different model.
 """
 
 import json
+import math
 import os
+import re
 import shutil
+import stat
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -42,16 +45,30 @@ INDEX_FILE = "model.safetensors.index.json"  # sharded weights: {"weight_map": {
 CONFIG_FILE = "config.json"
 STATE_FILE = "training_state.safetensors"
 STATE_JSON = "training_state.json"
+# config.json's entry for the fingerprint of the tokenizer the model was trained with (see recorded_tokenizer)
+TOKENIZER_KEY = "minitodi_tokenizer_sha256"
 
 
 def _atomic_write(path, write):
-    """Call ``write(tmp_path)``, then rename ``tmp_path`` over ``path`` (atomic on one file system)."""
+    """Call ``write(tmp_path)``, then rename ``tmp_path`` over ``path`` (atomic on one file system).
+
+    A failed write (a full disk, a file-size limit) is an OSError naming ``path``, and leaves ``path`` as it
+    was. The file gets the mode a plain ``open`` gives (0644 under the usual umask 022), which
+    safetensors, writing 0600, would not: the temporary file is created with ``open`` first, its mode read
+    back and set again after ``write`` (no process-wide umask is touched).
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        with open(tmp, "wb"):
+            pass
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
         write(tmp)
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except SafetensorError as err:  # safetensors reports its I/O errors as its own kind, naming no file
+        raise OSError(f"cannot write {path}: {err}") from None
     except OSError as err:
         if err.filename is not None or err.errno is None:  # it names its file, or it is no system error
             raise
@@ -64,7 +81,16 @@ def _atomic_write(path, write):
 
 def write_json(path, obj):
     """Write ``obj`` as indented JSON to ``path``, atomically."""
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_text(path, text):
+    """Write ``text`` (UTF-8) to ``path`` atomically; a file already holding exactly that is left alone."""
+    path = Path(path)
+    content = text.encode("utf-8")
+    if path.is_file() and path.read_bytes() == content:
+        return
+    _atomic_write(path, lambda tmp: tmp.write_bytes(content))
 
 
 def hf_config(config, dtype, extra=None):
@@ -199,19 +225,56 @@ def _read_metadata(path):
 
 
 def _read_json(path):
+    """The JSON object in ``path``: a clear error naming the file when it is not UTF-8, JSON or an object."""
     _require(path)
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text (a JSON file was expected)") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not the object expected")
+    return obj
 
 
 def config_from_hf(hf, where="config.json"):
     """The config of a transformers ``config.json`` dict (``model_type`` "gpt2", the default, or "llama")."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{where} holds a JSON {type(hf).__name__}, not an object")
     model_type = hf.get("model_type", "gpt2")
-    if model_type not in FORMATS:
+    if not isinstance(model_type, str) or model_type not in FORMATS:
         raise ValueError(f"{where}: model_type is {model_type!r}, minitodi reads {sorted(FORMATS)}")
-    return FORMATS[model_type].from_hf(hf, where)
+    fmt = FORMATS[model_type]
+    _check_types(hf, fmt.field_types, where)
+    return fmt.from_hf(hf, where)
+
+
+def _check_types(hf, field_types, where):
+    """A clear error naming the field when a config.json entry has the wrong JSON type.
+
+    ``field_types``: {field: "int" | "number" | "bool" | "object"}; an absent or null field is left to the
+    format's defaults. JSON's true and false are no numbers here (Python would take true for 1).
+    """
+    for field, kind in field_types.items():
+        value = hf.get(field)
+        if value is None:
+            continue
+        is_bool = isinstance(value, bool)
+        if kind == "int":
+            ok = isinstance(value, int) and not is_bool and value >= 1
+            wanted = "a positive integer"
+        elif kind == "number":
+            ok = isinstance(value, (int, float)) and not is_bool and math.isfinite(value) and value > 0
+            wanted = "a finite number > 0"
+        elif kind == "bool":
+            ok = is_bool
+            wanted = "true or false"
+        else:
+            ok = isinstance(value, dict)
+            wanted = "a JSON object"
+        if not ok:
+            raise ValueError(f"{where}: {field} is {json.dumps(value)[:40]}, expected {wanted}")
 
 
 # config.json fields whose other values minitodi's GPT-2 does not compute (absent means the first value):
@@ -233,12 +296,18 @@ def _gpt2_config_from_hf(hf, where):
         raise ValueError(f"{where}: n_inner = {hf['n_inner']} is not 4 * n_embd")
     if not hf.get("tie_word_embeddings", True):
         raise ValueError(f"{where}: an untied output head is not supported")
+    for name in ("vocab_size", "n_embd", "n_layer", "n_head"):
+        if hf.get(name) is None:
+            raise ValueError(f"{where}: missing field {name!r}")
+    n_positions = hf.get("n_positions", hf.get("n_ctx"))
+    if n_positions is None:
+        raise ValueError(f"{where}: missing field 'n_positions'")
     try:
-        return GPTConfig(vocab_size=hf["vocab_size"], n_positions=hf.get("n_positions", hf.get("n_ctx")),
-                         n_embd=hf["n_embd"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+        return GPTConfig(vocab_size=hf["vocab_size"], n_positions=n_positions, n_embd=hf["n_embd"],
+                         n_layer=hf["n_layer"], n_head=hf["n_head"],
                          layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
-    except KeyError as err:
-        raise ValueError(f"{where}: missing field {err.args[0]!r}") from err
+    except ValueError as err:  # sizes that do not fit together, e.g. n_embd not divisible by n_head
+        raise ValueError(f"{where}: {err}") from None
 
 
 # config.json fields whose other values minitodi's Llama does not compute (absent means the first value)
@@ -260,6 +329,7 @@ def _llama_config_from_hf(hf, where):
         if hf.get(field, supported[0]) not in supported:
             raise ValueError(f"{where}: {field} = {hf[field]!r} is not implemented (only {supported[0]!r})")
     rope = hf.get("rope_parameters") or {}
+    _check_types(rope, {"rope_theta": "number"}, f"{where}: rope_parameters")
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"{where}: rope_parameters.rope_type = {rope['rope_type']!r} is not implemented")
     for name in _LLAMA_REQUIRED:
@@ -268,12 +338,27 @@ def _llama_config_from_hf(hf, where):
     fields = {name: hf[name] for name in LlamaConfig.__dataclass_fields__ if hf.get(name) is not None}
     fields.setdefault("num_key_value_heads", hf["num_attention_heads"])  # transformers' default: no grouping
     fields["rope_theta"] = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    config = LlamaConfig(**fields)
+    try:
+        config = LlamaConfig(**fields)
+    except ValueError as err:  # sizes that do not fit together, e.g. heads that do not divide the width
+        raise ValueError(f"{where}: {err}") from None
     hs = config.hidden_size // config.num_attention_heads
     if hf.get("head_dim") not in (None, hs):
         raise ValueError(f"{where}: head_dim = {hf['head_dim']} is not implemented "
                          "(only hidden_size / heads)")
     return config
+
+
+_GPT2_TYPES = {
+    "vocab_size": "int", "n_positions": "int", "n_ctx": "int", "n_embd": "int", "n_layer": "int",
+    "n_head": "int", "n_inner": "int", "layer_norm_epsilon": "number", "tie_word_embeddings": "bool",
+}
+_LLAMA_TYPES = {
+    "vocab_size": "int", "hidden_size": "int", "intermediate_size": "int", "num_hidden_layers": "int",
+    "num_attention_heads": "int", "num_key_value_heads": "int", "max_position_embeddings": "int",
+    "head_dim": "int", "rms_norm_eps": "number", "rope_theta": "number", "attention_bias": "bool",
+    "tie_word_embeddings": "bool", "rope_parameters": "object",
+}
 
 
 @dataclass(frozen=True)
@@ -284,13 +369,17 @@ class Format:
     prefix: str  # added to keys that lack it (original GPT-2 files)
     embedding: str  # the token embedding, which a tied lm_head.weight must equal
     buffers: tuple  # suffixes of stored buffers that are not parameters
+    field_types: dict  # config.json's fields and their JSON types (see _check_types)
+    layers_field: str  # config.json's number of layers
 
 
 FORMATS = {
     "gpt2": Format(_gpt2_hf_config, _gpt2_config_from_hf, "transformer.", "transformer.wte.weight",
-                   (".attn.bias", ".attn.masked_bias")),  # GPT-2's causal-mask buffers
+                   (".attn.bias", ".attn.masked_bias"),  # GPT-2's causal-mask buffers
+                   _GPT2_TYPES, "n_layer"),
     "llama": Format(_llama_hf_config, _llama_config_from_hf, "model.", "model.embed_tokens.weight",
-                    (".rotary_emb.inv_freq",)),  # older transformers saved RoPE's frequencies
+                    (".rotary_emb.inv_freq",),  # older transformers saved RoPE's frequencies
+                    _LLAMA_TYPES, "num_hidden_layers"),
 }
 
 
@@ -317,15 +406,79 @@ def _canonical(tensors, config, where):
     return params
 
 
-def _read_weights(directory):
-    """The tensors of model.safetensors, or of the shards model.safetensors.index.json lists."""
+def _weight_files(directory):
+    """model.safetensors, or the shards that model.safetensors.index.json lists, each inside ``directory``.
+
+    A shard named by an absolute path or one through ``..`` is refused: an index file must not make
+    minitodi read files outside the checkpoint. (Symbolic links inside it, as in Hugging Face's cache,
+    are followed.)
+    """
     if (directory / MODEL_FILE).is_file() or not (directory / INDEX_FILE).is_file():
-        return _read_safetensors(directory / MODEL_FILE)
-    weight_map = _read_json(directory / INDEX_FILE).get("weight_map", {})
-    tensors = {}
-    for shard in sorted(set(weight_map.values())):
-        tensors.update(_read_safetensors(directory / shard))
-    return tensors
+        _require(directory / MODEL_FILE)
+        return [directory / MODEL_FILE]
+    index = directory / INDEX_FILE
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: weight_map is {json.dumps(weight_map)[:40]}, expected an object "
+                         "mapping tensor names to shard files")
+    shards = set()
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard.strip():
+            raise ValueError(f"{index}: weight_map[{name!r}] is {json.dumps(shard)[:40]}, expected a "
+                             "file name")
+        relative = PurePosixPath(shard)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise ValueError(f"{index}: weight_map[{name!r}] is {shard!r}, a file outside {directory}; "
+                             "shards must lie in the checkpoint directory")
+        shards.add(shard)
+    files = [directory / shard for shard in sorted(shards)]
+    for path in files:
+        _require(path)
+    return files
+
+
+def _read_header(path):
+    """{tensor name: shape} of a safetensors file, from its header alone (no tensor is read).
+
+    safetensors checks that the header's offsets and byte sizes agree with the dtypes, shapes and the
+    file's length, so a truncated or corrupt file fails here.
+    """
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            names = f.keys()  # a list (the handle itself is not iterable)
+            return {name: tuple(f.get_slice(name).get_shape()) for name in names}
+    except (SafetensorError, OSError, ValueError, TypeError) as err:
+        raise ValueError(f"cannot read {path}: {err} (the file is truncated, corrupt or in an unsupported "
+                         "dtype such as bfloat16)") from err
+
+
+# a layer's index in a tensor's name: transformer.h.3.attn..., h.3.attn... (original GPT-2), model.layers.3...
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:h|layers)\.(\d+)\.")
+
+
+def _check_layer_count(header, config, config_path, weights_path):
+    """config.json's number of layers against the layers the weights' headers hold.
+
+    Run before anything lists the config's parameters (:func:`param_shapes` makes a dozen names per
+    layer): a config.json asking for a billion layers is refused here, in a line, not after filling memory.
+    """
+    found = set()
+    for name in header:
+        match = _LAYER_INDEX.search(name)
+        if match is not None:
+            found.add(int(match.group(1)))
+    if config.n_layer != len(found):
+        field = FORMATS[config.model_type].layers_field
+        raise ValueError(f"{config_path}: {field} = {config.n_layer}, but {weights_path} holds {len(found)} "
+                         "layers: the two files are not one model's")
+
+
+def _check_finite(params, path):
+    """A clear error when a parameter holds NaN or infinity: no training run saves such a model."""
+    for name, value in params.items():
+        if not np.isfinite(value).all():
+            raise ValueError(f"{path}: {name} holds NaN or infinite values; the file is damaged or not "
+                             "a trained model's")
 
 
 def load_config(directory):
@@ -334,11 +487,26 @@ def load_config(directory):
     return config_from_hf(_read_json(directory / CONFIG_FILE), str(directory / CONFIG_FILE))
 
 
+def recorded_tokenizer(directory):
+    """The tokenizer fingerprint a checkpoint's config.json records, or None where it records none.
+
+    minitodi records it with every best model it saves (its ``TOKENIZER_KEY`` entry): a model and a
+    tokenizer.json from different runs then cannot be used together unnoticed. A transformers checkpoint
+    records none.
+    """
+    path = Path(directory) / CONFIG_FILE
+    value = _read_json(path).get(TOKENIZER_KEY)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{path}: {TOKENIZER_KEY} is {json.dumps(value)[:40]}, expected a hex digest")
+    return value
+
+
 def load(directory, *, dtype=None, device="cpu"):
     """Read ``(params, config)`` from a checkpoint directory.
 
     The directory is minitodi's, or a transformers GPT-2 or Llama one. ``dtype``: the parameters' dtype
-    (default: as stored; float16 is widened to float32).
+    (default: as stored; float16 is widened to float32). config.json is checked against the weights'
+    headers before any tensor is read, and every parameter must be finite.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -348,15 +516,23 @@ def load(directory, *, dtype=None, device="cpu"):
     if not path.is_file() and (directory / "pytorch_model.bin").is_file():
         raise FileNotFoundError(f"{path} is missing; only safetensors are read (convert pytorch_model.bin "
                                 "with transformers: model.save_pretrained(dir, safe_serialization=True))")
-    params = _canonical(_read_weights(directory), config, str(path))
+    files = _weight_files(directory)
+    header = {}
+    for file in files:
+        header.update(_read_header(file))
+    _check_layer_count(header, config, directory / CONFIG_FILE, files[0])
+    tensors = {}
+    for file in files:
+        tensors.update(_read_safetensors(file))
+    params = _canonical(tensors, config, str(path))
     target = _load_dtype(params, dtype)
-    params = {name: to_device(params[name].astype(target), device)
-              for name in param_shapes(config) if name in params}
+    params = {name: params[name].astype(target) for name in param_shapes(config) if name in params}
     try:
         check_params(params, config)
     except (KeyError, ValueError, TypeError) as err:
         raise ValueError(f"{path} does not match {directory / CONFIG_FILE}: {err.args[0]}") from err
-    return params, config
+    _check_finite(params, path)
+    return {name: to_device(x, device) for name, x in params.items()}, config
 
 
 def _load_dtype(params, dtype):
@@ -385,8 +561,15 @@ def load_training_state(directory, *, device="cpu"):
         raise ValueError(f"{directory}: the model and the training state come from different saves "
                          "(a save was interrupted); resume from another checkpoint or start afresh")
     state.pop("save_id")
-    optimizer = {"step": state.pop("optimizer_step"), "m": {}, "v": {}}
+    step = state.pop("optimizer_step", None)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"{directory / STATE_JSON}: optimizer_step is {json.dumps(step)[:40]}, expected an "
+                         "integer >= 0")
+    optimizer = {"step": step, "m": {}, "v": {}}
     for key, value in arrays.items():
-        moment, name = key.split(".", 1)
+        moment, _, name = key.partition(".")
+        if moment not in ("m", "v") or not name:
+            raise ValueError(f"{directory / STATE_FILE}: unexpected tensor {key!r} (the optimizer's moments "
+                             "are named m.<parameter> and v.<parameter>)")
         optimizer[moment][name] = to_device(value, device)
     return {"optimizer": optimizer, **state}

@@ -89,7 +89,7 @@ def _load_model(directory, device):
     from .tokenizer import Tokenizer
 
     params, config = checkpoint.load(directory, device=device)
-    tokenizer = Tokenizer.load(directory)
+    tokenizer = Tokenizer.load_for_model(directory)  # the tokenizer the model was trained with
     if config.vocab_size != tokenizer.vocab_size:  # ids the other side cannot read, found mid-generation
         raise ValueError(f"{directory}: the model's vocabulary ({config.vocab_size}, config.json) is not its "
                          f"tokenizer's ({tokenizer.vocab_size}, tokenizer.json): they are not one model's")

@@ -39,6 +39,8 @@ from . import checkpoint
 from .core import optim
 from .core.device import to_numpy
 from .core.model import init_params
+from .tokenizer import FILENAME as TOKENIZER_FILE
+from .tokenizer import Tokenizer
 
 RUN_FILE = "run.json"  # the settings of the run
 LOG_FILE = "metrics.jsonl"  # one JSON object per logged step and evaluation
@@ -89,13 +91,28 @@ def _check_usable(out, start):
                          "choose a new or empty directory")
 
 
-def check_best_model(out, model_config):
-    """A clear error, before anything in ``out`` changes, when its best model has another shape."""
+def check_best_model(out, model_config, tokenizer_fingerprint):
+    """A clear error, before anything in ``out`` changes, when its best model is not this run's to continue.
+
+    It must have this run's shape, and have been trained with this run's tokenizer (the fingerprint its
+    config.json records, else that of the tokenizer.json beside it): a new tokenizer, trained on other
+    data, would give the old weights ids that mean other text.
+    """
     best_config = checkpoint.load_config(out)
     if best_config != model_config:
         differences = _differences(dataclasses.asdict(best_config), dataclasses.asdict(model_config))
         raise ValueError(f"{out} holds a best model of another shape ({type(best_config).__name__}; "
                          f"{differences}): --from-best needs this run's model; nothing was changed")
+    tokenizer_file = out / TOKENIZER_FILE
+    recorded = checkpoint.recorded_tokenizer(out)
+    if recorded is None and tokenizer_file.is_file():  # a best model saved before fingerprints were recorded
+        recorded = Tokenizer.load(tokenizer_file).fingerprint()
+    if recorded is not None and recorded != tokenizer_fingerprint:
+        raise ValueError(f"the best model in {out} was trained with the tokenizer {tokenizer_file}, and "
+                         "this run's tokenizer is another (trained on other data or with another vocabulary "
+                         "size); "
+                         f"--from-best keeps the model's tokenizer: pass --tokenizer {tokenizer_file}; "
+                         "nothing was changed")
 
 
 def _check_start(out, start, resumable):
@@ -210,29 +227,49 @@ def read_log(path):
 
 
 def truncate_log(path, step):
-    """Drop log lines written after ``step`` (by a run killed before it could save), and a torn last line."""
+    """Drop log lines written after ``step`` (by a run killed before it could save), and a torn last line.
+
+    The log is rewritten atomically (cut short, the write leaves the old log), and only if a line goes.
+    """
     if path.exists():
         kept = [record for record in _parse_log(path) if record["step"] <= step]
-        path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        checkpoint.write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 def _parse_log(path):
-    """The log's records; a torn last line is dropped with a warning.
+    """The log's records, each an object with its integer step; a torn last line is dropped with a warning.
 
     A last line cut short (the disk filled, or the process was killed mid-write) is what a crash leaves;
-    an unreadable line anywhere else is an error naming the file and the line.
+    an unreadable line anywhere else is an error naming the file and the line. A missing log (deleted by
+    hand) has no records.
     """
-    lines = path.read_text().splitlines()
+    if not path.exists():
+        return []
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (at byte {err.start}): not a log of minitodi's") from None
     records = []
     for number, line in enumerate(lines, start=1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as err:
             if number == len(lines):
                 print(f"warning: {path}: dropped its torn last line ({err.msg})", file=sys.stderr)
                 break
             raise ValueError(f"{path}, line {number}: not a log record ({err.msg})") from None
+        if not _is_record(record):
+            raise ValueError(f"{path}, line {number}: not a log record (an object with an integer step)")
+        records.append(record)
     return records
+
+
+def _is_record(record):
+    """Whether ``record`` is a JSON object with an integer ``step``, as every line minitodi logs is."""
+    if not isinstance(record, dict):
+        return False
+    step = record.get("step")
+    return isinstance(step, int) and not isinstance(step, bool)
 
 
 # ---- the state of a run --------------------------------------------------------------------------
@@ -241,7 +278,8 @@ class RunState:
 
     From ``out/last`` when ``start`` is "resume" and there is a state; else at step 0, from
     ``init_params`` or, for ``start`` "best", from the best model in ``out`` (whose validation CE, given
-    by ``valid_ce(params)``, is then the one to beat).
+    by ``valid_ce(params)``, is then the one to beat). Making one only reads: a damaged state or best
+    model is refused before anything in ``out`` changes, and :meth:`begin` then makes ``out`` this run's.
     """
 
     def __init__(self, out, model_config, tcfg, batches, start, device, valid_ce):
@@ -250,30 +288,60 @@ class RunState:
         self.batches = batches
         self.last = out / LAST
         self.log = out / LOG_FILE
-        if start == "resume" and checkpoint.has_training_state(self.last):  # recovered by claim()
+        self.resuming = start == "resume" and checkpoint.has_training_state(self.last)  # recovered by claim()
+        if self.resuming:
             self._restore(tcfg.dtype, device)
             return
-        shutil.rmtree(self.last, ignore_errors=True)
-        self.log.unlink(missing_ok=True)
         self.step = 0
         self.saved = None  # the step out/last holds (None: no state saved yet)
         self.best = {"valid_ce": math.inf, "step": None}
         if start == "best":
-            self.params, _ = checkpoint.load(out, dtype=tcfg.dtype, device=device)
-            self.best = {"valid_ce": valid_ce(self.params), "step": 0}
+            self._load_best(tcfg.dtype, device, valid_ce)
         else:
             self.params = init_params(model_config, tcfg.seed, dtype=np.dtype(tcfg.dtype), device=device)
         self.opt = optim.adamw_init(self.params)
 
+    def begin(self):
+        """Make ``out`` this run's: a resume drops log lines after its step, a new start the old state, log.
+
+        The best model and its tokenizer stay until this run's first evaluation replaces them, together:
+        a new start stopped before then leaves a best model and the tokenizer it was trained with.
+        """
+        if self.resuming:
+            truncate_log(self.log, self.step)
+            return
+        shutil.rmtree(self.last, ignore_errors=True)
+        self.log.unlink(missing_ok=True)
+
+    def _load_best(self, dtype, device, valid_ce):
+        """The best model in ``out`` (checked whole and finite by the loader) and its validation CE."""
+        self.params, _ = checkpoint.load(self.out, dtype=dtype, device=device)
+        score = valid_ce(self.params)
+        if not math.isfinite(score):
+            raise ValueError(f"the best model in {self.out} has a validation loss of {score}: there is "
+                             "nothing to continue from; nothing was changed")
+        self.best = {"valid_ce": score, "step": 0}
+
     def _restore(self, dtype, device):
-        self.params, _ = checkpoint.load(self.last, dtype=dtype, device=device)
+        """The state in ``out/last``, every part checked against this run before it is used."""
+        self.params, config = checkpoint.load(self.last, dtype=dtype, device=device)
+        if config != self.config:
+            differences = _differences(dataclasses.asdict(config), dataclasses.asdict(self.config))
+            raise ValueError(f"{self.last / checkpoint.CONFIG_FILE} is a model of another shape than "
+                             f"{self.out / RUN_FILE} records ({differences}); --restart or --from-best")
         state = checkpoint.load_training_state(self.last, device=device)
+        _check_moments(state["optimizer"], self.params, self.last / checkpoint.STATE_FILE)
+        where = self.last / checkpoint.STATE_JSON
+        self.step = _entry(state, "step", where, _is_count)
+        self.best = _entry(state, "best", where, _is_best)
+        data = _entry(state, "data", where, lambda v: isinstance(v, dict))
+        try:
+            self.batches.restore(data)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{where}: data {json.dumps(data)[:60]} is not this run's data position "
+                             f"({err})") from None
         self.opt = state["optimizer"]
-        self.step = state["step"]
-        self.saved = state["step"]
-        self.best = state["best"]
-        self.batches.restore(state["data"])
-        truncate_log(self.log, self.step)
+        self.saved = self.step
 
     def save_last(self):
         """Replace ``out/last`` with the state now (as a whole: never half old, half new)."""
@@ -282,24 +350,71 @@ class RunState:
                           "data": self.batches.state()}
         checkpoint.save_replacing(self.last, self.params, self.config, training_state=training_state)
 
-    def save_best(self, valid_ce, eos_id):
-        """Record a new best validation CE and write the model as the run's best."""
+    def save_best(self, valid_ce, tokenizer):
+        """Record a new best validation CE and write the model, with its tokenizer, as the run's best.
+
+        config.json records the tokenizer's fingerprint, which every load of the model checks
+        (:meth:`minitodi.tokenizer.Tokenizer.load_for_model`): a write cut short between the files is
+        found there, not used.
+        """
         self.best.update(valid_ce=valid_ce, step=self.step)
-        token_ids = {"bos_token_id": eos_id, "eos_token_id": eos_id}
-        checkpoint.save(self.out, self.params, self.config, config_extra=token_ids)
+        extra = {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id,
+                 checkpoint.TOKENIZER_KEY: tokenizer.fingerprint()}
+        tokenizer.save(self.out)
+        checkpoint.save(self.out, self.params, self.config, config_extra=extra)
 
     def params_finite(self):
         """Whether every parameter is finite (only a finite state is ever saved)."""
         return all(np.isfinite(to_numpy(p)).all() for p in self.params.values())
 
 
-# ---- Ctrl-C --------------------------------------------------------------------------------------
+def _entry(state, key, where, valid):
+    """``state[key]`` if ``valid`` accepts it, else a clear error naming the file and the entry."""
+    value = state.get(key)
+    if not valid(value):
+        raise ValueError(f"{where}: {key} is {json.dumps(value)[:60]}, not a state minitodi saved; "
+                         "--restart or --from-best")
+    return value
+
+
+def _is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_best(value):
+    """``{"valid_ce": a number, "step": a count or None}``, as :meth:`RunState.save_best` keeps it."""
+    if not isinstance(value, dict):
+        return False
+    ce = value.get("valid_ce")
+    step = value.get("step")
+    ce_ok = isinstance(ce, (int, float)) and not isinstance(ce, bool) and not math.isnan(ce)
+    return ce_ok and (step is None or _is_count(step))
+
+
+def _check_moments(optimizer, params, where):
+    """AdamW's moments must have exactly the parameters' names and shapes (else a step fails midway)."""
+    for moment in ("m", "v"):
+        arrays = optimizer[moment]
+        if arrays.keys() != params.keys():
+            missing = sorted(params.keys() - arrays.keys())[:3]
+            extra = sorted(arrays.keys() - params.keys())[:3]
+            raise ValueError(f"{where}: its moments {moment} do not match the model's parameters "
+                             f"(missing {missing}, unexpected {extra})")
+        for name, value in arrays.items():
+            if tuple(value.shape) != tuple(params[name].shape):
+                raise ValueError(f"{where}: {moment}.{name} has shape {tuple(value.shape)}, the parameter "
+                                 f"{tuple(params[name].shape)}")
+
+
+# ---- Ctrl-C and SIGTERM --------------------------------------------------------------------------
 @contextmanager
 def ctrl_c_flag():
-    """A list that Ctrl-C makes non-empty, for the loop to check between steps.
+    """A list that Ctrl-C (SIGINT) or SIGTERM makes non-empty, for the loop to check between steps.
 
-    A second Ctrl-C stops at once (KeyboardInterrupt). Outside the main thread Ctrl-C is left alone
-    (Python delivers signals to the main thread only, and only it may set a handler).
+    SIGTERM, what ``kill`` and job schedulers send, is a request to stop like Ctrl-C: the step under way
+    is finished and the state saved. A second signal stops at once (KeyboardInterrupt). Outside the main
+    thread the signals are left alone (Python delivers signals to the main thread only, and only it may
+    set a handler).
     """
     pressed = []
 
@@ -308,12 +423,13 @@ def ctrl_c_flag():
             raise KeyboardInterrupt
         pressed.append(True)
 
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    old = None
-    if in_main_thread:
-        old = signal.signal(signal.SIGINT, handle)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, handle)
     try:
         yield pressed
     finally:
-        if old is not None:
-            signal.signal(signal.SIGINT, old)
+        for signum, handler in previous.items():
+            if handler is not None:  # None: a handler set outside Python, which cannot be put back
+                signal.signal(signum, handler)

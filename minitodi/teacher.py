@@ -35,7 +35,7 @@ class Teacher:
     @classmethod
     def load(cls, directory, *, dtype="float32", device="cpu"):
         params, config = checkpoint.load(directory, dtype=dtype, device=device)
-        return cls(params, config, Tokenizer.load(directory))
+        return cls(params, config, Tokenizer.load_for_model(directory))
 
     def logits(self, idx, rows=None):
         """(B, T) token ids -> (B, T, V) logits, or (n, V) at the positions of a boolean mask ``rows``."""

@@ -23,6 +23,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from . import checkpoint
+
 EOS = "<|endoftext|>"
 FILENAME = "tokenizer.json"
 MIN_VOCAB_SIZE = 257  # 256 bytes + the end-of-text token
@@ -72,19 +74,57 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path) -> "Tokenizer":
-        """Read ``tokenizer.json``: ``path`` is the file or the directory holding it."""
+        """Read ``tokenizer.json``: ``path`` is the file or the directory holding it.
+
+        A file that is not a tokenizer (empty, cut short, not UTF-8, not JSON, a bad merge, no end-of-text
+        token) is a ValueError naming it.
+        """
         path = Path(path)
         if path.is_dir():
             path = path / FILENAME
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer file at {path}")
-        return cls(_HFTokenizer.from_file(str(path)))
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not a tokenizer: not UTF-8 text") from None
+        try:
+            hf_tokenizer = _HFTokenizer.from_str(text)
+        except Exception as err:  # tokenizers raises a bare Exception for every malformed file
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ValueError(f"{path} is not a tokenizer tokenizers can read: {reason}") from None
+        try:
+            return cls(hf_tokenizer)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+    @classmethod
+    def load_for_model(cls, directory) -> "Tokenizer":
+        """The tokenizer.json of a model's directory, checked to be the one the model was trained with.
+
+        minitodi records the tokenizer's fingerprint in the model's config.json
+        (:func:`minitodi.checkpoint.recorded_tokenizer`); a tokenizer.json from another run beside it (a
+        run stopped, a file copied) would encode text into ids the model never learned, silently.
+        """
+        directory = Path(directory)
+        tokenizer = cls.load(directory)
+        recorded = checkpoint.recorded_tokenizer(directory)
+        if recorded is not None and recorded != tokenizer.fingerprint():
+            raise ValueError(f"{directory / FILENAME} is not the tokenizer the model in "
+                             f"{directory / checkpoint.CONFIG_FILE} was trained with (fingerprint "
+                             f"{tokenizer.fingerprint()[:12]}, the model records {recorded[:12]}): "
+                             "the two files come from different runs")
+        return tokenizer
 
     def save(self, directory) -> Path:
-        """Write ``directory/tokenizer.json`` (creating the directory) and return the file's path."""
+        """Write ``directory/tokenizer.json`` (creating the directory) and return the file's path.
+
+        The write is atomic (a temporary file renamed into place: cut short, it leaves the old file), and
+        a file that already holds this tokenizer is not rewritten.
+        """
         path = Path(directory) / FILENAME
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self._tok.to_str(pretty=True), encoding="utf-8")
+        checkpoint.write_text(path, self._tok.to_str(pretty=True))
         return path
 
     def encode(self, text: str) -> list[int]:
