@@ -287,11 +287,11 @@ def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX):
         raise ValueError(f"cross-entropy: targets must be in [0, {V}) or {ignore_index}")
     x = logits.reshape(-1, V)  # (N, V)
     m = x.max(axis=-1, keepdims=True)  # (N, 1)
-    q = x - m
-    picked = xp.take_along_axis(q, safe.reshape(-1, 1), axis=-1)  # x_t - m, (N, 1)
-    xp.exp(q, out=q)
-    s = q.sum(axis=-1, keepdims=True)  # (N, 1)
-    q /= s  # q = softmax(x)
+    shifted = x - m
+    picked = xp.take_along_axis(shifted, safe.reshape(-1, 1), axis=-1)  # x_t - m, (N, 1)
+    e = xp.exp(shifted, out=shifted)  # exp(x - m), in the same buffer
+    s = e.sum(axis=-1, keepdims=True)  # (N, 1)
+    q = xp.divide(e, s, out=e)  # q = softmax(x), in the same buffer
     nll = (xp.log(s) - picked)[:, 0]  # (N,)
     loss = (nll * counted.reshape(-1)).sum() / n
     return loss, (q.reshape(logits.shape), safe, counted, n)
