@@ -125,7 +125,7 @@ def mean_loss(name, s, t, mask, temperature, beta=1.0, detach=True):
 
     The checks :func:`minitodi.core.losses.check_inputs` makes have been made; beta is checked here.
     """
-    check_option("beta", beta, lambda x: x >= 0, "a finite number >= 0")
+    beta = check_option("beta", beta, lambda x: x >= 0, "a finite number >= 0")
     V = s.shape[-1]
     rows = None  # every row counts
     if mask is not None and not bool(mask.all()):

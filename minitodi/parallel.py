@@ -90,8 +90,8 @@ def loss_and_grad(name, student_logits, teacher_logits, mask=None, *, temperatur
     fused kernels of :mod:`minitodi.fused` instead: the same formulas, rounded in another order.
     """
     fn = losses.LOSSES[name]
-    xp, s, t, mask, w = losses.check_inputs(student_logits, teacher_logits, mask, temperature,
-                                            options.get("stopgrad_at"))
+    xp, s, t, mask, temperature, w = losses.check_inputs(student_logits, teacher_logits, mask, temperature,
+                                                         options.get("stopgrad_at"))
     if xp is not np and fused.applies(name, options, s, t):
         return fused.mean_loss(name, s, t, mask, temperature, **options)
     count = threads(xp)

@@ -512,3 +512,17 @@ def test_fused_cupy_kernels_match_the_numpy_path(name, options, dtype, monkeypat
     g_cp = device.to_numpy(g_cp)
     assert g_cp.dtype == dtype and np.all(g_cp[~mask] == 0)
     assert np.abs(g_cp - g_np).max() <= tol * np.abs(g_np).max()
+
+
+def test_numpy_scalars_are_numbers_and_numpy_bools_are_not():
+    """np.float32(2.0) is a temperature and np.float64(0.25) a lam, as 2.0 and 0.25 are; np.True_ is not."""
+    s, t, mask = _inputs(seed=9)
+    value, grad = LOSSES["todi"](s, t, mask, temperature=np.float32(2.0), beta=np.float32(1.5))
+    expected_value, expected_grad = LOSSES["todi"](s, t, mask, temperature=2.0, beta=1.5)
+    assert value == expected_value
+    np.testing.assert_array_equal(grad, expected_grad)
+    assert LOSSES["sfkl"](s, t, lam=np.float64(0.25))[0] == LOSSES["sfkl"](s, t, lam=0.25)[0]
+    assert LOSSES["fkl"](s, t, temperature=np.int64(3))[0] == LOSSES["fkl"](s, t, temperature=3)[0]
+    for bad in (np.True_, True, "2", np.float64("nan")):
+        with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+            LOSSES["fkl"](s, t, temperature=bad)

@@ -274,7 +274,7 @@ def todi(student_logits, teacher_logits, mask=None, *, temperature=1.0, beta=1.0
     when given. ``detach=False`` differentiates through a (:func:`todi_attached_rows`), the ablation of
     that choice; ``stopgrad_at`` has no meaning then.
     """
-    check_option("beta", beta, lambda x: x >= 0, "a finite number >= 0")
+    beta = check_option("beta", beta, lambda x: x >= 0, "a finite number >= 0")
     _check_flag("detach", detach)
     divergence = todi_rows
     if not detach:
@@ -289,8 +289,8 @@ def todi(student_logits, teacher_logits, mask=None, *, temperature=1.0, beta=1.0
 
 def todi_weight(student_logits, teacher_logits, *, temperature=1.0, beta=1.0):
     """ToDi's weight a = sigmoid(beta * (log p - log q)) at every position and vocabulary entry, (..., V)."""
-    check_option("beta", beta, lambda x: x >= 0, "a finite number >= 0")
-    xp, s, t, _, _ = check_inputs(student_logits, teacher_logits, None, temperature, None)
+    beta = check_option("beta", beta, lambda x: x >= 0, "a finite number >= 0")
+    xp, s, t, _, temperature, _ = check_inputs(student_logits, teacher_logits, None, temperature, None)
     _check_neginf("todi_weight", {"student_logits": s, "teacher_logits": t}, None, s.shape)
     lq, q = _log_probs(s, temperature, True)
     lp, p = _log_probs(t, temperature, True)
@@ -309,7 +309,7 @@ def gjsd(student_logits, teacher_logits, mask=None, *, temperature=1.0, beta=0.5
     As their code does, beta = 0 is KL(p || q) (:func:`fkl`) and beta = 1 is KL(q || p) (:func:`rkl`),
     infinite where those are; in between it is always finite.
     """
-    check_option("beta", beta, lambda x: 0 <= x <= 1, "0 <= beta <= 1")
+    beta = check_option("beta", beta, lambda x: 0 <= x <= 1, "0 <= beta <= 1")
     if beta == 0:
         return _mean_over_positions("gjsd", fkl_rows, student_logits, teacher_logits, mask, temperature,
                                     n_counted, infinite_where=("q=0<p",))
@@ -329,7 +329,7 @@ def tvd(student_logits, teacher_logits, mask=None, *, temperature=1.0, n_counted
 
 def sfkl(student_logits, teacher_logits, mask=None, *, temperature=1.0, lam=0.1, n_counted=None):
     """Skew forward KL, :func:`sfkl_rows` (0 < lam < 1). Always finite."""
-    check_option("lam", lam, lambda x: 0 < x < 1, "0 < lam < 1")
+    lam = check_option("lam", lam, lambda x: 0 < x < 1, "0 < lam < 1")
     divergence = partial(sfkl_rows, lam=lam)
     return _mean_over_positions("sfkl", divergence, student_logits, teacher_logits, mask, temperature,
                                 n_counted)
@@ -337,7 +337,7 @@ def sfkl(student_logits, teacher_logits, mask=None, *, temperature=1.0, lam=0.1,
 
 def srkl(student_logits, teacher_logits, mask=None, *, temperature=1.0, lam=0.1, n_counted=None):
     """Skew reverse KL, :func:`srkl_rows` (0 < lam < 1). Always finite."""
-    check_option("lam", lam, lambda x: 0 < x < 1, "0 < lam < 1")
+    lam = check_option("lam", lam, lambda x: 0 < x < 1, "0 < lam < 1")
     divergence = partial(srkl_rows, lam=lam)
     return _mean_over_positions("srkl", divergence, student_logits, teacher_logits, mask, temperature,
                                 n_counted)
@@ -346,7 +346,7 @@ def srkl(student_logits, teacher_logits, mask=None, *, temperature=1.0, lam=0.1,
 def akl(student_logits, teacher_logits, mask=None, *, temperature=1.0, mu=0.5, stopgrad_at=None,
         n_counted=None):
     """Adaptive KL, :func:`akl_rows`, split at teacher mass mu (0 <= mu <= 1), weights at ``stopgrad_at``."""
-    check_option("mu", mu, lambda x: 0 <= x <= 1, "0 <= mu <= 1")
+    mu = check_option("mu", mu, lambda x: 0 <= x <= 1, "0 <= mu <= 1")
     return _mean_over_positions("akl", akl_rows, student_logits, teacher_logits, mask, temperature,
                                 n_counted, weights=lambda *rows: akl_weights(*rows, mu),
                                 stopgrad_at=stopgrad_at, infinite_where=("q=0<p", "p=0<q"))
@@ -377,7 +377,8 @@ def _mean_over_positions(name, divergence, student_logits, teacher_logits, mask,
     threads, :func:`minitodi.parallel.loss_in_blocks`) and adds their shares in the same order gets the
     same loss bit for bit.
     """
-    xp, s, t, mask, w = check_inputs(student_logits, teacher_logits, mask, temperature, stopgrad_at)
+    xp, s, t, mask, temperature, w = check_inputs(student_logits, teacher_logits, mask, temperature,
+                                                  stopgrad_at)
     shape = s.shape
     V = shape[-1]
     s = s.reshape(-1, V)  # (..., V) -> (M, V)
@@ -495,8 +496,8 @@ def check_inputs(student_logits, teacher_logits, mask, temperature, stopgrad_at)
             raise TypeError(f"mask must be boolean (e.g. labels != -100), got dtype {mask.dtype}")
         if not bool(mask.any()):
             raise ValueError("mask is False everywhere: no position counts, the mean is undefined")
-    check_option("temperature", temperature, lambda x: x > 0, "a positive finite number")
-    return xp, s, t, mask, stopgrad_at
+    temperature = check_option("temperature", temperature, lambda x: x > 0, "a positive finite number")
+    return xp, s, t, mask, temperature, stopgrad_at
 
 
 def _check_flag(name, value):
@@ -505,10 +506,11 @@ def _check_flag(name, value):
 
 
 def check_option(name, value, ok, requirement):
-    """Raise unless ``value`` is a real number (NumPy's scalars included, never a bool) passing ``ok``."""
+    """``value`` as a Python float, once it is a real number (NumPy's too, never a bool) passing ``ok``."""
     is_bool = isinstance(value, (bool, np.bool_))  # True is an int to Python, never a number here
     if is_bool or not isinstance(value, numbers.Real) or not math.isfinite(value) or not ok(value):
         raise ValueError(f"{name} must be {requirement}, got {value!r}")
+    return float(value)  # a NumPy float32 scalar would otherwise round the arithmetic it enters to float32
 
 
 def _check_neginf(name, named, rows, shape, infinite_where=()):
