@@ -2,7 +2,8 @@
 
 1. Build the suite and its tokenizer (:mod:`minitodi.presets` holds every size and budget).
 2. Train the teacher with cross-entropy, or reuse it from the cache directory (``MINITODI_CACHE``,
-   default ``~/.cache/minitodi``); its cache key hashes every setting that shapes it.
+   default ``~/.cache/minitodi``); its cache key hashes every setting that shapes it. A demo that finds
+   another training the same teacher waits for it (:func:`_cache_entry_lock`).
 3. Train students of one size and one budget for each training seed: ``sft`` (cross-entropy only) and one
    per divergence, (1 - kd_rate) CE + kd_rate KD from the frozen teacher. Students of one seed share their
    initial weights and the order of their batches: they differ only by their loss.
@@ -19,6 +20,7 @@ so an interrupted demo picks up where it stopped. ``OUT`` must be new, empty or 
 (:func:`_claim`).
 """
 
+import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -29,6 +31,7 @@ import threading
 import time
 import tracemalloc
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -328,13 +331,63 @@ def _teacher(cfg, suite, tokenizer, split, device, progress, log):
                "tokenizer": tokenizer.fingerprint(),
                "suite": [cfg.n_train, cfg.n_valid, cfg.n_test, cfg.seq_len, cfg.families]}
     teacher_dir = cache_dir() / f"teacher-{_key(shaping)}"
-    cached = ""
-    if _done_marker(teacher_dir).exists():
-        cached = " (cached)"
-    log(f"teacher: {teacher_dir}{cached}")
-    summary = _train_once(teacher_dir, teacher_cfg, tokenizer, split["train"], split["valid"],
-                          cfg.teacher_train, device=device, progress=progress, label="teacher")
+    with _cache_entry_lock(teacher_dir, log):
+        cached = ""
+        if _done_marker(teacher_dir).exists():
+            cached = " (cached)"
+        log(f"teacher: {teacher_dir}{cached}")
+        summary = _train_once(teacher_dir, teacher_cfg, tokenizer, split["train"], split["valid"],
+                              cfg.teacher_train, device=device, progress=progress, label="teacher")
     return Teacher.load(teacher_dir, device=device), summary, teacher_dir
+
+
+@contextmanager
+def _cache_entry_lock(entry, log):
+    """Hold the cache entry ``entry`` (a teacher's run directory) for this process; wait while another does.
+
+    Two demos started at once on an empty cache would both train the teacher, and the second would find
+    its run directory locked and stop. Instead the entry has a lock file beside it, ``ENTRY.lock``: the
+    second demo says whom it waits for and waits, then finds the teacher finished and reuses it (or
+    resumes it, if the first demo was stopped). An advisory flock, which the OS drops when its holder
+    dies, so a killed demo never blocks the next; the holder writes its pid into the file for the message.
+    """
+    lock_file = entry.parent / f"{entry.name}.lock"
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)  # not truncated: a holder's pid stays readable
+    except OSError as err:
+        raise ValueError(f"cannot use {entry.parent} as the teacher cache (MINITODI_CACHE): "
+                         f"{err.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for the teacher being trained by {_lock_holder(lock_file)} ({entry})")
+            fcntl.flock(fd, fcntl.LOCK_EX)  # Ctrl-C interrupts the wait
+        _write_holder(fd, f"{os.getpid()}")
+        try:
+            yield
+        finally:
+            _write_holder(fd, "")  # a pid left behind would name a process that holds nothing
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _write_holder(fd, text):
+    """Replace the content of the open lock file ``fd`` with ``text``."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, text.encode(), 0)
+
+
+def _lock_holder(lock_file):
+    """Who holds ``lock_file``: "pid N", or "another process" before the holder has written its pid."""
+    try:
+        pid = lock_file.read_text().strip()
+    except OSError:
+        pid = ""
+    if pid.isdigit():
+        return f"pid {pid}"
+    return "another process"
 
 
 def run(out, *, preset="full", loss_names=DEFAULT_LOSSES, seeds=None, protocol=PAPER, device="cpu",

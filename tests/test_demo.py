@@ -3,11 +3,13 @@
 import json
 import math
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from minitodi import demo, metrics, presets, report
@@ -255,3 +257,107 @@ def _alive(pid):
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+TWO_DEMOS_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+from minitodi import demo, presets
+from minitodi.train import TrainConfig
+
+out, go, trained = (Path(arg) for arg in sys.argv[1:])
+presets.MODELS["micro"] = {"n_embd": 16, "n_layer": 1, "n_head": 2}
+presets.PRESETS["micro"] = presets.Preset(
+    n_train=240, n_valid=16, n_test=16, vocab_size=300, seq_len=48, n_positions=56, teacher="micro",
+    student="micro", teacher_train=TrainConfig(steps=8, batch_size=8, eval_every=4),
+    student_train=TrainConfig(steps=4, batch_size=8, eval_every=2), seeds=(0,), max_new_tokens=8)
+real_fit = demo.fit
+
+def fit(run_dir, *args, **kwargs):  # the teacher's training notes who trains it and waits for the test
+    if kwargs.get("label") == "teacher":
+        with open(trained, "a") as f:
+            f.write(f"{os.getpid()}\\n")
+        while not go.exists():
+            time.sleep(0.05)
+    return real_fit(run_dir, *args, **kwargs)
+
+demo.fit = fit
+demo.run(out, preset="micro", loss_names=("fkl",), progress=False, log=lambda line: print(line, flush=True))
+"""
+
+
+def _line(process, seconds=60):
+    """The next line ``process`` prints, or a test failure after ``seconds``."""
+    ready = select.select([process.stdout], [], [], seconds)[0]
+    assert ready, f"no line from pid {process.pid} in {seconds} s"
+    return process.stdout.readline()
+
+
+def test_a_second_demo_waits_for_the_teacher_the_first_trains_and_reuses_it(tmp_path):
+    """Two demos on an empty cache: the second says whom it waits for, then reuses the first's teacher."""
+    script = tmp_path / "one_demo.py"
+    script.write_text(TWO_DEMOS_SCRIPT)
+    go = tmp_path / "go"
+    trained = tmp_path / "trained"
+    env = {**os.environ, "MINITODI_CACHE": str(tmp_path / "cache")}
+    demos = []
+    try:
+        for name in ("first", "second"):
+            command = [sys.executable, str(script), str(tmp_path / name), str(go), str(trained)]
+            demos.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env))
+            if name == "first":  # the first holds the cache entry: its teacher is about to train
+                assert _line(demos[0]).startswith("teacher: ")
+        first, second = demos
+        assert _line(second).startswith(f"waiting for the teacher being trained by pid {first.pid} (")
+        go.touch()
+        assert [demo.wait(timeout=120) for demo in demos] == [0, 0]
+        later = second.stdout.read().splitlines()  # after the wait: the finished teacher, reused
+        assert later[0].startswith("teacher: ") and later[0].endswith(" (cached)")
+    finally:
+        for process in demos:
+            process.kill()
+            process.wait()
+    assert trained.read_text() == f"{first.pid}\n"  # the teacher was trained once, by the first
+    results = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("first", "second")]
+    assert results[0]["teacher"] == results[1]["teacher"]
+
+
+HOLD_SCRIPT = """
+import sys, time
+from pathlib import Path
+from minitodi import demo
+with demo._cache_entry_lock(Path(sys.argv[1]), print):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_killed_demo_leaves_the_teacher_cache_free(tmp_path):
+    """The OS drops the lock of a demo killed with SIGKILL: the next one takes the entry at once."""
+    entry = tmp_path / "cache" / "teacher-0123"
+    command = [sys.executable, "-c", HOLD_SCRIPT, str(entry)]
+    holder = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert _line(holder) == "held\n"
+    finally:
+        holder.kill()
+        holder.wait()
+    said = []
+    with demo._cache_entry_lock(entry, said.append):
+        assert (tmp_path / "cache" / "teacher-0123.lock").read_text() == str(os.getpid())
+    assert said == []  # nothing to wait for
+
+
+def test_a_cache_that_is_a_file_is_named(tmp_path, monkeypatch):
+    _micro_preset(monkeypatch, tmp_path)
+    (tmp_path / "cache").write_text("not a directory")
+    with pytest.raises(ValueError, match=r"cannot use .*cache as the teacher cache \(MINITODI_CACHE\)"):
+        demo.run(tmp_path / "out", preset="micro", loss_names=("fkl",), progress=False, log=lambda *_: None)
+
+
+def test_numpy_integers_are_seeds(tmp_path, monkeypatch):
+    _micro_preset(monkeypatch, tmp_path)
+    results = demo.run(tmp_path / "out", preset="micro", loss_names=("todi",), seeds=np.arange(2, 4),
+                       progress=False, log=lambda *_: None)
+    assert results["config"]["seeds"] == [2, 3]
+    assert [r["seed"] for r in results["students"]["todi"]["seeds"]] == [2, 3]
