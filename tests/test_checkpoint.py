@@ -2,10 +2,18 @@
 
 import functools
 import json
+import stat
 
 import numpy as np
 import pytest
-from helpers import cross_entropy_both, perturbed_params, random_hf_model, small_gpt2_config
+from helpers import (
+    cross_entropy_both,
+    perturbed_params,
+    random_hf_model,
+    small_gpt2_config,
+    small_llama_config,
+)
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from minitodi import checkpoint
@@ -280,6 +288,145 @@ def test_save_refuses_bad_params(tmp_path):
     with pytest.raises(KeyError, match="ln_f.bias"):
         checkpoint.save(tmp_path, params, config)
     assert not (tmp_path / MODEL_FILE).exists()
+
+
+def test_files_get_the_mode_a_plain_open_gives(tmp_path):
+    """safetensors writes 0600; a checkpoint's files get what the umask gives every other file (0644)."""
+    config = small_gpt2_config()
+    checkpoint.save(tmp_path / "ck", make_params(config), config,
+                    training_state=make_training_state(make_params(config)))
+    (tmp_path / "plain").write_text("x")
+    plain = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ck").iterdir()}
+    assert modes == dict.fromkeys([CONFIG_FILE, MODEL_FILE, STATE_FILE, STATE_JSON], plain)
+
+
+def test_a_safetensors_write_error_is_an_oserror_naming_the_file(tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError, which names no file."""
+    config = small_gpt2_config()
+    checkpoint.save(tmp_path, make_params(config), config)
+    good = (tmp_path / MODEL_FILE).read_bytes()
+
+    def full_disk(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\x00" * 100)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    with pytest.raises(OSError, match=f"cannot write .*{MODEL_FILE}: .*No space left"):
+        checkpoint.save(tmp_path, make_params(config, seed=3), config)
+    assert (tmp_path / MODEL_FILE).read_bytes() == good and _leftovers(tmp_path) == []
+
+
+def test_a_non_finite_parameter_is_refused_at_load(saved):
+    directory, params, _ = saved
+    tensors = load_file(str(directory / MODEL_FILE))
+    tensors["transformer.h.1.mlp.c_fc.bias"][2] = np.inf
+    save_file(tensors, str(directory / MODEL_FILE))
+    message = f"{MODEL_FILE}: transformer.h.1.mlp.c_fc.bias holds NaN or infinite values"
+    with pytest.raises(ValueError, match=message):
+        checkpoint.load(directory)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("n_head", True, "n_head is true, expected a positive integer"),
+    ("n_embd", "16", 'n_embd is "16", expected a positive integer'),
+    ("n_layer", 2.0, "n_layer is 2.0, expected a positive integer"),
+    ("layer_norm_epsilon", "1e-5", 'layer_norm_epsilon is "1e-5", expected a finite number > 0'),
+    ("tie_word_embeddings", "yes", 'tie_word_embeddings is "yes", expected true or false'),
+    ("model_type", ["gpt2"], r"model_type is \['gpt2'\]"),
+    ("n_positions", None, "missing field 'n_positions'"),
+])
+def test_config_fields_of_the_wrong_type_are_named(saved, field, value, message):
+    _edit_config(saved[0], field, value)
+    with pytest.raises(ValueError, match=f"{CONFIG_FILE}: {message}"):
+        checkpoint.load(saved[0])
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"[1, 2]", "holds a JSON list, not the object expected"),
+    (b'{"n_embd": "\xe9"}', "is not UTF-8 text"),
+    (b"", "is not valid JSON"),
+])
+def test_a_config_json_that_is_no_json_object_is_named(saved, content, message):
+    (saved[0] / CONFIG_FILE).write_bytes(content)
+    with pytest.raises(ValueError, match=f"{CONFIG_FILE} {message}"):
+        checkpoint.load(saved[0])
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("rope_parameters", [10000.0], "rope_parameters is \\[10000.0\\], expected a JSON object"),
+    ("rope_parameters", {"rope_theta": "1e4"}, 'rope_parameters: rope_theta is "1e4"'),
+    ("rms_norm_eps", "1e-6", 'rms_norm_eps is "1e-6"'),
+    ("num_attention_heads", 3, "LlamaConfig: hidden_size .* must be a multiple of 2 \\* num_attention_heads"),
+    ("attention_bias", 0, "attention_bias is 0, expected true or false"),
+])
+def test_llama_config_fields_of_the_wrong_type_are_named(tmp_path, field, value, message):
+    config = small_llama_config()
+    checkpoint.save(tmp_path, make_params(config), config)
+    _edit_config(tmp_path, field, value)
+    with pytest.raises(ValueError, match=f"{CONFIG_FILE}: {message}"):
+        checkpoint.load(tmp_path)
+
+
+def test_a_billion_layers_are_counted_against_the_header_first(saved, monkeypatch):
+    """Listing a billion layers' parameter names would fill the memory: the header is read first."""
+    def never(config):
+        raise AssertionError("param_shapes called before the layers were counted")
+
+    monkeypatch.setattr(checkpoint, "param_shapes", never)
+    _edit_config(saved[0], "n_layer", 10**9)
+    with pytest.raises(ValueError, match=f"{CONFIG_FILE}: n_layer = 1000000000, but .*{MODEL_FILE} holds 2"):
+        checkpoint.load(saved[0])
+
+
+def _shard(directory, weight_map):
+    """Turn ``directory``'s model.safetensors into shard.safetensors and an index with ``weight_map``."""
+    (directory / MODEL_FILE).rename(directory / "shard.safetensors")
+    (directory / checkpoint.INDEX_FILE).write_text(json.dumps(weight_map))
+
+
+def test_a_sharded_checkpoint_loads(saved):
+    directory, params, _ = saved
+    _shard(directory, {"weight_map": dict.fromkeys(params, "shard.safetensors")})
+    _assert_params_equal(checkpoint.load(directory)[0], params)
+
+
+@pytest.mark.parametrize("shard,message", [
+    ("../outside.safetensors", "is '\\.\\./outside.safetensors', a file outside"),
+    ("/tmp/outside.safetensors", "is '/tmp/outside.safetensors', a file outside"),
+    (3, "is 3, expected a file name"),
+    ("", 'is "", expected a file name'),
+])
+def test_index_files_naming_shards_outside_the_directory_or_no_file_are_refused(saved, shard, message):
+    directory, params, _ = saved
+    (directory.parent / "outside.safetensors").write_bytes((directory / MODEL_FILE).read_bytes())
+    _shard(directory, {"weight_map": {**dict.fromkeys(params, "shard.safetensors"), "x.weight": shard}})
+    with pytest.raises(ValueError, match=f"{checkpoint.INDEX_FILE}: weight_map\\['x.weight'\\] {message}"):
+        checkpoint.load(directory)
+
+
+@pytest.mark.parametrize("index,message", [
+    ([], "holds a JSON list"),
+    ({"weight_map": ["shard.safetensors"]}, "weight_map is"),
+    ({}, "weight_map is null"),
+])
+def test_a_malformed_index_file_is_named(saved, index, message):
+    _shard(saved[0], index)
+    with pytest.raises(ValueError, match=f"{checkpoint.INDEX_FILE}:? {message}"):
+        checkpoint.load(saved[0])
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda state: [state], "holds a JSON list"),
+    (lambda state: {**state, "optimizer_step": "2"}, "optimizer_step is \"2\", expected an integer"),
+    (lambda state: {k: v for k, v in state.items() if k != "optimizer_step"}, "optimizer_step is null"),
+])
+def test_a_malformed_training_state_json_is_named(saved, edit, message):
+    path = saved[0] / STATE_JSON
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(ValueError, match=f"{STATE_JSON}:? {message}"):
+        checkpoint.load_training_state(saved[0])
 
 
 # ------------------------------------------------------------------------------------------ GPT-2 layout

@@ -1,6 +1,8 @@
 """Byte-level BPE: exact round trip, determinism, save/load, fingerprint."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -87,3 +89,51 @@ def test_bad_inputs_are_clear_errors(tmp_path, texts_tokenizer):
         texts_tokenizer.encode(b"bytes")
     with pytest.raises(FileNotFoundError):
         Tokenizer.load(tmp_path / "missing")
+
+
+def test_a_write_cut_short_keeps_the_old_file(tmp_path, texts_tokenizer):
+    """Saving under a file-size limit (``ulimit -f 6``: 6 KiB): the write fails, the old file stays whole."""
+    limit = 6 << 10
+    old = Tokenizer.train(TEXTS, 257).save(tmp_path)
+    old_bytes = old.read_bytes()
+    assert len(texts_tokenizer._tok.to_str(pretty=True)) > limit > len(old_bytes)
+    new = tmp_path / "new.json"
+    new.write_text(texts_tokenizer._tok.to_str())
+    save = ("import resource, sys; from minitodi.tokenizer import Tokenizer; "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+            "Tokenizer.load(sys.argv[1]).save(sys.argv[2])")
+    done = subprocess.run([sys.executable, "-c", save, str(new), str(tmp_path)], capture_output=True,
+                          text=True)
+    assert done.returncode == 1 and "File too large (writing" in done.stderr
+    assert old.read_bytes() == old_bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.json", "tokenizer.json"]
+
+
+def test_an_unchanged_tokenizer_is_not_rewritten(tmp_path, texts_tokenizer):
+    path = texts_tokenizer.save(tmp_path)
+    os.utime(path, ns=(10**18, 10**18))
+    assert Tokenizer.load(path).save(tmp_path) == path
+    assert path.stat().st_mtime_ns == 10**18
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "not a tokenizer tokenizers can read: EOF"),
+    (b'{"model": ', "not a tokenizer tokenizers can read: EOF"),
+    (b"\xff\xfe{}", "not a tokenizer: not UTF-8 text"),
+    (b"[]", "not a tokenizer tokenizers can read"),
+])
+def test_a_malformed_file_is_a_value_error_naming_it(tmp_path, content, message):
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"{path} is {message}"):
+        Tokenizer.load(path)
+
+
+def test_a_tokenizer_without_the_end_of_text_token_is_named(tmp_path, texts_tokenizer):
+    tokenizer = json.loads(texts_tokenizer._tok.to_str())
+    tokenizer["added_tokens"] = []
+    del tokenizer["model"]["vocab"][EOS]
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(tokenizer))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: the tokenizer has no '{EOS}' token")):
+        Tokenizer.load(path)
