@@ -540,8 +540,9 @@ def load_dataset(spec: str) -> dict:
 
     - ``"synthetic"``: the built-in instruction suite (``kind = "instructions"``, records);
     - ``"pydoc"``: Python's help topics (``kind = "text"``, strings; test = valid);
-    - a ``.jsonl`` or ``.json`` file of Dolly-format records, or a directory of them; a ``.txt`` file or a
-      directory of them: plain text (see :func:`_read_dataset_files`).
+    - a file of Dolly-format records (JSON Lines, or a JSON array), or a directory of them; a text file or
+      a directory of them: plain text. What a file holds is read from its content, whatever its name
+      (see :func:`_read_dataset_files`).
       About 10% of the records or files (chosen by a hash of their index) are held out as valid = test;
       of a single text file, its last tenth of lines. ``places`` names each record's file and line.
     """
@@ -572,31 +573,39 @@ def load_dataset(spec: str) -> dict:
     return {**dataset, "test": dataset["valid"]}
 
 
-RECORD_SUFFIXES = (".jsonl", ".json")  # records: one JSON object a line, or a JSON array of them
-TEXT_SUFFIXES = (".txt",)
+RECORD_SUFFIXES = (".jsonl", ".ndjson", ".json")  # names that promise records; content decides for others
 
 
 def _read_dataset_files(path):
-    """``(kind, items, places)``: records of .jsonl / .json files, or the text of text files.
+    """``(kind, items, places)``: the records of record files, or the text of text files.
 
-    A file is read by its suffix, whatever its case: ``.jsonl`` one record a line, ``.json`` a JSON array
-    of records, anything else plain text. A directory is read whole: all its record files, or all its
-    ``.txt`` files; one that mixes the two, or holds other files, is refused with the reason. ``places``
-    holds each record's "file:line" (or "file[index]"), for error messages (``dataset["places"][split]``).
+    What a file holds is read from its content (:func:`_record_layout`), never from its name alone: JSON
+    Lines named .ndjson, .csv or .txt are records, and a file named .jsonl or .json that holds no records
+    is refused with the line at fault. A directory is read whole (hidden files aside): all record files,
+    or all text files; one that mixes the two is refused with the reason. ``places`` holds each record's
+    "file:line" (or "file[index]"), for error messages (``dataset["places"][split]``).
     """
     if path.is_dir():
-        files = _dataset_directory_files(path)
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise ValueError(f"{path} holds no dataset file (records or text)")
     else:
         files = [path]
-    if files[0].suffix.lower() in RECORD_SUFFIXES:
+    layouts = {file: _record_layout(file) for file in files}
+    records = [file for file in files if layouts[file] is not None]
+    texts = [file for file in files if layouts[file] is None]
+    if records and texts:
+        raise ValueError(f"{path} holds both records ({records[0].name}, ...) and text ({texts[0].name}, "
+                         "...): give a file, or a directory of one kind")
+    if records:
         items = []
         places = []
-        for file in files:
-            for place, record in _records_of(file):
+        for file in records:
+            for place, record in _records_of(file, layouts[file]):
                 places.append(place)
                 items.append(record)
         return "instructions", items, places
-    items = load_texts(files)
+    items = load_texts(texts)
     if len(items) == 1:  # a single text file: its last tenth of lines becomes a second item, held out
         lines = items[0].splitlines(keepends=True)
         cut = len(lines) - max(len(lines) // 10, 1)
@@ -605,26 +614,59 @@ def _read_dataset_files(path):
     return "text", items, None
 
 
-def _dataset_directory_files(path):
-    """A directory's dataset files, sorted: all record files or all text files, else a clear error."""
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    records = [p for p in files if p.suffix.lower() in RECORD_SUFFIXES]
-    texts = [p for p in files if p.suffix.lower() in TEXT_SUFFIXES]
-    others = [p.name for p in files if p not in records and p not in texts]
-    if others:
-        raise ValueError(f"{path} holds files that are neither records (.jsonl, .json) nor text (.txt): "
-                         f"{', '.join(others[:5])}; give a file, or a directory of one kind")
-    if records and texts:
-        raise ValueError(f"{path} holds both records ({records[0].name}, ...) and text ({texts[0].name}, "
-                         "...): give a file, or a directory of one kind")
-    if not files:
-        raise ValueError(f"{path} holds no .jsonl, .json or .txt file")
-    return files
+def _record_layout(path):
+    """How ``path`` holds records: "lines" (JSON Lines), "array" (a JSON array), or None: it is text.
+
+    The content decides: a file that is one JSON array of objects is an array, a file whose first line
+    that is not blank is a JSON object is JSON Lines, and anything else is text, whatever its name. Only
+    a name that promises records changes what happens to other content: a .json file is read as one JSON
+    value and a .jsonl or .ndjson file as JSON Lines, so that the error says which line is no record.
+    """
+    suffix = path.suffix.lower()
+    whole = _json_of(path)
+    if suffix == ".json" and whole is not None:
+        return "array"
+    if isinstance(whole, list) and whole and all(isinstance(obj, dict) for obj in whole):
+        return "array"
+    try:
+        first = json.loads(_first_line(path))
+    except json.JSONDecodeError:
+        first = None  # not JSON, or an object written over several lines
+    if isinstance(first, dict):
+        return "lines"
+    if suffix == ".json":
+        return "array"
+    if suffix in RECORD_SUFFIXES:
+        return "lines"
+    return None
 
 
-def _records_of(path):
-    """``[(place, record), ...]`` of a .jsonl file (place "file:line") or a .json array (place "file[i]")."""
-    if path.suffix.lower() == ".jsonl":
+def _first_line(path):
+    """The first line of ``path`` that is not blank, stripped ("" if none or not UTF-8)."""
+    with path.open("rb") as f:
+        for raw in f:
+            try:
+                line = raw.decode("utf-8-sig").strip()  # a byte-order mark is not content
+            except UnicodeDecodeError:
+                return ""
+            if line:
+                return line
+    return ""
+
+
+def _json_of(path):
+    """The JSON value ``path`` holds as a whole, or None when it is not one (or not UTF-8)."""
+    if _first_line(path)[:1] not in ("[", "{"):  # no need to read a text file whole
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _records_of(path, layout):
+    """``[(place, record), ...]`` of JSON Lines (place "file:line") or a JSON array (place "file[i]")."""
+    if layout == "lines":
         return [(f"{path}:{lineno}", record) for lineno, record in _numbered_records(path)]
     try:
         array = json.loads(path.read_text(encoding="utf-8-sig"))

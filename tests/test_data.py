@@ -343,12 +343,50 @@ def test_a_directory_of_record_files_is_read_whole(tmp_path):
     assert len(dataset["train"]) + len(dataset["valid"]) == 12
 
 
-@pytest.mark.parametrize("extra, message", [("notes.txt", "both records"), ("README.md", "neither records")])
-def test_a_directory_of_mixed_files_is_refused_with_the_reason(tmp_path, extra, message):
+@pytest.mark.parametrize("extra", ["notes.txt", "README.md"])
+def test_a_directory_of_mixed_files_is_refused_with_the_reason(tmp_path, extra):
     data.write_jsonl(_dolly(6), tmp_path / "a.jsonl")
     (tmp_path / extra).write_text("some words\n")
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=rf"both records \(a\.jsonl, \.\.\.\) and text \({extra}"):
         data.load_dataset(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["data.ndjson", "data.csv", "data.txt", "data", "data.JSON"])
+def test_json_lines_are_records_whatever_the_files_name(tmp_path, name):
+    """The content decides: JSON Lines named .ndjson, .csv, .txt or nothing are records, not text."""
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(record) + "\n" for record in _dolly(12)))
+    dataset = data.load_dataset(str(path))
+    assert dataset["kind"] == "instructions"
+    assert sorted(r["response"] for r in dataset["train"] + dataset["valid"]) == sorted(
+        r["response"] for r in _dolly(12))
+    assert dataset["places"]["train"][0].startswith(f"{path}:")
+
+
+def test_a_json_array_under_any_name_is_records_and_a_directory_is_read_by_content(tmp_path):
+    (tmp_path / "part1.csv").write_text(json.dumps(_dolly(6), indent=2))
+    (tmp_path / "part2.ndjson").write_text("".join(json.dumps(record) + "\n" for record in _dolly(6)))
+    dataset = data.load_dataset(str(tmp_path))
+    assert dataset["kind"] == "instructions" and len(dataset["train"]) + len(dataset["valid"]) == 12
+
+
+def test_text_that_starts_like_json_is_still_text(tmp_path):
+    """A bracket or a brace that begins no JSON record leaves a text file text."""
+    path = tmp_path / "notes.md"
+    path.write_text("[a link](somewhere)\n{ a brace, no JSON\n" * 10)
+    dataset = data.load_dataset(str(path))
+    assert dataset["kind"] == "text" and dataset["train"][0].startswith("[a link]")
+    table = tmp_path / "table.csv"
+    table.write_text("instruction,response\n" + "say a,a\n" * 10)
+    assert data.load_dataset(str(table))["kind"] == "text"
+
+
+def test_a_jsonl_or_ndjson_file_of_text_is_refused_naming_the_line(tmp_path):
+    for name in ("prose.jsonl", "prose.ndjson"):
+        path = tmp_path / name
+        path.write_text("just some prose\nand more\n")
+        with pytest.raises(ValueError, match=rf"{name}:1: invalid JSON"):
+            data.load_dataset(str(path))
 
 
 def test_a_json_file_that_is_not_an_array_of_records_is_refused(tmp_path):
