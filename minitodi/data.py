@@ -54,7 +54,7 @@ import numpy as np
 
 from .core.device import to_device
 from .core.layers import IGNORE_INDEX
-from .tokenizer import Tokenizer
+from .tokenizer import MIN_VOCAB_SIZE, Tokenizer
 
 # --------------------------------------------------------------------------------------------------
 # the synthetic suite: closed vocabularies
@@ -402,6 +402,7 @@ def encode_example(tokenizer: Tokenizer, record, seq_len: int, truncation: str =
     """
     if truncation not in ("left", "error"):
         raise ValueError(f"truncation must be 'left' or 'error', got {truncation!r}")
+    _check_seq_len(seq_len)
     prompt = tokenizer.encode(format_prompt(record))
     answer = tokenizer.encode(record["response"]) + [tokenizer.eos_id]
     if not prompt:
@@ -410,7 +411,8 @@ def encode_example(tokenizer: Tokenizer, record, seq_len: int, truncation: str =
     if overflow > 0:
         if truncation == "error" or overflow >= len(prompt):
             message = (f"example needs {len(prompt) + len(answer)} tokens ({len(prompt)} prompt, "
-                       f"{len(answer)} response + eos) but seq_len + 1 = {seq_len + 1}")
+                       f"{len(answer)} response + eos) but a sequence holds {seq_len + 1} "
+                       f"(seq_len {seq_len})")
             if truncation != "error":  # even one prompt token leaves no room
                 message += "; the response alone does not fit"
             raise ValueError(message)
@@ -444,11 +446,18 @@ def lm_examples(texts, tokenizer: Tokenizer, seq_len: int) -> list:
     token after the first is a label exactly once; the last incomplete chunk is dropped. Each example is
     ``(chunk[:-1], chunk[1:])``, every label counted.
     """
+    _check_seq_len(seq_len)
     stream = []
     for text in texts:
         stream += tokenizer.encode(text) + [tokenizer.eos_id]
     return [(stream[s:s + seq_len], stream[s + 1:s + seq_len + 1])
             for s in range(0, len(stream) - seq_len, seq_len)]
+
+
+def _check_seq_len(seq_len):
+    """A clear error for a sequence length that is no positive integer (an example needs one input)."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
 
 
 def collate(examples, pad_id: int, device: str | None = None):
@@ -688,6 +697,35 @@ def examples_for(dataset: dict, split: str, tokenizer: Tokenizer, seq_len: int) 
     return lm_examples(dataset[split], tokenizer, seq_len)
 
 
+def training_texts(dataset: dict) -> list[str]:
+    """The texts a tokenizer for ``dataset`` learns from: the training split, records as prompt + response."""
+    if dataset["kind"] == "instructions":
+        return [record_text(r) for r in dataset["train"]]
+    return list(dataset["train"])
+
+
+def max_vocab_size(texts) -> int:
+    """The most tokens a byte-level BPE can learn from ``texts``: 257 + the number of their UTF-8 bytes.
+
+    The vocabulary starts with the 256 bytes and the end-of-text token, and each merge adds one token.
+    A merge joins a pair of adjacent symbols wherever it occurs, so it shortens the training text by at
+    least one symbol; text of N bytes (N symbols to begin with) leaves room for fewer than N merges.
+    A larger vocab_size can never be reached, and ``tokenizers`` reserves a table for vocab_size entries
+    before it reads the text (up to 75 bytes an entry; for 1e9 it asked for 71 GB and aborted the
+    process), so :func:`prepare` refuses it before training.
+    """
+    return MIN_VOCAB_SIZE + sum(len(text.encode("utf-8")) for text in texts)
+
+
+def check_vocab_size(texts, vocab_size: int, name: str = "vocab_size"):
+    """A clear error, naming the setting ``name``, when ``texts`` cannot give ``vocab_size`` tokens."""
+    limit = max_vocab_size(texts)
+    if vocab_size > limit:
+        raise ValueError(f"{name} {vocab_size} is more than the training text can give: its "
+                         f"{limit - MIN_VOCAB_SIZE} bytes make at most {limit} tokens (256 bytes, the "
+                         "end-of-text token and one token a merge, each merge shortening the text)")
+
+
 def prepare(dataset: dict, seq_len: int, *, tokenizer: Tokenizer | None = None, vocab_size: int = 1024,
             splits=("train", "valid", "test")) -> tuple[Tokenizer, dict]:
     """The pipeline data -> tokenizer -> examples: ``(tokenizer, {split: examples})``.
@@ -695,15 +733,13 @@ def prepare(dataset: dict, seq_len: int, *, tokenizer: Tokenizer | None = None, 
     ``dataset`` is of :func:`load_dataset`'s form; a byte-level BPE of ``vocab_size`` is trained on the
     training texts unless ``tokenizer`` is given (a teacher's, say).
     """
-    if tokenizer is None:  # trained on the training split, each record as prompt + response
-        if dataset["kind"] == "instructions":
-            texts = [record_text(r) for r in dataset["train"]]
-        else:
-            texts = dataset["train"]
+    if tokenizer is None:
+        texts = training_texts(dataset)
+        check_vocab_size(texts, vocab_size)
         tokenizer = Tokenizer.train(texts, vocab_size)
     examples = {split: examples_for(dataset, split, tokenizer, seq_len) for split in splits}
     for split, rows in examples.items():
         if not rows:
             raise ValueError(f"{dataset.get('source', 'the dataset')}: its {split} split makes no example of "
-                             f"seq_len + 1 = {seq_len + 1} tokens; give more text or a smaller seq_len")
+                             f"{seq_len + 1} tokens (seq_len {seq_len}); give more text or a smaller seq_len")
     return tokenizer, examples

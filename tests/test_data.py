@@ -394,3 +394,28 @@ def test_a_json_file_that_is_not_an_array_of_records_is_refused(tmp_path):
     path.write_text(json.dumps(_dolly(1)[0]))
     with pytest.raises(ValueError, match="a non-empty array of records"):
         data.load_dataset(str(path))
+
+
+@pytest.mark.parametrize("seq_len", [0, -919, 2.5])
+def test_a_sequence_length_that_is_no_positive_integer_is_named(large_suite_tokenizer, seq_len):
+    """Not numpy's or range()'s words ("range() arg 3 must not be zero", "seq_len + 1 = -918")."""
+    with pytest.raises(ValueError, match=rf"seq_len must be a positive integer, got {seq_len}"):
+        data.lm_examples(["some text to cut into chunks"], large_suite_tokenizer, seq_len)
+    with pytest.raises(ValueError, match=rf"seq_len must be a positive integer, got {seq_len}"):
+        data.encode_example(large_suite_tokenizer, _dolly(1)[0], seq_len)
+
+
+def test_a_vocabulary_the_text_cannot_give_is_refused_before_tokenizers_runs(monkeypatch):
+    """257 + the text's bytes bounds what BPE can learn; a larger vocab_size never reaches `tokenizers`."""
+    dataset = {"kind": "text", "train": ["abab abab", "cdcd"], "valid": ["abcd"], "test": ["abcd"]}
+    limit = data.max_vocab_size(data.training_texts(dataset))
+    assert limit == 257 + 9 + 4
+    assert Tokenizer.train(dataset["train"], limit).vocab_size <= limit
+
+    def never(*args, **kwargs):
+        raise AssertionError("tokenizers was asked for the vocabulary")
+
+    monkeypatch.setattr(Tokenizer, "train", never)
+    with pytest.raises(ValueError, match=rf"vocab_size {limit + 1} is more than the training text can give: "
+                                         rf"its 13 bytes make at most {limit} tokens"):
+        data.prepare(dataset, 2, vocab_size=limit + 1)
