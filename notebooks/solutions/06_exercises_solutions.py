@@ -5,6 +5,9 @@ Run it to grade every solution:
 
     python notebooks/solutions/06_exercises_solutions.py      # prints the reports; exit status 1 if any fails
 
+The last part puts the layer solutions into minitodi's GPT-2 (``assemble``), where each is checked
+against minitodi's own backward at every layer, and trains a small ToDi student with them.
+
 Conventions, as in the notebook: NumPy, float64, one position per row, temperature 1. Shape names: n rows
 of V logits for the divergences, N rows of C (or Cin / Cout) channels for the layers, T positions of hs
 channels for attention. A ``d`` prefix marks a gradient of the final scalar loss: dy = dL/dy.
@@ -18,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # checkout
 
-from minitodi.exercises import EXERCISES, check  # noqa: E402
+from minitodi.exercises import EXERCISES, assemble, check  # noqa: E402
 
 
 def log_softmax(x):
@@ -194,6 +197,23 @@ def rmsnorm_backward(dy, x, w, eps):
     return dx, dw
 
 
+# ---- exercise 10: the distillation loss as training computes it -----------------------------------
+def kd_loss(s, t, labels, temperature):
+    """L = (1/N) sum over counted positions of KL(softmax(t/T) || softmax(s/T)), and dL/ds (B, T, V)."""
+    T = temperature
+    counted = labels != -100  # (B, T): the prompt and the padding do not count
+    N = counted.sum()
+    # Exercise 1 at every position, on the logits divided by T (both sides: the teacher is softened too)
+    D, dD = fkl(s.reshape(-1, s.shape[-1]) / T, t.reshape(-1, t.shape[-1]) / T)
+    D = D.reshape(counted.shape)
+    dD = dD.reshape(s.shape)  # dD/d(s/T) at each position
+    L = D[counted].sum() / N  # the mean over counted positions only: N, not B T
+    # The chain rule through s / T adds 1/T; the mean adds 1/N; a position that does not count gets 0.
+    # (No T^2 factor: the paper's code and minitodi leave it out.)
+    dL_ds = dD * counted[..., None] / (N * T)
+    return L, dL_ds
+
+
 SOLUTIONS = {
     "fkl": fkl,
     "rkl": rkl,
@@ -204,14 +224,19 @@ SOLUTIONS = {
     "cross_entropy_backward": cross_entropy_backward,
     "attention_backward": attention_backward,
     "rmsnorm_backward": rmsnorm_backward,
+    "kd_loss": kd_loss,
 }
+LAYERS = ("linear_backward", "layernorm_backward", "gelu_backward", "attention_backward",
+          "cross_entropy_backward")  # the GPT-2 block's layers and the loss's: what assemble() plugs in
 
 
 def main():
     reports = [check(name, SOLUTIONS[name]) for name in EXERCISES]
     for report in reports:
         print(report)
-    return 0 if all(report.passed for report in reports) else 1
+    assembly = assemble(**{name: SOLUTIONS[name] for name in LAYERS})
+    print(assembly)
+    return 0 if all(report.passed for report in reports) and assembly.passed else 1
 
 
 if __name__ == "__main__":
