@@ -173,7 +173,11 @@ def cmd_demo(args):
     from . import demo, report
     from .evaluation import Protocol
 
-    names = sorted(losses.LOSSES) if args.losses == ["all"] else args.losses
+    names = args.losses
+    if "all" in names:
+        if names != ["all"]:
+            raise ValueError("--losses all names every divergence: give it alone")
+        names = sorted(losses.LOSSES)
     protocol = Protocol(decoding=args.decoding, eval_seeds=tuple(args.eval_seeds))
     results = demo.run(args.out, preset="quick" if args.quick else "full", loss_names=names, seeds=args.seeds,
                        protocol=protocol, device=resolve_device(args.device), progress=not args.quiet,

@@ -81,6 +81,7 @@ def test_bad_settings_are_refused_before_anything_is_written_or_trained(settings
 @pytest.mark.parametrize("flags, message", [
     (["--losses", "fkl", "rkl", "fkl"], "minitodi demo: error: losses ['fkl'] are given more than once"),
     (["--seeds", "-1"], "minitodi demo: error: seeds must be integers >= 0, got [-1]"),
+    (["--losses", "all", "fkl"], "minitodi demo: error: --losses all names every divergence: give it alone"),
 ])
 def test_the_command_line_refuses_them_in_one_line(flags, message, tmp_path, monkeypatch, capsys):
     from minitodi.cli import main
