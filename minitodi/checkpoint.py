@@ -175,7 +175,11 @@ def save_replacing(directory, params, config, **kwargs):
     old = _aside(directory, "old")
     recover(directory)
     shutil.rmtree(new, ignore_errors=True)
-    save(new, params, config, **kwargs)
+    try:
+        save(new, params, config, **kwargs)
+    except BaseException:  # a full disk, say: the partial new one goes, the old one stays as it was
+        shutil.rmtree(new, ignore_errors=True)
+        raise
     had_old = directory.exists()
     if had_old:
         os.replace(directory, old)

@@ -2,7 +2,8 @@
 
 What a training run (:func:`minitodi.train.fit`) keeps in its directory ``out``::
 
-    out/model.safetensors, config.json, tokenizer.json    the best model so far (lowest validation CE)
+    out/model.safetensors, config.json, tokenizer.json    the best model so far (lowest validation CE) and
+                                                           its tokenizer (config.json records its fingerprint)
     out/last/                                              the latest state, with the optimizer: resume
                                                            (replaced as a whole: never half old, half new)
     out/run.json                                           the settings; a resume must match them
@@ -11,13 +12,16 @@ What a training run (:func:`minitodi.train.fit`) keeps in its directory ``out``:
 **One writer.** minitodi writes only into a new or empty directory or one holding its ``run.json``, one
 process at a time: an advisory ``flock`` on the directory, which the OS drops when the process dies, so a
 second writer is refused and a killed one never blocks. A best model without a resumable state is left
-alone unless the run starts again ("restart") or from that model ("best").
+alone unless the run starts again ("restart") or from that model ("best"). A start reads and checks
+everything it will use (the state, or the best model: whole, finite, of this shape and tokenizer) before
+anything in ``out`` changes; a new start replaces the best model and its tokenizer only at its first
+evaluation, both together.
 
 **Resume.** ``out/last`` holds parameters, optimizer moments, step, best validation CE and data position;
 :class:`RunState` restores them all, so a resumed run computes exactly the numbers of an uninterrupted
 one on the CPU (no dropout, no other randomness). Log lines written after the saved step, by a run
-killed before it could save, are dropped on resume. Ctrl-C (:func:`ctrl_c_flag`) lets the loop finish
-its step and save before it stops.
+killed before it could save, are dropped on resume. Ctrl-C or SIGTERM (:func:`ctrl_c_flag`) lets the
+loop finish its step and save before it stops.
 """
 
 import dataclasses

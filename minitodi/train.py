@@ -12,8 +12,8 @@ logits are computed by hand, added with the same weights, and sent through the m
 the gradient is clipped by its global norm and AdamW steps with warmup + cosine.
 
 The run directory around the loop (one writer, resume, atomic state, the log) is :mod:`minitodi.rundir`;
-the settings are :class:`minitodi.presets.TrainConfig`. Ctrl-C finishes the current step, saves the
-state and stops; run the same command again to go on. The state is also saved at every evaluation. A
+the settings are :class:`minitodi.presets.TrainConfig`. Ctrl-C (or SIGTERM) finishes the current step,
+saves the state and stops; run the same command again to go on. The state is also saved at every evaluation. A
 non-finite loss or gradient stops the run before the update; ``out/last`` keeps the last finite state.
 """
 

@@ -169,6 +169,19 @@ def test_interrupted_state_write_keeps_previous_checkpoint(tmp_path, monkeypatch
                                   old_state["optimizer"]["v"]["transformer.wpe.weight"])
 
 
+def test_a_failed_save_replacing_leaves_the_old_directory_and_no_partial_new_one(tmp_path, monkeypatch):
+    config = small_gpt2_config()
+    old = make_params(config, seed=0)
+    checkpoint.save_replacing(tmp_path / "last", old, config, training_state=make_training_state(old))
+    _fail_on(monkeypatch, MODEL_FILE, partial=True)
+    with pytest.raises(OSError, match="simulated"):
+        checkpoint.save_replacing(tmp_path / "last", make_params(config, seed=9), config,
+                                  training_state=make_training_state(make_params(config)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    _assert_params_equal(checkpoint.load(tmp_path / "last")[0], old)
+    checkpoint.load_training_state(tmp_path / "last")  # the old state, consistent with the old model
+
+
 def test_mismatched_save_ids(tmp_path):
     config = small_gpt2_config()
     for name in ("a", "b"):
