@@ -239,8 +239,8 @@ NAMED_IN_ISSUE_29 = {
     "todi": ["gradients_mixed", "gradient_in_probabilities"],
     "attention_backward": ["scale_twice", "mask_sees_next", "mask_hides_itself"],
     "gelu_backward": ["cubic_factor_3_missing"],
-    "kd_loss": ["mask_ignored", "student_temperature_forgotten", "teacher_temperature_forgotten", "t_squared",
-                "sum_not_mean"],
+    "kd_loss": ["mask_ignored", "student_temperature_forgotten", "teacher_temperature_forgotten",
+                "tau_squared", "sum_not_mean"],
 }
 
 

@@ -18,7 +18,7 @@ per row, temperature 1 unless an argument says otherwise:
     attention_backward(dy, q, k, v) -> (dq, dk, dv)         one causal head, (T, hs), scores q k^T / sqrt(hs)
     rmsnorm_backward(dy, x, w, eps) -> (dx, dw)
     kd_loss(s, t, labels, temperature) -> (L, dL_ds)        s, t (B, T, V); the mean over labels != -100 of
-                                                            KL(softmax(t/T) || softmax(s/T))
+                                                            KL(softmax(t/tau) || softmax(s/tau))
 
 Then :func:`assemble` puts the learner's layer backwards into minitodi's GPT-2, checks each one where
 the model calls it, names the layer that differs, and trains a small ToDi student with them

@@ -24,7 +24,7 @@ exercises are backwards.
    judged on the gradient that actually reached it, so one wrong layer does not blame the layers below;
    the whole model's parameter gradients are compared too;
 2. if every layer agrees, trains a ToDi student (:func:`minitodi.train.step_loss`, AdamW from
-   :mod:`minitodi.core.optim`, kd_rate 0.5 and T = 2 as the official scripts) for a few dozen steps
+   :mod:`minitodi.core.optim`, kd_rate 0.5 and temperature 2 as the official scripts) for a few dozen steps
    with the learner's layers, and the same run with minitodi's, from the same start: the losses fall,
    and the two runs agree to rounding.
 
@@ -391,7 +391,7 @@ initialisation, N(0, 0.02), through the tied head), so its next-token distributi
 TRAINING = TrainConfig(loss="todi", batch_size=BATCH, lr=1e-2, min_lr=1e-3, warmup_steps=5, kd_rate=0.5,
                        temperature=2.0)
 """The student's run: ToDi at the official scripts' kd_rate and temperature; a learning rate for a
-model this small (1e-2 brought the loss from 3.9 to about 1.3 in 40 steps)."""
+model this small (it brings the loss from 7.86 to 1.99 in 40 steps)."""
 
 
 @dataclass
@@ -603,7 +603,7 @@ class Assembly:
         verdict = "the same losses as with minitodi's layers, step by step, to rounding."
         if not self.runs_agree:
             verdict = "the losses drift away from the run with minitodi's layers: look at the layers above."
-        settings = f"kd_rate {TRAINING.kd_rate}, T = {TRAINING.temperature:g}"
+        settings = f"kd_rate {TRAINING.kd_rate}, temperature {TRAINING.temperature:g}"
         return [wrapped("", f"trained a ToDi student ({settings}) "
                             f"for {steps} steps with your layers: loss {self.losses[0]:.4f} -> "
                             f"{self.losses[-1]:.4f}; {verdict}"),

@@ -3,12 +3,13 @@
     kd_loss(s, t, labels, temperature) -> (L, dL_ds)
 
 s, t (B, T, V) student and teacher logits, labels (B, T) with -100 where nothing is learnt (the prompt,
-the padding). With p = softmax(t / temperature) and q = softmax(s / temperature) at each position,
+the padding). With the temperature tau (T counts positions, as in the notebooks), p = softmax(t / tau)
+and q = softmax(s / tau) at each position,
 
     L = (1/N) sum over counted positions (labels != -100) of KL(p || q),    N = the number counted,
 
 one number, and dL_ds (B, T, V), zero at the positions that do not count. The reference is
-minitodi.core.losses.fkl with mask = labels != -100, as the training loop calls it (no T^2 factor, as in
+minitodi.core.losses.fkl with mask = labels != -100, as the training loop calls it (no tau^2 factor, as in
 the paper's code). The mistakes are the computation written out with one thing wrong.
 """
 
@@ -61,7 +62,7 @@ def _sum_not_mean(s, t, labels, temperature):
 def _student_not_divided(s, t, labels, temperature):
     D, g = _kl_per_position(s, t / temperature)
     counted, N = _counted(labels)
-    return (D * counted[..., 0]).sum() / N, g * counted / N  # s enters unscaled: no 1/T in the chain rule
+    return (D * counted[..., 0]).sum() / N, g * counted / N  # s enters unscaled: no 1/tau in the chain rule
 
 
 def _teacher_not_divided(s, t, labels, temperature):
@@ -70,7 +71,7 @@ def _teacher_not_divided(s, t, labels, temperature):
     return (D * counted[..., 0]).sum() / N, g * counted / (N * temperature)
 
 
-def _t_squared(s, t, labels, temperature):
+def _tau_squared(s, t, labels, temperature):
     L, grad = kd_loss_reference(s, t, labels, temperature)
     return L * temperature**2, grad * temperature**2
 
@@ -80,8 +81,8 @@ def _chain_rule_one_over_t_missing(s, t, labels, temperature):
     return L, grad * temperature
 
 
-GRADIENT = ("dL/ds = (q - p) / (N T) at the counted positions, 0 elsewhere, with p = softmax(t / T), "
-            "q = softmax(s / T) and N the number of counted positions.")
+GRADIENT = ("dL/ds = (q - p) / (N tau) at the counted positions, 0 elsewhere, with p = softmax(t / tau), "
+            "q = softmax(s / tau), tau the temperature and N the number of counted positions.")
 
 KD_LOSS_MISTAKES = (
     Mistake("mask_ignored",
@@ -102,29 +103,29 @@ KD_LOSS_MISTAKES = (
             _sum_not_mean),
     Mistake("student_temperature_forgotten",
             "your q is softmax(s): the temperature divides the teacher's logits but not the student's.",
-            "The temperature applies to both sides: p = softmax(t / T) and q = softmax(s / T). Then s "
-            "enters through s / T, and the chain rule adds a 1/T to the gradient. " + GRADIENT,
+            "The temperature applies to both sides: p = softmax(t / tau) and q = softmax(s / tau). Then s "
+            "enters through s / tau, and the chain rule adds a 1/tau to the gradient. " + GRADIENT,
             _student_not_divided),
     Mistake("teacher_temperature_forgotten",
             "your p is softmax(t): the temperature divides the student's logits but not the teacher's.",
-            "The temperature applies to both sides: p = softmax(t / T) and q = softmax(s / T); the "
+            "The temperature applies to both sides: p = softmax(t / tau) and q = softmax(s / tau); the "
             "teacher's distribution is softened as much as the student's. " + GRADIENT,
             _teacher_not_divided),
-    Mistake("t_squared",
-            "your L and dL_ds carry a factor T^2.",
-            "Hinton et al. multiply the soft loss by T^2 to keep its gradient's scale when T changes; the "
-            "ToDi paper's code does not, and neither does minitodi: L = (1/N) sum over counted positions of "
-            "KL(p || q), with no factor. " + GRADIENT,
-            _t_squared),
+    Mistake("tau_squared",
+            "your L and dL_ds carry a factor tau^2 (the temperature squared).",
+            "Hinton et al. multiply the soft loss by tau^2 to keep its gradient's scale when tau "
+            "changes; the ToDi paper's code does not, and neither does minitodi: L = (1/N) sum over "
+            "counted positions of KL(p || q), with no factor. " + GRADIENT,
+            _tau_squared),
     Mistake("chain_rule_temperature",
-            "your dL_ds is T times too large: the 1/T of the chain rule through s / T is missing.",
-            "q = softmax(s / T), so dL/ds = dL/d(s / T) * 1/T. " + GRADIENT,
+            "your dL_ds is tau times too large: the 1/tau of the chain rule through s / tau is missing.",
+            "q = softmax(s / tau), so dL/ds = dL/d(s / tau) * 1/tau. " + GRADIENT,
             _chain_rule_one_over_t_missing),
 )
 
 
 def _kd_cases():
-    """Prompt and padding masked at T = 2; every position counted at T = 1; one counted at T = 0.5."""
+    """Prompt and padding masked at tau = 2; every position counted at tau = 1; one counted at tau = 0.5."""
     rng = np.random.default_rng(13)
     masked = np.array([[-100, -100, 3, 1, -100], [-100, 2, 4, 0, 5]])
     every = np.array([[1, 3], [0, 0], [2, 1]])

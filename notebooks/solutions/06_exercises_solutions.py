@@ -199,18 +199,18 @@ def rmsnorm_backward(dy, x, w, eps):
 
 # ---- exercise 10: the distillation loss as training computes it -----------------------------------
 def kd_loss(s, t, labels, temperature):
-    """L = (1/N) sum over counted positions of KL(softmax(t/T) || softmax(s/T)), and dL/ds (B, T, V)."""
-    T = temperature
+    """L = (1/N) sum over counted positions of KL(softmax(t/tau) || softmax(s/tau)), and dL/ds (B, T, V)."""
+    tau = temperature
     counted = labels != -100  # (B, T): the prompt and the padding do not count
     N = counted.sum()
-    # Exercise 1 at every position, on the logits divided by T (both sides: the teacher is softened too)
-    D, dD = fkl(s.reshape(-1, s.shape[-1]) / T, t.reshape(-1, t.shape[-1]) / T)
+    # Exercise 1 at every position, on the logits divided by tau (both sides: the teacher is softened too)
+    D, dD = fkl(s.reshape(-1, s.shape[-1]) / tau, t.reshape(-1, t.shape[-1]) / tau)
     D = D.reshape(counted.shape)
-    dD = dD.reshape(s.shape)  # dD/d(s/T) at each position
+    dD = dD.reshape(s.shape)  # dD/d(s/tau) at each position
     L = D[counted].sum() / N  # the mean over counted positions only: N, not B T
-    # The chain rule through s / T adds 1/T; the mean adds 1/N; a position that does not count gets 0.
-    # (No T^2 factor: the paper's code and minitodi leave it out.)
-    dL_ds = dD * counted[..., None] / (N * T)
+    # The chain rule through s / tau adds 1/tau; the mean adds 1/N; a position that does not count gets 0.
+    # (No tau^2 factor: the paper's code and minitodi leave it out.)
+    dL_ds = dD * counted[..., None] / (N * tau)
     return L, dL_ds
 
 
