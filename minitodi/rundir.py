@@ -207,6 +207,12 @@ def digest(arrays):
     return h.hexdigest()[:16]
 
 
+def settings_id(settings):
+    """A short SHA-256 of a run's settings (as run.json holds them): the identity of the run."""
+    text = json.dumps(settings, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 def write_settings(out, settings):
     """Write the run's settings to ``out/run.json`` (atomically)."""
     checkpoint.write_json(out / RUN_FILE, settings)
@@ -284,11 +290,14 @@ class RunState:
     ``init_params`` or, for ``start`` "best", from the best model in ``out`` (whose validation CE, given
     by ``valid_ce(params)``, is then the one to beat). Making one only reads: a damaged state or best
     model is refused before anything in ``out`` changes, and :meth:`begin` then makes ``out`` this run's.
+    ``settings`` (run.json's) give the run its id, saved with every state: a state copied from another
+    run is refused.
     """
 
-    def __init__(self, out, model_config, tcfg, batches, start, device, valid_ce):
+    def __init__(self, out, model_config, tcfg, batches, start, device, valid_ce, settings):
         self.out = out
         self.config = model_config
+        self.run_id = settings_id(settings)  # which run a state in out/last belongs to
         self.batches = batches
         self.last = out / LAST
         self.log = out / LOG_FILE
@@ -336,6 +345,9 @@ class RunState:
         state = checkpoint.load_training_state(self.last, device=device)
         _check_moments(state["optimizer"], self.params, self.last / checkpoint.STATE_FILE)
         where = self.last / checkpoint.STATE_JSON
+        if state.get("run") not in (None, self.run_id):  # None: a state saved before runs had an id
+            raise ValueError(f"{self.last} holds the state of another run than {self.out / RUN_FILE} "
+                             "describes (copied from elsewhere?); --restart or --from-best")
         self.step = _entry(state, "step", where, _is_count)
         self.best = _entry(state, "best", where, _is_best)
         data = _entry(state, "data", where, lambda v: isinstance(v, dict))
@@ -351,7 +363,7 @@ class RunState:
         """Replace ``out/last`` with the state now (as a whole: never half old, half new)."""
         self.saved = self.step
         training_state = {"optimizer": self.opt, "step": self.step, "best": self.best,
-                          "data": self.batches.state()}
+                          "data": self.batches.state(), "run": self.run_id}
         checkpoint.save_replacing(self.last, self.params, self.config, training_state=training_state)
 
     def save_best(self, valid_ce, tokenizer):

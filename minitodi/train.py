@@ -195,7 +195,8 @@ def fit(out, model_config, tokenizer, train_examples, valid_examples, tcfg: Trai
         # rows are padded with the tokenizer's eos id (labels -100 there: no loss reads a padded position)
         batches = BatchIterator(train_examples, tcfg.batch_size, pad_id=tokenizer.eos_id, seed=tcfg.seed,
                                 device=device)
-        run = rundir.RunState(out, model_config, tcfg, batches, start, device, valid_ce)  # reads, checks
+        # reads and checks the state or the best model it starts from; nothing is written before begin()
+        run = rundir.RunState(out, model_config, tcfg, batches, start, device, valid_ce, run_settings)
         if stop:  # Ctrl-C while the teacher's logits or the state were read: nothing is written yet
             print(f"\ninterrupted before {out} changed; run the same command again to start.")
             raise KeyboardInterrupt

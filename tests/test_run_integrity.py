@@ -253,6 +253,16 @@ def test_a_damaged_training_state_json_is_one_line_and_changes_nothing(run, caps
     assert snapshot(run) == before
 
 
+def test_a_state_copied_from_another_run_is_refused(trained, run, capsys):
+    """last/ of another run of the same shape (other data): whole and consistent, but not this run's."""
+    shutil.rmtree(run / "last")
+    shutil.copytree(trained / "other" / "last", run / "last")
+    before = snapshot(run)
+    assert main(["train", "--out", str(run), *TINY]) == 2
+    one_line(capsys, f"{run / 'last'} holds the state of another run")
+    assert snapshot(run) == before
+
+
 def test_a_log_line_that_is_not_a_record_is_one_line(run, capsys):
     log = run / "metrics.jsonl"
     log.write_text("[1, 2]\n" + log.read_text())
@@ -298,4 +308,6 @@ def test_sigterm_stops_at_a_step_boundary_and_saves_the_state(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 130, done.stderr
     assert "interrupted at step 2/6" in done.stdout and "minitodi train: interrupted" in done.stderr
-    assert checkpoint.load_training_state(out / "last")["step"] == 2
+    state = checkpoint.load_training_state(out / "last")
+    assert state["step"] == 2 and state["best"]["valid_ce"] == float("inf")  # before the first evaluation
+    assert main(["train", "--out", str(out), *TINY]) == 0  # and it resumes from there
