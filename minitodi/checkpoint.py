@@ -45,7 +45,7 @@ INDEX_FILE = "model.safetensors.index.json"  # sharded weights: {"weight_map": {
 CONFIG_FILE = "config.json"
 STATE_FILE = "training_state.safetensors"
 STATE_JSON = "training_state.json"
-# config.json's entry for the fingerprint of the tokenizer the model was trained with (see recorded_tokenizer)
+# the fingerprint of the model's tokenizer, in config.json and the model file (see recorded_tokenizers)
 TOKENIZER_KEY = "minitodi_tokenizer_sha256"
 
 
@@ -154,8 +154,11 @@ def save(directory, params, config, *, training_state=None, config_extra=None):
     dtype = next(iter(params.values())).dtype
     write_json(directory / CONFIG_FILE, hf_config(config, dtype, config_extra))
     tensors = {name: np.ascontiguousarray(to_numpy(x)) for name, x in params.items()}
-    _atomic_write(directory / MODEL_FILE,
-                  lambda tmp: save_file(tensors, str(tmp), {"format": "pt", "save_id": save_id}))
+    metadata = {"format": "pt", "save_id": save_id}
+    tokenizer = (config_extra or {}).get(TOKENIZER_KEY)
+    if tokenizer is not None:  # the model file names its tokenizer too (see recorded_tokenizers)
+        metadata[TOKENIZER_KEY] = tokenizer
+    _atomic_write(directory / MODEL_FILE, lambda tmp: save_file(tensors, str(tmp), metadata))
     return directory
 
 
@@ -491,18 +494,21 @@ def load_config(directory):
     return config_from_hf(_read_json(directory / CONFIG_FILE), str(directory / CONFIG_FILE))
 
 
-def recorded_tokenizer(directory):
-    """The tokenizer fingerprint a checkpoint's config.json records, or None where it records none.
+def recorded_tokenizers(directory):
+    """{file: fingerprint} of the tokenizer a checkpoint's config.json and model file record, where they do.
 
-    minitodi records it with every best model it saves (its ``TOKENIZER_KEY`` entry): a model and a
-    tokenizer.json from different runs then cannot be used together unnoticed. A transformers checkpoint
-    records none.
+    minitodi records it in both with every best model it saves (``TOKENIZER_KEY``): a model and a
+    tokenizer.json from different runs then cannot be used together unnoticed, nor a model file copied
+    in from another run. A transformers checkpoint records none.
     """
-    path = Path(directory) / CONFIG_FILE
-    value = _read_json(path).get(TOKENIZER_KEY)
-    if value is not None and not isinstance(value, str):
-        raise ValueError(f"{path}: {TOKENIZER_KEY} is {json.dumps(value)[:40]}, expected a hex digest")
-    return value
+    directory = Path(directory)
+    recorded = {directory / CONFIG_FILE: _read_json(directory / CONFIG_FILE).get(TOKENIZER_KEY)}
+    if (directory / MODEL_FILE).is_file():
+        recorded[directory / MODEL_FILE] = _read_metadata(directory / MODEL_FILE).get(TOKENIZER_KEY)
+    for path, value in recorded.items():
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{path}: {TOKENIZER_KEY} is {json.dumps(value)[:40]}, expected a hex digest")
+    return {path: value for path, value in recorded.items() if value is not None}
 
 
 def load(directory, *, dtype=None, device="cpu"):

@@ -108,10 +108,10 @@ def check_best_model(out, model_config, tokenizer_fingerprint):
         raise ValueError(f"{out} holds a best model of another shape ({type(best_config).__name__}; "
                          f"{differences}): --from-best needs this run's model; nothing was changed")
     tokenizer_file = out / TOKENIZER_FILE
-    recorded = checkpoint.recorded_tokenizer(out)
-    if recorded is None and tokenizer_file.is_file():  # a best model saved before fingerprints were recorded
-        recorded = Tokenizer.load(tokenizer_file).fingerprint()
-    if recorded is not None and recorded != tokenizer_fingerprint:
+    recorded = set(checkpoint.recorded_tokenizers(out).values())
+    if not recorded and tokenizer_file.is_file():  # a best model saved before fingerprints were recorded
+        recorded = {Tokenizer.load(tokenizer_file).fingerprint()}
+    if recorded - {tokenizer_fingerprint}:
         raise ValueError(f"the best model in {out} was trained with the tokenizer {tokenizer_file}, and "
                          "this run's tokenizer is another (trained on other data or with another vocabulary "
                          "size); "

@@ -102,18 +102,17 @@ class Tokenizer:
     def load_for_model(cls, directory) -> "Tokenizer":
         """The tokenizer.json of a model's directory, checked to be the one the model was trained with.
 
-        minitodi records the tokenizer's fingerprint in the model's config.json
-        (:func:`minitodi.checkpoint.recorded_tokenizer`); a tokenizer.json from another run beside it (a
+        minitodi records the tokenizer's fingerprint in the model's config.json and model file
+        (:func:`minitodi.checkpoint.recorded_tokenizers`); a tokenizer.json from another run beside them (a
         run stopped, a file copied) would encode text into ids the model never learned, silently.
         """
         directory = Path(directory)
         tokenizer = cls.load(directory)
-        recorded = checkpoint.recorded_tokenizer(directory)
-        if recorded is not None and recorded != tokenizer.fingerprint():
-            raise ValueError(f"{directory / FILENAME} is not the tokenizer the model in "
-                             f"{directory / checkpoint.CONFIG_FILE} was trained with (fingerprint "
-                             f"{tokenizer.fingerprint()[:12]}, the model records {recorded[:12]}): "
-                             "the two files come from different runs")
+        for path, recorded in checkpoint.recorded_tokenizers(directory).items():
+            if recorded != tokenizer.fingerprint():
+                raise ValueError(f"{directory / FILENAME} is not the tokenizer the model in {path} was "
+                                 f"trained with (fingerprint {tokenizer.fingerprint()[:12]}, {path.name} "
+                                 f"records {recorded[:12]}): the two files come from different runs")
         return tokenizer
 
     def save(self, directory) -> Path:

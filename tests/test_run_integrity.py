@@ -158,6 +158,14 @@ def test_a_tokenizer_from_another_run_is_refused_at_load(trained, run, tmp_path,
     assert not (tmp_path / "student").exists() and not (tmp_path / "eval.jsonl").exists()
 
 
+def test_a_model_file_from_another_run_is_refused_at_load(trained, run, capsys):
+    """The model file records its tokenizer too: copied in from a run with another one, it is refused."""
+    shutil.copy(trained / "other" / "model.safetensors", run / "model.safetensors")
+    assert main(["generate", "--model", str(run), "--prompt", "hello"]) == 2
+    err = one_line(capsys, str(run / "tokenizer.json"), str(run / "model.safetensors"))
+    assert "was trained with" in err
+
+
 def _bad_merge(path):
     tokenizer = json.loads(path.read_text())
     tokenizer["model"]["merges"][0] = ["zzzq", "qqqz"]  # tokens the vocabulary does not have
