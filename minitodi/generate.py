@@ -62,7 +62,12 @@ def next_token(logits, rng=None, *, temperature=0.0, top_k=None, top_p=None, ban
         z[b, list(tokens)] = -np.inf
     if temperature == 0.0:
         return z.argmax(axis=-1)
-    z /= temperature
+    # softmax(z / T) is unchanged when z is shifted: with its maximum at 0 first, z / T cannot overflow to
+    # +inf at a tiny T (1e-310 made nan of every probability and drew token 0); the rest goes to -inf
+    with np.errstate(invalid="ignore"):  # a row with every token banned: -inf - -inf, token 0 as documented
+        z -= z.max(axis=-1, keepdims=True)
+    with np.errstate(over="ignore"):
+        z /= temperature
     if top_k and top_k < z.shape[-1]:
         kth = np.partition(z, -top_k, axis=-1)[:, -top_k][:, None]
         z = np.where(z < kth, -np.inf, z)

@@ -101,6 +101,16 @@ def test_sampled_frequencies_follow_softmax_over_temperature():
     np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.01)  # 40000 draws: std <= 0.0025
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 1e-310, 5e-324])
+def test_a_tiny_temperature_samples_the_argmax_without_overflow(temperature):
+    """z / T overflowed to inf below about 1e-308: every probability nan, token 0 drawn, a warning."""
+    logits = np.array([[1.0, 3.0, 2.0, -1.0], [0.5, -2.0, 0.0, 4.0]])
+    with np.errstate(over="raise", invalid="raise"):  # underflow to probability 0 is what a tiny T means
+        for seed in range(5):
+            chosen = next_token(logits, np.random.default_rng(seed), temperature=temperature)
+            assert chosen.tolist() == [1, 3]
+
+
 def test_top_k_and_top_p_cut_the_support():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
     rng = np.random.default_rng(0)
