@@ -564,6 +564,8 @@ def load_dataset(spec: str) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"no dataset {spec!r}: use 'synthetic', 'pydoc', a .jsonl or .json file, "
                                 "text files, or a directory of them")
+    if not (path.is_file() or path.is_dir()):  # reading /dev/zero or a pipe would never end
+        raise ValueError(f"{spec}: not a file or a directory (a device, pipe or socket is no dataset)")
     kind, items, places = _read_dataset_files(path)
     if len(items) < 2:
         raise ValueError(f"{path}: at least two records, files or lines are needed "

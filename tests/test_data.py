@@ -419,3 +419,14 @@ def test_a_vocabulary_the_text_cannot_give_is_refused_before_tokenizers_runs(mon
     with pytest.raises(ValueError, match=rf"vocab_size {limit + 1} is more than the training text can give: "
                                          rf"its 13 bytes make at most {limit} tokens"):
         data.prepare(dataset, 2, vocab_size=limit + 1)
+
+
+def test_a_device_or_pipe_is_no_dataset(tmp_path):
+    """/dev/zero has no end and no newline: reading it as a dataset would fill the memory."""
+    import os
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    for path in ("/dev/zero", pipe):
+        with pytest.raises(ValueError, match="not a file or a directory"):
+            data.load_dataset(str(path))
