@@ -323,7 +323,10 @@ class RunState:
         if self.resuming:
             truncate_log(self.log, self.step)
             return
-        shutil.rmtree(self.last, ignore_errors=True)
+        if self.last.is_dir():
+            shutil.rmtree(self.last)
+        else:  # a file where the state belongs (put there by hand) is no state either
+            self.last.unlink(missing_ok=True)
         self.log.unlink(missing_ok=True)
 
     def _load_best(self, dtype, device, valid_ce):

@@ -271,6 +271,15 @@ def test_a_state_copied_from_another_run_is_refused(trained, run, capsys):
     assert snapshot(run) == before
 
 
+def test_a_file_where_the_state_belongs_is_no_state(run, capsys):
+    shutil.rmtree(run / "last")
+    (run / "last").write_text("not a directory")
+    assert main(["train", "--out", str(run), *TINY]) == 2  # a best model, and no state to resume
+    one_line(capsys, "no resumable state")
+    assert main(["train", "--out", str(run), "--restart", *TINY]) == 0
+    assert checkpoint.load_training_state(run / "last")["step"] == 6
+
+
 def test_a_log_line_that_is_not_a_record_is_one_line(run, capsys):
     log = run / "metrics.jsonl"
     log.write_text("[1, 2]\n" + log.read_text())
