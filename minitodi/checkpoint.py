@@ -17,9 +17,13 @@ directory beside the old one and swaps them with renames; :func:`recover` finish
 
 :func:`load` also reads original GPT-2 checkpoints, whose keys lack the ``transformer.`` prefix and carry
 attention-mask buffers (``h.0.attn.bias``), drops an ``lm_head.weight`` equal to a tied embedding, and
-reads weights sharded as ``model.safetensors.index.json`` lists them. A config.json asking for anything
-minitodi does not compute (another activation, RoPE scaling, a sliding window, ...) is an error naming
-the field, never a silently different model.
+reads weights sharded as ``model.safetensors.index.json`` lists them (shards inside the directory only).
+A config.json asking for anything minitodi does not compute (another activation, RoPE scaling, a sliding
+window, ...) or holding a field of the wrong JSON type is an error naming the field, never a silently
+different model; its number of layers is checked against the weights' headers before anything is
+allocated, and a parameter holding NaN or infinity is refused. A best model saved by a training run
+records its tokenizer's fingerprint (:func:`recorded_tokenizers`), so a tokenizer.json from another run
+is never used with it unnoticed.
 """
 
 import json
