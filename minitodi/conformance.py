@@ -26,41 +26,55 @@ normwise (an entry small by cancellation weighs no more than its size), u = 1/(N
 official code does (7.4e-6; its JSD, TVD, skew KLs, AKL: 7.2e-5); every single-bug variant of them
 misses by more than 0.18 (seeds 0 to 5).
 
-**Non-finite results fail**, value or gradient, and the diagnosis says where. One case has -inf in both
-logits at the same entries (p = q = 0 there; every divergence is finite): 0 * log 0 = 0 * (-inf) is NaN
-in floating point, and zeroing such a term afterwards (masked_fill) fixes the value but not the gradient
-(0 * NaN = NaN in the backward pass). Code that never sees -inf logits (logits straight from a linear
-layer) can leave that case out with ``neginf=False``; the report says it was left out.
+**Non-finite results fail**, value or gradient, and the diagnosis says where, with advice for a NaN in
+the value and for one in the gradient alone. One case has -inf in both logits at the same entries (p = q
+= 0 there; every divergence is finite): 0 * log 0 = 0 * (-inf) is NaN in floating point, and zeroing
+such a term afterwards (masked_fill) fixes the value but not the gradient (0 * NaN = NaN in the backward
+pass). Code that never sees -inf logits (logits straight from a linear layer) can leave that case out
+with ``neginf=False``; the report says it was left out.
+
+**No position counted.** The last case has every position masked. The mean over no position is 0 / 0:
+minitodi's loss raises there. The check accepts that (any exception), 0 with a zero gradient (TRL,
+Liger-Kernel and torchtune guard the division: nothing counts, nothing is learnt), and NaN with a zero
+gradient (0 / 0 computed, noted in the report). A value other than 0 or NaN, or a gradient not 0, fails:
+positions that do not count would be learnt from.
+
+**Could not run** (a ConformanceError; exit status 3 from the command line): ``fn`` raised (anything,
+sys.exit() and GeneratorExit too), returned something else than a real loss (a complex loss or gradient
+included: taking the real part would hide a bug), changed one of its arguments in place (compared with
+a copy), or called backward() itself.
 
 **Diagnosis.** Known deviations are tried alone, then in pairs, in float64 from LOSSES:
 - what is computed: the mask ignored; the temperature on the student only, on the teacher only, or
-  ignored (the divergence at T = 1); FKL and RKL swapped; ToDi's weight reversed (FKL + RKL - ToDi: ToDi
-  is linear in its detached weight), not detached, beta ignored; GJSD's beta taken as 1 - beta, or ignored;
+  ignored (the divergence at T = 1); the gradient's sign flipped; FKL and RKL swapped; ToDi's weight
+  reversed (FKL + RKL - ToDi: ToDi is linear in its detached weight), or not detached (the loss with
+  ``detach=False``); GJSD's beta taken as 1 - beta;
+- an option's value: the option ignored (its default used), or another value of a grid
+  (:data:`OPTION_GRIDS`: "this is todi beta=2, not beta=1 as declared"); JSD is GJSD at beta 0.5, so a
+  function declared as jsd is tried as gjsd at the grid's betas ("this is gjsd beta=0.1");
 - the value: the teacher's entropy H(p) added, gradient unchanged (a cross-entropy -sum p log(.) in place
   of a KL term sum p log(p / .));
-- a factor: T^2 applied or missing, a sum for the mean or back, the mean over all positions or also over
-  V, the sum divided by the batch size B (the first dimension), a constant c fitted by least squares on
-  value and gradient (each case weighed by its scale, as the errors are).
+- a factor: T^k for k = 2, 1, -1, -2 (T^2 applied or missing, the temperature as a factor), a sum for
+  the mean or back, the mean over all positions or also over V, the sum divided by the batch size B (the
+  first dimension), a constant c fitted by least squares on value and gradient (each case weighed by its
+  scale, as the errors are); c = -1 is named: the loss negated.
 The variants that match on every case are named. Otherwise a variant is shown as the closest only when it
 nearly matches (worst error below NEAR * tol and below 1/NEAR of the reference's), and the diagnosis
-says that no known mistake matches and where the largest error sits: case, positions, value or gradient.
+says that no known mistake matches and where the largest error sits: case, positions, value or gradient;
+where only the cases with every position counted agree, that the mask is applied wrongly.
 
-**ToDi's weight not detached.** D = sum_v (a_v p_v - (1 - a_v) q_v) d_v, d_v = log p_v - log q_v,
-a_v = sigmoid(beta d_v). Detached, g_v = dD/d(log q_v) = -a_v p_v + (1 - a_v) q_v (1 - d_v). Through the
-weight autograd adds h_v = dD/da_v da_v/d(log q_v) = (p_v + q_v) d_v (-beta a_v (1 - a_v)), which reaches
-the logits through log-softmax like any g: dloss/ds += (h - q sum_v h_v) / (N T) at counted positions.
+**The command line's --timeout** runs the function in a process of its own, stopped at the timeout
+(:func:`run_target`): a function can catch what a timer raises, not a kill.
 """
 
-import contextlib
 import importlib.util
 import inspect
 import itertools
 import math
+import multiprocessing
 import numbers
 import os
-import signal
 import sys
-import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,14 +93,19 @@ NOT_OPTIONS = {  # keyword arguments of LOSSES that are not options of a check, 
     "temperature": "the battery sets it, per case",
     "detach": "the check compares with ToDi's detached weight and names a weight not detached",
     "stopgrad_at": "it is for finite differences",
+    "n_counted": "each case of the battery is a whole batch",
 }
 
 
 class ConformanceError(RuntimeError):
     """The function under test could not be run.
 
-    It raised, returned the wrong thing, or needs a framework that is not installed.
+    It raised, returned the wrong thing, changed its inputs, or needs a framework that is not installed.
     """
+
+
+class FunctionRaised(ConformanceError):
+    """The function under test raised (the exception is the ``__cause__``)."""
 
 
 @dataclass
@@ -105,7 +124,8 @@ def battery(seed=0):
 
     (B, T, V) and (N, V); V = 2 to 1000; T = 0.5, 1, 2; logits ~ scale * N(0, 1) with scales 0.01 to 6;
     partial, single-position and full masks (a partial mask always has positions on and off); a teacher
-    near one-hot (p of the runner-up ~ e^-22); -inf in both logits at the same entries.
+    near one-hot (p of the runner-up ~ e^-22); -inf in both logits at the same entries; sequences of 64
+    and 256 positions, one of them a batch of one (B = 1: code that squeezes or loops over the batch).
     """
     rng = np.random.default_rng(seed)
 
@@ -141,7 +161,23 @@ def battery(seed=0):
     holes[..., 0] = False  # every row keeps a finite entry
     cases[9].student[holes] = -math.inf
     cases[9].teacher[holes] = -math.inf
+    # drawn last, so that the cases above are the same numbers as before these were added
+    cases += [case("B=1, temp 1", (1, 256, 24), 2, 2, 1.0),
+              case("long, temp 2", (3, 64, 40), 1, 1, 2.0)]
     return cases
+
+
+def all_masked_case(seed=0):
+    """A batch in which no position counts: the mean over no position is undefined (0 / 0).
+
+    minitodi's losses raise there. Code that returns 0 with a zero gradient (TRL, Liger-Kernel and
+    torchtune guard the division) is as right: nothing counts, so nothing is learnt. See :func:`_masked_row`.
+    """
+    rng = np.random.default_rng([seed, 1])
+    shape = (2, 5, 16)
+    student = rng.standard_normal(shape)
+    teacher = rng.standard_normal(shape)
+    return Case(f"{shape} no position counted", student, teacher, np.zeros(shape[:-1], dtype=bool), 1.0)
 
 
 def has_neginf(case):
@@ -211,21 +247,6 @@ def _options_for(fn, options):
 
 # --------------------------------------------------------------------------------------------------
 # the reference and the known deviations, in float64
-def _todi_attached_extra(case, beta):
-    """What autograd adds to ToDi's gradient when the weight is not detached (module docstring)."""
-    T = case.temperature
-    lq = log_softmax(case.student / T)
-    lp = log_softmax(case.teacher / T)
-    both = np.isneginf(lq) & np.isneginf(lp)  # p = q = 0: no term
-    d = np.where(both, 0.0, lp) - np.where(both, 0.0, lq)
-    q = np.exp(lq)
-    p = np.exp(lp)
-    a = 0.5 + 0.5 * np.tanh(0.5 * beta * d)  # sigmoid(beta d), no overflow
-    h = -beta * a * (1 - a) * (p + q) * d
-    dz = h - q * h.sum(axis=-1, keepdims=True)
-    return np.where(case.mask[..., None], dz, 0.0) / (case.mask.sum() * T)
-
-
 def _mean_entropy(teacher_logits, counted):
     """Mean over the ``counted`` positions of H(p) = -sum_v p_v log p_v, p = softmax(teacher_logits)."""
     lp = log_softmax(teacher_logits)
@@ -272,23 +293,34 @@ def _computation(description, loss, options, *, masked=True, student_t=True, tea
 
 def computations(loss, options):
     """minitodi's ``loss`` (first, "reference") and the known wrong computations of it."""
-    out = [_computation("reference", loss, options),
+    reference = _computation("reference", loss, options)
+    out = [reference,
            _computation("mask ignored (every position counted)", loss, options, masked=False),
            _computation("temperature on the student only", loss, options, teacher_t=False),
            _computation("temperature on the teacher only", loss, options, student_t=False),
            _computation("temperature ignored (the divergence at T = 1)", loss, options, student_t=False,
-                        teacher_t=False)]
+                        teacher_t=False),
+           _sign_flipped(reference)]
     swap = {"fkl": "rkl", "rkl": "fkl"}.get(loss)
     if swap:
         out.append(_computation(f"FKL and RKL swapped ({swap} computed)", swap, {}))
     if loss == "todi":
-        out += _todi_computations(out[0], options)
+        out += _todi_computations(reference, options)
     if loss == "gjsd":
         beta = options.get("beta", 0.5)
         out.append(_computation("beta taken as 1 - beta (p's and q's roles exchanged)", loss,
                                 {**options, "beta": 1 - beta}))
-        out.append(_computation("beta ignored (0.5, the default, used)", loss, {**options, "beta": 0.5}))
-    return out
+    return out + _option_computations(loss, options)
+
+
+def _sign_flipped(reference):
+    """The reference's value with its gradient negated (a hand-written backward's sign error)."""
+    def value_and_grad(case):
+        value, grad = reference.value_and_grad(case)
+        return value, -grad
+
+    return Computation("the gradient's sign flipped, the value right (a step along it increases the loss)",
+                       value_and_grad, reference.entropy)
 
 
 def _todi_computations(reference, options):
@@ -302,14 +334,69 @@ def _todi_computations(reference, options):
         vt, gt = reference.value_and_grad(c)
         return vf + vr - vt, gf + gr - gt
 
-    def attached(c):
-        v, g = reference.value_and_grad(c)
-        return v, g + _todi_attached_extra(c, options.get("beta", 1.0))
-
     return [Computation("ToDi's weight reversed (a on RKL's term, 1 - a on FKL's)", reversed_weight,
                         reference.entropy),
-            Computation("ToDi's weight not detached (gradient flows through a)", attached, reference.entropy),
-            _computation("beta ignored (beta = 1 used)", "todi", {**options, "beta": 1.0})]
+            _computation("ToDi's weight not detached (gradient flows through a)", "todi",
+                         {**options, "detach": False})]
+
+
+# The values of a loss's option tried when the declared one does not match. Left out: the declared value,
+# the default ("ignored", a variant of its own) and gjsd's 1 - beta (also its own).
+OPTION_GRIDS = {
+    "todi": (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0),
+    "gjsd": (0.0, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0),
+    "sfkl": (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99),
+    "srkl": (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99),
+    "akl": (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0),
+}
+# A loss that is another loss at one value of its option: (that loss, the option, the value).
+FAMILIES = {"jsd": ("gjsd", "beta", 0.5)}
+
+
+def _option_computations(loss, options):
+    """``loss`` at other values of its option: the option ignored (the default) and the grid's values.
+
+    For jsd: gjsd at the grid's betas ("this is gjsd beta=0.1"; jsd is gjsd at beta 0.5).
+    """
+    if loss in FAMILIES:
+        relative, name, equal = FAMILIES[loss]
+        out = []
+        for value in OPTION_GRIDS[relative]:
+            if math.isclose(value, equal):
+                continue
+            description = f"this is {relative} {name}={value:g} ({loss} is {relative} at {name} {equal:g})"
+            out.append(_computation(description, relative, {name: value}))
+        return out
+    names = loss_options(loss)
+    if not names:
+        return []
+    (name,) = names  # every loss with options has one
+    default = inspect.signature(LOSSES[loss]).parameters[name].default
+    declared = options.get(name, default)
+    out = []
+    if not math.isclose(declared, default):
+        out.append(_computation(f"{name} ignored (the default {name}={default:g} used)", loss,
+                                {**options, name: default}))
+    left_out = [declared, default]
+    if loss == "gjsd":
+        left_out.append(1 - declared)
+    for value in OPTION_GRIDS[loss]:
+        if any(math.isclose(value, other, abs_tol=1e-12) for other in left_out):
+            continue
+        out.append(_computation(f"this is {loss} {name}={value:g}, not {name}={declared:g} as declared",
+                                loss, {**options, name: value}))
+    return out
+
+
+NEGATED = ("the loss negated (-loss: value and gradient of the opposite sign; minimising it maximises the "
+           "divergence)")
+
+
+def _scaled(c, tol):
+    """The description of a fitted constant factor c: the loss negated where c is -1."""
+    if abs(c + 1) < tol:
+        return NEGATED
+    return f"value and gradient scaled by {c:.3g}"
 
 
 ENTROPY_ADDED = ("cross-entropy in place of KL: the teacher's entropy H(p) added to the value "
@@ -339,13 +426,34 @@ def _declared(reduction, t_squared):
     return factor
 
 
+def _temperature_factor(k, t_squared):
+    """T^k relative to the declared convention: the temperature applied as a factor once too often or few."""
+    declared = 2 if t_squared else 0
+    power = declared + k
+    if k == 2 and not t_squared:
+        description = "T^2 factor applied"
+    elif k == -2 and t_squared:
+        description = "T^2 factor missing"
+    elif power == 1:
+        description = "a factor T applied (the loss times T)"
+    elif power == -1:
+        description = "divided by T (the temperature applied as a factor 1/T)"
+    elif power == -2:
+        description = "divided by T^2 (the temperature applied as a factor 1/T^2)"
+    else:
+        description = f"a factor T^{power} applied"
+    if t_squared:
+        description += ", where T^2 is declared"
+
+    def factor(case, counted):
+        return case.temperature ** k
+
+    return Factor(description, factor)
+
+
 def factors(reduction, t_squared):
     """The known wrong factors, relative to the declared convention."""
-    out = []
-    if t_squared:
-        out.append(Factor("T^2 factor missing", lambda c, n: c.temperature ** -2))
-    else:
-        out.append(Factor("T^2 factor applied", lambda c, n: c.temperature ** 2))
+    out = [_temperature_factor(k, t_squared) for k in (2, 1, -1, -2)]
     if reduction == "mean":
         out.append(Factor("sum over positions instead of mean", lambda c, n: n))
         out.append(Factor("mean over all positions, masked ones in the count", lambda c, n: n / c.mask.size))
@@ -371,25 +479,41 @@ def _adapter(fn, framework):
         by_name = "temperature" in inspect.signature(fn).parameters
     except (TypeError, ValueError):  # None (only the framework is checked) or a callable with no signature
         by_name = False
+    name = getattr(fn, "__name__", "the function")
 
     def call(s, t, mask, T, options):
         try:
             if by_name:
                 return fn(s, t, mask, temperature=T, **options)
             return fn(s, t, mask, T, **options)
-        except (Exception, SystemExit) as err:  # sys.exit() in the function is no verdict either
-            name = getattr(fn, "__name__", "the function")
-            raise ConformanceError(f"{name} raised {type(err).__name__} "
+        except KeyboardInterrupt:
+            raise
+        except BaseException as err:  # sys.exit(), GeneratorExit, ...: no verdict either
+            raise FunctionRaised(f"{name} raised {type(err).__name__} "
                                    f"on logits {tuple(s.shape)} at temperature {T:g}: {err}") from err
 
     if framework == "torch":
-        return _torch_adapter(call)
+        return _torch_adapter(call, name)
 
     def run(case, options):
-        result = call(case.student.copy(), case.teacher.copy(), case.mask.copy(), case.temperature, options)
+        inputs = (case.student.copy(), case.teacher.copy(), case.mask.copy())
+        result = call(*inputs, case.temperature, options)
+        _check_unchanged(name, case, inputs)
         return _numpy_result(result, case.student.shape)
 
     return run
+
+
+INPUT_NAMES = ("student_logits", "teacher_logits", "mask")
+
+
+def _check_unchanged(name, case, inputs):
+    """A ConformanceError naming the first of ``inputs`` (NumPy arrays) that differs from the case's."""
+    for what, given, original in zip(INPUT_NAMES, inputs, (case.student, case.teacher, case.mask)):
+        if not np.array_equal(given, original):
+            raise ConformanceError(f"{name} changed its argument {what} in place (on logits "
+                                   f"{case.student.shape} at temperature {case.temperature:g}): a loss must "
+                                   f"leave the caller's arrays as they are (x = x / T, not x /= T)")
 
 
 def _numpy_result(result, shape):
@@ -403,7 +527,16 @@ def _numpy_result(result, shape):
     if grad.shape != shape or not np.issubdtype(grad.dtype, np.number):
         raise ConformanceError(f"the gradient it returned must be an array of numbers shaped like the "
                                f"student's logits {shape}, got {_described(grad)}")
+    for what, dtype in (("loss", np.asarray(value).dtype), ("gradient", grad.dtype)):
+        if np.issubdtype(dtype, np.complexfloating):
+            raise ConformanceError(_complex(what, dtype))
     return float(value), grad.astype(np.float64)
+
+
+def _complex(what, dtype):
+    """The message for a complex loss or gradient: a loss and its gradient are real numbers."""
+    return (f"the {what} it returned is complex ({dtype}): a loss and its gradient are real (taking the "
+            "real part would drop the imaginary one without a word)")
 
 
 def _described(x):
@@ -414,7 +547,7 @@ def _described(x):
     return f"{type(x).__name__} of shape {tuple(shape)}"
 
 
-def _torch_adapter(call):
+def _torch_adapter(call, name):
     """PyTorch is imported here and nowhere else: it is never a dependency of minitodi."""
     try:
         import torch
@@ -425,18 +558,35 @@ def _torch_adapter(call):
     def run(case, options):
         s = torch.tensor(case.student, dtype=torch.float64, requires_grad=True)
         t = torch.tensor(case.teacher, dtype=torch.float64)
-        loss = call(s, t, torch.tensor(case.mask), case.temperature, options)
+        mask = torch.tensor(case.mask)
+        loss = call(s, t, mask, case.temperature, options)
+        _check_unchanged(name, case, [x.detach().numpy() for x in (s, t, mask)])
         if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
             raise ConformanceError(f"the function must return a scalar tensor, got {type(loss).__name__} "
                                    f"{tuple(getattr(loss, 'shape', ()))}")
-        grad = None
-        if loss.requires_grad:
-            grad = torch.autograd.grad(loss, s, allow_unused=True)[0]
-        if grad is None:  # the loss does not depend on the student's logits
-            return loss.item(), np.zeros(s.shape)
-        return loss.item(), grad.detach().numpy().astype(np.float64)
+        if loss.is_complex():
+            raise ConformanceError(_complex("loss", loss.dtype))
+        if s.grad is not None:
+            raise ConformanceError(f"{name} called backward() itself (the student's logits have a .grad): "
+                                   "return the loss, the check differentiates it")
+        return loss.item(), _torch_gradient(loss, s, name)
 
     return run
+
+
+def _torch_gradient(loss, s, name):
+    """d loss / d s by autograd as float64 NumPy; zeros where the loss does not depend on ``s``."""
+    import torch
+
+    if not loss.requires_grad:
+        return np.zeros(s.shape)
+    try:
+        grad = torch.autograd.grad(loss, s, allow_unused=True)[0]
+    except RuntimeError as err:  # the graph freed by a backward() of its own, modified in place, ...
+        raise ConformanceError(f"differentiating what {name} returned failed: {err}") from err
+    if grad is None:  # the loss does not depend on the student's logits
+        return np.zeros(s.shape)
+    return grad.detach().numpy().astype(np.float64)
 
 
 def _errors(got, want, scale):
@@ -461,11 +611,15 @@ def _errors(got, want, scale):
 
 @dataclass
 class Row:
-    """One case: the function's value, the reference's, both errors and "ok" or "FAIL"."""
+    """One case: the function's value, the reference's, both errors and "ok" or "FAIL".
+
+    On the case where no position counts, ``value`` is "raised" where the function raised, and
+    ``reference`` is "undefined" (:func:`_masked_row`).
+    """
 
     case: str
-    value: float
-    reference: float
+    value: object
+    reference: object
     value_error: float
     grad_error: float
     status: str
@@ -475,11 +629,19 @@ class Row:
         return math.isfinite(self.value_error) and math.isfinite(self.grad_error)
 
 
+def _cell(x):
+    """A number of the table, or a word in its place, 13 wide."""
+    if isinstance(x, str):
+        return f"{x:>13}"
+    return f"{x:>13.6g}"
+
+
 @dataclass
 class Report:
     """The outcome: a Row per case, ``passed``, the ``diagnosis``; ``str(report)`` is the table.
 
-    ``notes``: what was left out of the check or not given to the function.
+    ``notes``: what was left out of the check or not given to the function, and what was accepted
+    where no position counts.
     """
 
     loss: str
@@ -497,7 +659,7 @@ class Report:
         lines = [f"{self.loss} ({self.settings}), tolerance {self.tol:g}",
                  f"{'case':<36}{'value':>13}{'reference':>13}{'value err':>11}{'grad err':>11}"]
         for r in self.rows:
-            lines.append(f"{r.case:<36}{r.value:>13.6g}{r.reference:>13.6g}{r.value_error:>11.1e}"
+            lines.append(f"{r.case:<36}{_cell(r.value)}{_cell(r.reference)}{r.value_error:>11.1e}"
                          f"{r.grad_error:>11.1e}  {r.status}")
         failed = sum(r.status == "FAIL" for r in self.rows)
         verdict = "passed" if self.passed else "FAILED"
@@ -517,6 +679,7 @@ def check(fn, loss, *, framework="torch", reduction="mean", t_squared=False, tol
     ``**options``: the loss's options, checked against minitodi's before ``fn`` runs, given to ``fn``
     where its signature takes them. ``reduction`` and ``t_squared`` declare ``fn``'s convention; ``tol``:
     the largest relative error that passes; ``neginf=False`` leaves out the case with -inf logits.
+    Last, :func:`all_masked_case`, where minitodi's loss has no value (:func:`_masked_row`).
     """
     check_settings(loss, framework=framework, reduction=reduction, t_squared=t_squared, tol=tol, seed=seed,
                    neginf=neginf, **options)
@@ -532,12 +695,51 @@ def check(fn, loss, *, framework="torch", reduction="mean", t_squared=False, tol
         notes.append(f"not given to the function (its signature does not take them): {', '.join(not_given)}; "
                      f"the reference uses them")
     got = [run(case, given) for case in cases]
+    masked_row, masked_failure, masked_note = _masked_row(run, all_masked_case(seed), given, tol)
+    if masked_note:
+        notes.append(masked_note)
     comparison = _Comparison(cases, got, computations(loss, options), _declared(reduction, t_squared),
                              factors(reduction, t_squared), tol)
     t2 = "times T^2" if t_squared else "no T^2"
     settings = [f"{k}={v}" for k, v in options.items()]
     settings += [framework, f"{reduction} over counted positions", t2]
-    return Report(loss, ", ".join(settings), tol, comparison.rows, comparison.diagnose(), notes)
+    return Report(loss, ", ".join(settings), tol, comparison.rows + [masked_row],
+                  comparison.diagnose(masked_failure), notes)
+
+
+def _masked_row(run, case, options, tol):
+    """The Row of the case where no position counts; the sentence saying why it fails, or a note; or None.
+
+    The mean over no position is 0 / 0: minitodi's loss raises there, and so may the function. Returning
+    0 with a zero gradient is as right (nothing counts, nothing is learnt; TRL, Liger-Kernel and
+    torchtune do that), and so is NaN with a zero gradient (0 / 0 computed: IEEE's "undefined"; a note
+    says that a loop which stops at a non-finite loss stops there). A value other than 0 or NaN, or a
+    gradient other than 0, fails: positions that do not count would be learnt from.
+    """
+    where = f"Where no position counts (case '{case.name}')"
+    try:
+        value, grad = run(case, options)
+    except FunctionRaised as err:
+        if not isinstance(err.__cause__, Exception):  # sys.exit(), GeneratorExit: could not run
+            raise
+        return Row(case.name, "raised", "undefined", 0.0, 0.0, "ok"), None, None
+    grad_size = float(np.abs(grad).max())  # NaN where an entry is NaN
+    row = Row(case.name, value, "undefined", abs(value), grad_size, "FAIL")
+    if not np.isfinite(grad).all() or grad_size > 0:
+        return row, (f"{where}, the gradient is not 0 (largest entry {grad_size:.3g}): positions that do "
+                     f"not count would be learnt from (minitodi raises there; 0 with a zero gradient is "
+                     f"right too)."), None
+    if value == 0:
+        row.status = "ok"
+        return row, None, None
+    if math.isnan(value):
+        row.status = "ok"
+        note = (f"{where.lower()}, the value is NaN (0 / 0) and the gradient 0: accepted, the mean over no "
+                "position is undefined (minitodi raises); a training loop that stops at a non-finite loss "
+                "stops at such a batch")
+        return row, None, note
+    return row, (f"{where}, the value is {value:.6g}, not 0: positions that do not count are counted "
+                 f"(minitodi raises there; 0 with a zero gradient is right too)."), None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -556,7 +758,7 @@ class _Comparison:
         self.declared = declared
         self.factors = known_factors
         self.tol = tol
-        self.results = [[c.value_and_grad(case) for case in cases] for c in computed]
+        self.results = {}  # computation index -> (value, grad) per case, computed when first needed
         self.entropies = {}  # computation index -> H(p) per case, computed when a variant needs it
         self.reference = self.variant(0, False, ())
         self.scales = [self._scale(case, ref) for case, ref in zip(cases, self.reference)]
@@ -576,6 +778,8 @@ class _Comparison:
     def variant(self, index, with_entropy, factor_indices):
         """(value, grad) per case of computation ``index``, + H(p) if ``with_entropy``, times its factors."""
         computation = self.computed[index]
+        if index not in self.results:
+            self.results[index] = [computation.value_and_grad(case) for case in self.cases]
         if with_entropy and index not in self.entropies:
             self.entropies[index] = [computation.entropy(case) for case in self.cases]
         out = []
@@ -641,7 +845,7 @@ class _Comparison:
                     if c is None or abs(c) < SMALLEST_SCALE:
                         continue
                     results = [(value * c, grad * c) for value, grad in results]
-                    parts.append(f"value and gradient scaled by {c:.3g}")
+                    parts.append(_scaled(c, self.tol))
                 if self.worst(results, self.reference, indices) < self.tol:
                     continue  # the same as the reference on these cases: it names no bug
                 error = self.worst(self.got, results, indices)
@@ -653,25 +857,31 @@ class _Comparison:
                 return matches, closest
         return [], closest
 
-    def diagnose(self):
-        """The diagnosis: non-finite results and where; then conforms, the likely bug, or where it differs."""
+    def diagnose(self, also=None):
+        """The diagnosis: non-finite results and where; then conforms, the likely bug, or where it differs.
+
+        ``also``: a sentence said last (the case where no position counts, when it fails).
+        """
         parts = [self.nonfinite(i) for i, row in enumerate(self.rows) if not row.finite]
         finite = [i for i, row in enumerate(self.rows) if row.finite]
         failing = [i for i in finite if self.rows[i].status == "FAIL"]
-        if not failing:
-            if parts and finite:
-                parts.append("Every other case agrees with minitodi's value and gradient.")
-            elif not parts:
-                parts.append("conforms: the same value and gradient as minitodi's on every case.")
-            return "diagnosis: " + " ".join(parts)
-        matches, closest = self.search(finite)
-        if matches:
-            found = "likely bug: " + "; or ".join(matches) + "."
-        else:
-            found = self.no_match(finite, closest)
-        if parts:  # after the non-finite cases
-            found = "On the other cases, " + found
-        parts.append(found)
+        if failing:
+            matches, closest = self.search(finite)
+            if matches:
+                found = "likely bug: " + "; or ".join(matches) + "."
+            else:
+                found = self.no_match(finite, closest)
+            if parts:  # after the non-finite cases
+                found = "On the other cases, " + found
+            parts.append(found)
+        elif parts and finite and also:
+            parts.append("Every other case with counted positions agrees with minitodi's value and gradient.")
+        elif parts and finite:
+            parts.append("Every other case agrees with minitodi's value and gradient.")
+        elif not parts and not also:
+            parts.append("conforms: the same value and gradient as minitodi's on every case.")
+        if also:
+            parts.append(also)
         return "diagnosis: " + " ".join(parts)
 
     def nonfinite(self, i):
@@ -694,13 +904,7 @@ class _Comparison:
         else:
             what = f"the value is {value}; {gradient}"
         summary = f"Non-finite on case '{case.name}': {what}."
-        if not has_neginf(case):
-            return summary + " The case has no -inf logits: an overflow, or a log of 0?"
-        return (summary + " Both logits are -inf at the same entries there (p = q = 0, every divergence "
-                "finite): 0 * log 0 = 0 * (-inf) is NaN in floating point, and zeroing the term afterwards "
-                "(masked_fill) leaves 0 * NaN = NaN in the gradient. Replace the log-probabilities at those "
-                "entries before using them (e.g. torch.where), or pass neginf=False if your code never sees "
-                "-inf logits.")
+        return summary + " " + _nonfinite_advice(has_neginf(case), math.isfinite(value))
 
     def no_match(self, finite, closest):
         """No variant matches: how value and gradient differ, the closest variant if near, the worst error."""
@@ -710,10 +914,14 @@ class _Comparison:
         if error < NEAR * self.tol and error < reference_error / NEAR:
             parts.append(f"Closest, nearly matching: {description} (worst error {error:.1e}).")
         parts.append("Largest error: " + self.where(finite) + ".")
-        agreeing = [self.rows[i].case for i in finite if self.rows[i].status == "ok"]
+        agreeing = [i for i in finite if self.rows[i].status == "ok"]
         if agreeing:
-            listed = ", ".join(f"'{name}'" for name in agreeing)
+            listed = ", ".join(f"'{self.rows[i].case}'" for i in agreeing)
             parts.append(f"{len(agreeing)} of {len(self.rows)} cases agree: {listed}.")
+        every_position = [bool(self.cases[i].mask.all()) for i in finite]
+        if agreeing and all(self.cases[i].mask.all() for i in agreeing) and not all(every_position):
+            parts.append("Only where every position counts does it agree: the mask is applied wrongly "
+                         "(inverted, shifted by a position, or along another axis?).")
         return " ".join(parts)
 
     def where(self, finite):
@@ -734,6 +942,27 @@ class _Comparison:
         if outside:
             text += f"; {outside} of them outside the mask, where the gradient should be 0"
         return text
+
+
+def _nonfinite_advice(neginf, value_finite):
+    """The likely cause of a non-finite result: in the value, or in the gradient alone; -inf logits or not."""
+    if neginf and not value_finite:
+        return ("Both logits are -inf at the same entries there (p = q = 0, every divergence finite): "
+                "0 * log 0 = 0 * (-inf) is NaN in floating point, here in the value itself (F.kl_div with "
+                "log_target=True computes exp(-inf) * (-inf - -inf)). Give those terms 0 before they are "
+                "summed: replace the log-probabilities at those entries first (e.g. torch.where), or pass "
+                "neginf=False if your code never sees -inf logits.")
+    if neginf:
+        return ("Both logits are -inf at the same entries there (p = q = 0, every divergence finite): "
+                "0 * log 0 = 0 * (-inf) is NaN in floating point; zeroing the term afterwards (masked_fill) "
+                "fixed the value but not the gradient, where the backward pass meets 0 * NaN = NaN. Replace "
+                "the log-probabilities at those entries before using them (e.g. torch.where), or pass "
+                "neginf=False if your code never sees -inf logits.")
+    if not value_finite:
+        return ("The case has no -inf logits: an overflow in the value (exp of a large logit), or a log of "
+                "an underflowed probability (log(softmax(x)) in place of log_softmax(x))?")
+    return ("The case has no -inf logits and the value is finite: the backward pass alone meets a division "
+            "by 0, or a log or square root at 0 (a torch.where leaves the NaN gradient of its unused side)?")
 
 
 def _mismatch_hint(comparison, finite):
@@ -784,20 +1013,25 @@ def run_target(target, loss, *, framework="torch", tol=None, timeout=None, **set
 
     :data:`PASSED` (0) if it passes, :data:`DIFFERS` (1) if the check ran and the function differs,
     :data:`COULD_NOT_RUN` (3) if it could not be run (it raised, exited, returned something else than a
-    loss, or did not return within ``timeout`` seconds). Every setting is checked before the file is
-    imported (a one-line ValueError, exit status 2 from the command line), then the framework (a missing
-    PyTorch is a ConformanceError, exit status 2 too).
+    loss, changed its inputs, called backward() itself, or did not return within ``timeout`` seconds).
+    Every setting is checked before the file is imported (a one-line ValueError, exit status 2 from the
+    command line), then the framework (a missing PyTorch is a ConformanceError, exit status 2 too).
+
+    With a ``timeout`` the file is imported and checked in a process of its own (:func:`_run_in_process`),
+    stopped at the timeout whatever the function does; without one, in this process, at no extra cost.
     """
     if tol is None:
         tol = DEFAULT_TOL
     check_settings(loss, framework=framework, tol=tol, **settings)
-    valid_timeout = isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0
+    valid_timeout = _is_number(timeout) and math.isfinite(timeout) and timeout > 0
     if timeout is not None and not valid_timeout:
         raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
     _adapter(None, framework)  # a missing framework is a usage error, said before the file is imported
     try:
-        with _time_limit(timeout):
+        if timeout is None:
             report = check(load_function(target), loss, framework=framework, tol=tol, **settings)
+        else:
+            report = _run_in_process(timeout, target, loss, framework=framework, tol=tol, **settings)
     except ConformanceError as err:
         print(f"could not run {target}: {err}", file=sys.stderr)
         return COULD_NOT_RUN
@@ -807,22 +1041,60 @@ def run_target(target, loss, *, framework="torch", tol=None, timeout=None, **set
     return DIFFERS
 
 
-@contextlib.contextmanager
-def _time_limit(seconds):
-    """A ConformanceError if the block runs longer than ``seconds`` (None: no limit; main thread, Unix)."""
-    if seconds is None:
-        yield
-        return
-    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
-        raise ValueError("a timeout needs a Unix main thread (signal.setitimer)")
+def _run_in_process(timeout, target, loss, **settings):
+    """:func:`check` of ``FILE.py:FUNCTION`` in a fresh process, stopped after ``timeout`` seconds.
 
-    def expire(signum, frame):
-        raise ConformanceError(f"it did not return within {seconds:g} s (--timeout)")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    A function can catch the exception a signal raises (``except BaseException``) and run on; a process
+    can be stopped. "spawn" starts a fresh interpreter: a fork of this process would inherit PyTorch's
+    OpenMP threads, and its first parallel operation can then hang (measured: a forked child's 300 x 300
+    matmul never returned). The clock starts once the child has imported minitodi and the framework, so
+    that the timeout is the function's. That start costs the command about 0.1 s with NumPy (0.17 s
+    without a timeout, 0.28 s with) and 0.9 s with PyTorch (1.4 s, 2.3 s), measured on two cores. The
+    report, or what went wrong, comes back through a pipe.
+    """
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(sender, target, loss, settings), daemon=True)
+    process.start()
+    sender.close()  # the child's end: EOF here once the child has ended
     try:
-        yield
+        kind, payload = _receive(receiver, process, None)
+        if kind == "ready":  # minitodi and the framework imported: the clock starts
+            kind, payload = _receive(receiver, process, timeout)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        if process.is_alive():
+            process.kill()
+        process.join()
+        receiver.close()
+    if kind == "usage":
+        raise ValueError(payload)
+    if kind == "could not run":
+        raise ConformanceError(payload)
+    return payload
+
+
+def _receive(receiver, process, timeout):
+    """The child's next message; a ConformanceError if it ends without one or sends none in ``timeout``."""
+    if not receiver.poll(timeout):
+        raise ConformanceError(f"it did not return within {timeout:g} s (--timeout); it was stopped")
+    try:
+        return receiver.recv()
+    except EOFError:
+        process.join()
+        raise ConformanceError(f"the process running it ended (exit status {process.exitcode}) without a "
+                               "result") from None
+
+
+def _child(sender, target, loss, settings):
+    """In the child process: import, check, send ("report", Report) or what went wrong, as one line."""
+    try:
+        _adapter(None, settings["framework"])  # PyTorch imported before the clock starts
+        sender.send(("ready", None))
+        report = check(load_function(target), loss, **settings)
+        sender.send(("report", report))
+    except (ValueError, OSError) as err:  # no such file or function: a usage error
+        sender.send(("usage", str(err)))
+    except ConformanceError as err:
+        sender.send(("could not run", str(err)))
+    finally:
+        sender.close()

@@ -12,13 +12,14 @@ import functools
 import importlib.util
 import math
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from minitodi import cli
-from minitodi.conformance import ConformanceError, _todi_attached_extra, battery, check, computations
+from minitodi import cli, conformance
+from minitodi.conformance import NEGATED, ConformanceError, battery, check, computations
 from minitodi.core.gradcheck import central_difference
 from minitodi.core.losses import LOSSES, log_softmax
 
@@ -151,7 +152,7 @@ def test_torch_official_baselines(loss):
 def test_torch_float32_official_style_passes(loss, options):
     """Passes without the -inf case; with it, RKL's and ToDi's gradient is NaN there, and that fails."""
     report = check(torch_loss(loss), loss, framework="torch", neginf=False, **options)
-    assert report.passed and len(report.rows) == 9, report
+    assert report.passed and len(report.rows) == len(battery()), report  # -inf case out, all-masked in
     assert "left out" in str(report) and "-inf" in report.notes[0]
     worst = max(max(r.value_error, r.grad_error) for r in report.rows)
     assert worst < 3e-5  # float32 rounding, measured worst 1.1e-5: 1e-3 leaves a wide margin
@@ -214,9 +215,12 @@ def test_torch_neginf_safe_and_nan_elsewhere(torch):
     def nan_everywhere(s, t, mask, temperature):
         return official(s, t, mask, temperature) * torch.tensor(math.nan)
     report = check(nan_everywhere, "todi")
-    assert all(r.status == "FAIL" for r in report.rows)
-    assert report.diagnosis.count("Non-finite on case") == len(report.rows)
-    assert report.diagnosis.count("The case has no -inf logits") == len(report.rows) - 1
+    *rows, all_masked = report.rows
+    assert all(r.status == "FAIL" for r in rows)
+    assert report.diagnosis.count("Non-finite on case") == len(rows)
+    assert report.diagnosis.count("The case has no -inf logits") == len(rows) - 1
+    assert all_masked.status == "ok" and math.isnan(all_masked.value)  # NaN, gradient 0: accepted, noted
+    assert "the value is NaN (0 / 0) and the gradient 0: accepted" in report.notes[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,7 +228,7 @@ def test_torch_neginf_safe_and_nan_elsewhere(torch):
 
 
 def numpy_loss(kind, bug=None):
-    """fn(s, t, mask, temperature, beta=1) -> (loss, grad) in float32, with one bug."""
+    """fn(s, t, mask, temperature, beta=1) -> (loss, grad) in float32 with one bug; 0 where nothing counts."""
     def fn(s, t, mask, temperature, beta=1.0):
         T = temperature
         if bug == "swap":
@@ -243,7 +247,8 @@ def numpy_loss(kind, bug=None):
         g = -a * p + (1 - a) * q * (1 - d)  # dD/dlog q with a held constant
         if bug == "attached":
             g -= beta * a * (1 - a) * (p + q) * d
-        n = mask.sum() * (1 / T ** 2 if bug == "t2" else 1) / (mask.sum() if bug == "sum" else 1)
+        counted = max(mask.sum(), 1)  # 0 / 1 where nothing counts: no NaN gradient there (TRL's guard)
+        n = counted * (1 / T ** 2 if bug == "t2" else 1) / (counted if bug == "sum" else 1)
         value = ((a * p - (1 - a) * q) * d).sum(-1)[mask].sum() / n
         return value, np.where(mask[..., None], g - q * g.sum(-1, keepdims=True), 0) / (n * T)
     return fn
@@ -270,9 +275,10 @@ def test_losses_conform_to_themselves():
 
 def test_value_wrong_gradient_right_is_said():
     def cross_entropy(s, t, mask, T):  # -sum p log q: FKL plus the teacher's entropy, FKL's gradient
+        grad = LOSSES["fkl"](s, t, mask, temperature=T)[1]  # first: it raises where no position counts
         lp, lq = log_softmax(t / T), log_softmax(s / T)
         value = -(np.exp(lp) * np.where(np.isneginf(lq), 0, lq)).sum(-1)[mask].mean()
-        return value, LOSSES["fkl"](s, t, mask, temperature=T)[1]
+        return value, grad
     report = check(cross_entropy, "fkl", framework="numpy")
     assert not report.passed and "likely bug: cross-entropy" in report.diagnosis, report.diagnosis
 
@@ -317,7 +323,7 @@ def test_constant_factor_is_named():
     report = check(scaled("gjsd", lambda s, m, T: 0.5, beta=0.1), "gjsd", framework="numpy", beta=0.1)
     assert report.diagnosis == "diagnosis: likely bug: value and gradient scaled by 0.5.", report
     report = check(scaled("todi", lambda s, m, T: -1.0), "todi", framework="numpy", neginf=False)
-    assert "scaled by -1." in report.diagnosis, report.diagnosis  # the divergence maximised
+    assert report.diagnosis == f"diagnosis: likely bug: {NEGATED}.", report.diagnosis  # maximised
 
     def half_value(s, t, mask, temperature):  # the value alone halved: no constant factor explains it
         value, grad = LOSSES["fkl"](s, t, mask, temperature=temperature)
@@ -332,7 +338,9 @@ def test_temperature_ignored_is_named():
         return LOSSES["rkl"](s, t, mask, temperature=1.0)
     report = check(at_one, "rkl", framework="numpy")
     assert report.diagnosis == "diagnosis: likely bug: temperature ignored (the divergence at T = 1).", report
-    assert all((row.status == "ok") == ("temp 1" in row.case) for row in report.rows)
+    *rows, all_masked = report.rows
+    assert all((row.status == "ok") == ("temp 1" in row.case) for row in rows)
+    assert all_masked.value == "raised" and all_masked.status == "ok"  # LOSSES["rkl"] raises there
 
 
 @pytest.mark.parametrize("loss", ["fkl", "sfkl", "gjsd"])
@@ -350,7 +358,8 @@ def test_entropy_added_is_named(loss):
 PAIRS = [  # (loss, fn, the diagnosis's words): two deviations at once
     ("fkl", scaled("fkl", lambda s, m, T: m.size / m.shape[0], masked=False),  # TRL's loss without labels
      "likely bug: mask ignored (every position counted) and the sum divided by the batch size B "
-     "(the first dimension) instead of by the counted positions."),
+     "(the first dimension) instead of by the counted positions. Where no position counts (case "
+     "'(2, 5, 16) no position counted'), the gradient is not 0"),
     ("todi", scaled("todi", lambda s, m, T: m.sum() * T ** 2),
      "likely bug: T^2 factor applied and sum over positions instead of mean."),
     ("rkl", scaled("rkl", lambda s, m, T: 0.25 * T ** 2), "likely bug: T^2 factor applied and value and "
@@ -361,7 +370,7 @@ PAIRS = [  # (loss, fn, the diagnosis's words): two deviations at once
 @pytest.mark.parametrize("loss, fn, words", PAIRS, ids=["mask+batch", "t2+sum", "t2+scaled"])
 def test_pairs_are_named(loss, fn, words):
     report = check(fn, loss, framework="numpy")
-    assert report.diagnosis == "diagnosis: " + words, report
+    assert report.diagnosis.startswith("diagnosis: " + words), report
 
 
 def test_temperature_ignored_and_entropy_added_is_named():
@@ -375,10 +384,10 @@ def test_temperature_ignored_and_entropy_added_is_named():
 
 
 def test_no_match_says_where_the_largest_error_sits():
-    """GJSD at beta 0.1 is no known mistake of JSD: no closest variant, but the case and positions."""
-    def other_beta(s, t, mask, temperature):
-        return LOSSES["gjsd"](s, t, mask, temperature=temperature, beta=0.1)
-    report = check(other_beta, "jsd", framework="numpy")
+    """TVD is no known mistake of JSD: no closest variant, but the case and positions."""
+    def other_divergence(s, t, mask, temperature):
+        return LOSSES["tvd"](s, t, mask, temperature=temperature)
+    report = check(other_divergence, "jsd", framework="numpy")
     diagnosis = report.diagnosis
     assert "no known mistake, alone or in pairs, matches" in diagnosis, diagnosis
     assert "likely bug" not in diagnosis and "Closest" not in diagnosis
@@ -417,8 +426,144 @@ def test_nonfinite_value_fails_and_neginf_false_leaves_the_case_out():
             "Both logits are -inf at the same entries there") in report.diagnosis, report.diagnosis
     assert "pass neginf=False" in report.diagnosis and "weight" not in report.diagnosis
     report = check(nan_value, "fkl", framework="numpy", neginf=False)
-    assert report.passed and len(report.rows) == 9 and "-inf" not in "".join(r.case for r in report.rows)
+    assert report.passed and len(report.rows) == len(battery())  # -inf case out, all-masked in
+    assert "-inf" not in "".join(r.case for r in report.rows)
     assert "note: left out: case '(2, 4, 20) -inf entries, temp 2' (neginf=False" in str(report)
+
+
+@pytest.mark.parametrize("loss, declared, actual, words", [
+    ("jsd", {}, ("gjsd", {"beta": 0.1}), "likely bug: this is gjsd beta=0.1 (jsd is gjsd at beta 0.5)."),
+    ("gjsd", {"beta": 0.5}, ("gjsd", {"beta": 0.9}), "likely bug: this is gjsd beta=0.9, not beta=0.5 as "
+     "declared."),
+    ("todi", {}, ("todi", {"beta": 2.0}), "likely bug: this is todi beta=2, not beta=1 as declared."),
+    ("sfkl", {"lam": 0.3}, ("sfkl", {}), "likely bug: lam ignored (the default lam=0.1 used)."),
+    ("akl", {}, ("akl", {"mu": 0.9}), "likely bug: this is akl mu=0.9, not mu=0.5 as declared."),
+])
+def test_wrong_option_value_is_named(loss, declared, actual, words):
+    """The option searched over a grid: GJSD at beta 0.1 declared as JSD said to be just that."""
+    name, options = actual
+
+    def fn(s, t, mask, temperature):
+        return LOSSES[name](s, t, mask, temperature=temperature, **options)
+    report = check(fn, loss, framework="numpy", **declared)
+    assert report.diagnosis == "diagnosis: " + words, report.diagnosis
+
+
+@pytest.mark.parametrize("power, words", [
+    (1, "a factor T applied (the loss times T)"),
+    (-1, "divided by T (the temperature applied as a factor 1/T)"),
+    (-2, "divided by T^2 (the temperature applied as a factor 1/T^2)"),
+])
+def test_temperature_as_a_factor_is_named(power, words):
+    report = check(scaled("fkl", lambda s, m, T: T ** power), "fkl", framework="numpy")
+    assert report.diagnosis == f"diagnosis: likely bug: {words}.", report.diagnosis
+    times_t2 = scaled("fkl", lambda s, m, T: T ** (2 + power))
+    declared = check(times_t2, "fkl", framework="numpy", t_squared=True)
+    assert declared.diagnosis.endswith(", where T^2 is declared."), declared.diagnosis
+
+
+def test_gradient_sign_flipped_is_named():
+    def flipped(s, t, mask, temperature):
+        value, grad = LOSSES["todi"](s, t, mask, temperature=temperature)
+        return value, -grad
+    report = check(flipped, "todi", framework="numpy")
+    assert report.diagnosis == ("diagnosis: likely bug: the gradient's sign flipped, the value right (a step "
+                                "along it increases the loss)."), report.diagnosis
+
+
+def test_mask_applied_wrongly_is_hinted():
+    """The mask shifted by one position: only the case where every position counts agrees."""
+    def shifted(s, t, mask, temperature):
+        return LOSSES["fkl"](s, t, np.roll(mask, 1), temperature=temperature)
+    report = check(shifted, "fkl", framework="numpy")
+    assert "no known mistake" in report.diagnosis
+    assert "1 of 12 cases agree: '(5, 7) all positions, temp 0.5'." in report.diagnosis, report.diagnosis
+    assert "Only where every position counts does it agree: the mask is applied wrongly" in report.diagnosis
+    other = check(scaled("fkl", lambda s, m, T: 0.5 * (1 + 0.003 * T)), "fkl", framework="numpy")
+    assert "Only where every position counts" not in other.diagnosis  # 'temp 1' cases agree there
+
+
+def test_nonfinite_advice_says_value_or_gradient():
+    """A NaN value and a NaN gradient have different causes, with and without -inf logits."""
+    def nan_value(s, t, mask, temperature):
+        value, grad = LOSSES["fkl"](s, t, mask, temperature=temperature)
+        return math.nan, grad
+
+    def nan_gradient(s, t, mask, temperature):
+        value, grad = LOSSES["fkl"](s, t, mask, temperature=temperature)
+        return value, grad * math.nan
+    value_advice = check(nan_value, "fkl", framework="numpy").diagnosis
+    gradient_advice = check(nan_gradient, "fkl", framework="numpy").diagnosis
+    assert "here in the value itself" in value_advice and "backward pass" not in value_advice
+    assert "fixed the value but not the gradient" in gradient_advice and "value itself" not in gradient_advice
+    assert "an overflow in the value" in value_advice and "the backward pass alone" not in value_advice
+    assert "the backward pass alone meets a division by 0" in gradient_advice
+    assert "an overflow in the value" not in gradient_advice
+
+
+def all_masked_variant(outcome):
+    """LOSSES["fkl"]; where no position counts: raise, 0, NaN, a NaN gradient, 0.5 or the unmasked loss."""
+    def fn(s, t, mask, temperature):
+        if mask.any():
+            return LOSSES["fkl"](s, t, mask, temperature=temperature)
+        if outcome == "raises":
+            raise ZeroDivisionError("no position counts")
+        zero = np.zeros(s.shape)
+        if outcome == "zero":
+            return 0.0, zero
+        if outcome == "nan value":
+            return math.nan, zero
+        if outcome == "nan gradient":
+            return 0.0, zero * math.nan
+        if outcome == "a value":
+            return 0.5, zero
+        return LOSSES["fkl"](s, t, None, temperature=temperature)  # "every position": the mask ignored
+    return fn
+
+
+@pytest.mark.parametrize("outcome, passed, words", [
+    ("raises", True, None),
+    ("zero", True, None),
+    ("nan value", True, "the value is NaN (0 / 0) and the gradient 0: accepted"),
+    ("nan gradient", False, "the gradient is not 0 (largest entry nan)"),
+    ("a value", False, "the value is 0.5, not 0: positions that do not count are counted"),
+    ("every position", False, "the gradient is not 0 (largest entry 0.0"),
+])
+def test_all_masked_batch_may_raise_or_give_0(outcome, passed, words):
+    """minitodi raises where no position counts; 0 (TRL, Liger-Kernel, torchtune) passes too."""
+    report = check(all_masked_variant(outcome), "fkl", framework="numpy")
+    assert report.passed == passed, report
+    assert report.rows[-1].case == "(2, 5, 16) no position counted"
+    if words:
+        assert words in str(report), report
+    if not passed:
+        assert report.diagnosis.startswith("diagnosis: Where no position counts"), report.diagnosis
+
+
+def test_long_sequences_are_checked():
+    """A loss that counts only the first 32 positions of a sequence passed the battery of ten cases."""
+    def first_32(s, t, mask, temperature):
+        kept = mask.copy()
+        if mask.ndim == 2:
+            kept[:, 32:] = False
+        return LOSSES["fkl"](s, t, kept, temperature=temperature)
+    report = check(first_32, "fkl", framework="numpy")
+    failing = [row.case for row in report.rows if row.status == "FAIL"]
+    assert failing == ["(1, 256, 24) B=1, temp 1", "(3, 64, 40) long, temp 2"], report
+
+
+def test_the_attached_formula_is_the_loss(monkeypatch):
+    """The variant "weight not detached" calls minitodi.core.losses' ToDi (detach=False), not a copy."""
+    from minitodi.core import losses
+    calls = []
+    original = losses.todi_attached_rows
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(losses, "todi_attached_rows", counted)
+    attached_gradient(battery()[1], 2.0)
+    assert calls
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,6 +587,12 @@ def _todi_value(student, case, beta):
     return LOSSES["todi"](student, case.teacher, case.mask, temperature=case.temperature, beta=beta)[0]
 
 
+def attached_gradient(case, beta):
+    """The gradient of the check's variant "ToDi's weight not detached" on ``case``."""
+    named = {c.description: c for c in computations("todi", {"beta": beta})}
+    return named["ToDi's weight not detached (gradient flows through a)"].value_and_grad(case)[1]
+
+
 @pytest.mark.parametrize("beta", [0.5, 2.0])
 def test_todi_not_detached_is_the_gradient_of_the_value(beta):
     """ToDi's value as a function of the student (its weight moving too) against finite differences."""
@@ -449,7 +600,7 @@ def test_todi_not_detached_is_the_gradient_of_the_value(beta):
     for case in (cases[1], cases[9]):
         s = case.student.copy()
         _, grad = LOSSES["todi"](s, case.teacher, case.mask, temperature=case.temperature, beta=beta)
-        attached = grad + _todi_attached_extra(case, beta)
+        attached = attached_gradient(case, beta)
         error = fd_error(functools.partial(_todi_value, s, case, beta), s, attached)
         assert error < 1e-9, (case.name, error)
         detached_error = np.abs(attached - grad).max() / np.abs(grad).max()
@@ -460,8 +611,7 @@ def test_todi_not_detached_at_beta_1_is_fkl_plus_rkl():
     """At beta = 1 ToDi's value equals FKL + RKL, so the weight's full gradient is theirs."""
     for case in battery(seed=4):
         args = (case.student, case.teacher, case.mask)
-        _, grad = LOSSES["todi"](*args, temperature=case.temperature)
-        full = grad + _todi_attached_extra(case, 1.0)
+        full = attached_gradient(case, 1.0)
         fkl_rkl = LOSSES["fkl"](*args, temperature=case.temperature)[1] + LOSSES["rkl"](
             *args, temperature=case.temperature)[1]
         assert np.abs(full - fkl_rkl).max() <= 1e-12 * np.abs(fkl_rkl).max(), case.name
@@ -488,6 +638,9 @@ def test_battery_covers_what_it_claims():
     assert {c.student.ndim for c in cases} == {2, 3}
     assert min(c.student.shape[-1] for c in cases) == 2 and max(c.student.shape[-1] for c in cases) >= 1000
     assert {c.temperature for c in cases} == {0.5, 1.0, 2.0}
+    sequences = [c for c in cases if c.student.ndim == 3]
+    assert any(c.student.shape[0] == 1 and c.student.shape[1] >= 256 for c in sequences)  # B = 1, long
+    assert sum(c.student.shape[1] >= 64 for c in sequences) >= 2
     assert any(c.mask.sum() == 1 for c in cases) and any(c.mask.all() for c in cases)
     assert sum(0 < c.mask.sum() < c.mask.size for c in cases) >= 6
     assert any((np.exp(log_softmax(c.teacher / c.temperature)).max(-1) > 1 - 1e-6).all() for c in cases)
@@ -710,11 +863,49 @@ def returns_nan(s, t, mask, temperature):
 
 def hangs(s, t, mask, temperature):
     time.sleep(60)
+
+
+STUBBORN_UNTIL = time.monotonic() + 10.0
+
+
+def stubborn(s, t, mask, temperature):  # swallows whatever a timer raises; then returns a wrong loss
+    while time.monotonic() < STUBBORN_UNTIL:
+        try:
+            time.sleep(0.05)
+        except BaseException:
+            pass
+    return 0.0, np.zeros(s.shape)
+
+
+def generator_exit(s, t, mask, temperature):
+    raise GeneratorExit
+
+
+def complex_gradient(s, t, mask, temperature):
+    from minitodi.core.losses import LOSSES
+    value, grad = LOSSES["fkl"](s, t, mask, temperature=temperature)
+    return value, grad + 1j
+
+
+def complex_value(s, t, mask, temperature):
+    from minitodi.core.losses import LOSSES
+    value, grad = LOSSES["fkl"](s, t, mask, temperature=temperature)
+    return complex(value), grad
+
+
+def divides_in_place(s, t, mask, temperature):
+    from minitodi.core.losses import LOSSES
+    s /= temperature
+    return LOSSES["fkl"](s, t, mask, temperature=1.0)
 '''
 
 
 @pytest.mark.parametrize("name, words", [
     ("exits", "raised SystemExit"),
+    ("generator_exit", "raised GeneratorExit"),
+    ("complex_gradient", "the gradient it returned is complex (complex128)"),
+    ("complex_value", "the loss it returned is complex"),
+    ("divides_in_place", "changed its argument student_logits in place"),
     ("returns_a_vector", "must be one number"),
     ("returns_a_float", "must return (loss, grad)"),
     ("returns_none", "must return (loss, grad), got NoneType"),
@@ -744,10 +935,90 @@ def test_cli_a_nan_loss_differs_and_is_said_to(tmp_path, capsys):
     assert "T^2" not in out.split("diagnosis", 1)[-1]
 
 
-def test_cli_a_hanging_function_gives_up_at_the_timeout(tmp_path, capsys):
+@pytest.mark.parametrize("name", ["hangs", "stubborn"])
+def test_cli_a_hanging_function_gives_up_at_the_timeout(tmp_path, capsys, name):
+    """A function that catches what a timer raises (``except BaseException``) is stopped all the same.
+
+    Without a process of its own, ``stubborn`` ran 10 s past the timeout, then returned a wrong loss:
+    exit 1.
+    """
     path = tmp_path / "runaway.py"
     path.write_text(RUNAWAY)
-    argv = ["conformance", f"{path}:hangs", "--loss", "fkl", "--framework", "numpy", "--timeout", "0.5"]
+    argv = ["conformance", f"{path}:{name}", "--loss", "fkl", "--framework", "numpy", "--timeout", "0.5"]
+    start = time.monotonic()
     assert cli.main(argv) == 3
-    assert "did not return within 0.5 s" in capsys.readouterr().err
+    assert time.monotonic() - start < 9  # before stubborn would have given up by itself
+    err = capsys.readouterr().err
+    assert "did not return within 0.5 s (--timeout); it was stopped" in err and len(err.splitlines()) == 1
     assert cli.main(argv[:-1] + ["-1"]) == 2
+
+
+def test_cli_without_timeout_runs_in_this_process(tmp_path, capsys, monkeypatch):
+    """The default path starts no process (a fresh interpreter costs 0.1 s, 0.9 s with PyTorch)."""
+    def no_process(*args, **kwargs):
+        raise AssertionError("a process was started without --timeout")
+    monkeypatch.setattr(conformance, "_run_in_process", no_process)
+    path = tmp_path / "mine.py"
+    path.write_text(SOURCE)
+    assert cli.main(["conformance", f"{path}:good", "--loss", "fkl", "--framework", "numpy"]) == 0
+    assert "conforms" in capsys.readouterr().out
+
+
+def test_cli_timeout_reports_as_in_process(tmp_path, capsys):
+    """With --timeout the report comes back from the child: the same verdicts, exit statuses and lines."""
+    path = tmp_path / "mine.py"
+    path.write_text(SOURCE)
+    base = ["conformance", "--loss", "fkl", "--framework", "numpy", "--timeout", "60"]
+    assert cli.main(base + [f"{path}:summed"]) == 1
+    assert "sum over positions instead of mean" in capsys.readouterr().out
+    assert cli.main(base + [f"{path}:absent"]) == 2  # known only once the child has imported the file
+    err = capsys.readouterr().err
+    assert "no function 'absent'" in err and len(err.splitlines()) == 1
+
+
+TORCH_RUNAWAY = '''
+import torch
+
+
+def fkl(s, t, mask, temperature):
+    log_q = torch.log_softmax(s / temperature, -1)
+    log_p = torch.log_softmax(t / temperature, -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)[mask].mean()
+
+
+def calls_backward(s, t, mask, temperature):
+    loss = fkl(s, t, mask, temperature)
+    loss.backward()
+    return loss
+
+
+def divides_teacher_in_place(s, t, mask, temperature):
+    t /= temperature  # the caller's teacher logits changed; the loss itself is right
+    return fkl(s, t * temperature, mask, temperature)
+
+
+def complex_loss(s, t, mask, temperature):
+    return fkl(s, t, mask, temperature).to(torch.complex128)
+
+
+def changes_the_mask(s, t, mask, temperature):
+    loss = fkl(s, t, mask, temperature)
+    mask.fill_(True)
+    return loss
+'''
+
+
+@pytest.mark.usefixtures("torch")
+@pytest.mark.parametrize("name, words", [
+    ("calls_backward", "calls_backward called backward() itself"),
+    ("divides_teacher_in_place", "changed its argument teacher_logits in place"),
+    ("complex_loss", "the loss it returned is complex (torch.complex128)"),
+    ("changes_the_mask", "changed its argument mask in place"),
+])
+def test_cli_torch_function_that_cannot_be_run_exits_3(tmp_path, capsys, name, words):
+    """Each of these once raised out of the check (exit 2, a usage error) or passed; now exit 3, one line."""
+    path = tmp_path / "runaway.py"
+    path.write_text(TORCH_RUNAWAY)
+    assert cli.main(["conformance", f"{path}:{name}", "--loss", "fkl", "--no-neginf"]) == 3
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1, err
