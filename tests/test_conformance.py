@@ -806,7 +806,8 @@ def test_library_verdicts(distribution):
 
     TRL's generalized_jsd_loss passes at beta 0, 0.1, 0.5, 0.9 and 1 with labels (without the -inf case);
     without labels it ignores the mask and divides the sum by the batch size; on the -inf case its value
-    is NaN. Liger's LigerFusedLinearJSDLoss with its default weights is 0.5 x GJSD.
+    is NaN. Liger's LigerFusedLinearJSDLoss with its default weights is 0.5 x GJSD. Given the mask, each
+    returns 0 with a zero gradient where no position counts: accepted.
     """
     example = load_example("check_libraries")
     pinned = example.PINNED[distribution]
@@ -820,6 +821,9 @@ def test_library_verdicts(distribution):
     wrong = [f"{setting}: {example.summary(report)}" for setting, (item, report) in reports.items()
              if not item.verdict_right(report)]
     assert not wrong, wrong
+    no_position = [report.rows[-1] for setting, (_, report) in reports.items()
+                   if "no " not in setting and "all labels" not in setting]  # the mask given to the loss
+    assert all(row.value == 0 and row.grad_error == 0 for row in no_position), no_position  # 0: accepted
     if distribution == "trl":
         for beta in example.TRL_BETAS:
             assert reports[f"labels, beta={beta:g}"][1].passed
