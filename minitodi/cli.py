@@ -1,6 +1,7 @@
 """The ``minitodi`` command line (also ``python -m minitodi``)."""
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -10,6 +11,80 @@ from .core import gradcheck, losses
 from .core.device import resolve_device
 from .parallel import cores
 from .presets import ARCHS, MODELS, model_config
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line, as minitodi's own: ``minitodi train: error: argument ...``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _integral(text):
+    """The integer ``text`` writes ("64", or "1e3" for 1000), or None when it writes no integer."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if math.isfinite(value) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _integer(low):
+    """An argparse type: an integer >= ``low``, refused in one line that names the option otherwise."""
+
+    def parse(text):
+        value = _integral(text)
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _real(low, high=math.inf, *, low_included=False, high_included=True):
+    """An argparse type: a finite number between ``low`` and ``high`` (each included or not)."""
+    if high == math.inf:
+        symbol = ">"
+        if low_included:
+            symbol = ">="
+        requirement = f"a finite number {symbol} {low:g}"
+    else:
+        left = "("
+        if low_included:
+            left = "["
+        right = ")"
+        if high_included:
+            right = "]"
+        requirement = f"a number in {left}{low:g}, {high:g}{right}"
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        above = value > low or (low_included and value == low)
+        below = value < high or (high_included and value == high)
+        if not (math.isfinite(value) and above and below):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+        return value
+
+    return parse
+
+
+class _Distinct(argparse.Action):
+    """Values of a ``nargs="+"`` option that must all differ (a repeated seed would count one pass twice)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        repeated = sorted({value for value in values if values.count(value) > 1})
+        if repeated:
+            parser.error(f"argument {option_string}: {', '.join(map(str, repeated))} given more than once")
+        setattr(namespace, self.dest, values)
 
 
 def cmd_gradcheck(args):
@@ -67,14 +142,45 @@ def _fit(args, teacher=None):
     device = resolve_device(args.device)
     dataset = load_dataset(args.data)
     tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else getattr(teacher, "tokenizer", None)
+    if tokenizer is None:  # one is trained: --vocab-size is read
+        _check_vocab_size(args.vocab_size, dataset)
     tokenizer, examples = prepare(dataset, args.seq_len, tokenizer=tokenizer, vocab_size=args.vocab_size,
                                   splits=("train", "valid"))
     config = model_config(args.preset, tokenizer.vocab_size, args.seq_len + args.max_new_tokens, args.arch)
+    _check_training_memory(args, config, examples["train"] + examples["valid"], tcfg, teacher, device)
     summary = fit(args.out, config, tokenizer, examples["train"], examples["valid"], tcfg, teacher=teacher,
                   device=device, progress=not args.quiet, start=args.start)
     print(f"{args.loss}: {summary['steps']} steps, best validation CE {summary['best_valid_ce']:.4f} at step "
           f"{summary['best_step']}; model in {args.out}, log in {args.out}/metrics.jsonl")
     return 0
+
+
+def _check_vocab_size(vocab_size, dataset):
+    """--vocab-size from the tokenizer's least to the most the data can give, its table within memory."""
+    from . import data, memory
+    from .tokenizer import MIN_VOCAB_SIZE
+
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"--vocab-size must be at least {MIN_VOCAB_SIZE} (the 256 bytes and the end-of-text "
+                         f"token), got {vocab_size}")
+    data.check_vocab_size(data.training_texts(dataset), vocab_size, name="--vocab-size")
+    table = {"the trainer's table": memory.tokenizer_bytes(vocab_size)}  # tokenizers runs on the CPU
+    memory.check_fits(f"training a tokenizer of --vocab-size {vocab_size}", table)
+
+
+def _check_training_memory(args, config, examples, tcfg, teacher, device):
+    """A run too large for the memory free is refused with the estimate, before anything is written."""
+    from . import memory
+
+    itemsize = {"float32": 4, "float64": 8}[tcfg.dtype]
+    teacher_config = None
+    if teacher is not None:
+        teacher_config = teacher.config
+    parts = memory.training_bytes(config, examples, tcfg.batch_size, itemsize=itemsize,
+                                  teacher_config=teacher_config, eval_batch_size=tcfg.eval_batch_size)
+    what = (f"training with --batch-size {tcfg.batch_size}, --seq-len {args.seq_len} and --max-new-tokens "
+            f"{args.max_new_tokens} ({config.n_positions} positions, a vocabulary of {config.vocab_size})")
+    memory.check_fits(what, parts, device)
 
 
 def cmd_distill(args):
@@ -97,7 +203,12 @@ def _load_model(directory, device):
 
 
 def _check_log_path(path):
-    """A JSONL file the result can be appended to: checked before the evaluation, not after it."""
+    """A JSONL file the result can be appended to, checked before the evaluation; nothing else is touched.
+
+    Refused, besides a directory, a missing parent or no permission: a file of a model or run directory
+    (:func:`_run_file_reason`), and an existing file that is not an earlier evaluation log (a dataset, a
+    training log, any other file of the user's), which the appended line would change.
+    """
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"--log {path} is a directory; give a file to append to")
@@ -106,7 +217,69 @@ def _check_log_path(path):
     target = path if path.exists() else path.parent
     if not os.access(target, os.W_OK):
         raise ValueError(f"--log {path}: {target} is not writable")
+    reason = _run_file_reason(path.resolve())  # resolved: a link to a model's file is that file
+    if reason:
+        raise ValueError(f"--log {path} is {reason}: give another file (default: MODEL/eval.jsonl)")
+    if path.is_file():
+        _check_earlier_log(path)
     return path
+
+
+def _run_file_reason(path):
+    """What ``path`` is to the model or run directory that holds it ("" when nothing): a file it owns.
+
+    A model or run directory holds a weights file, config.json, tokenizer.json or run.json. Its own
+    names are refused even before the run writes them, and so is anything in its state ``last/``, which
+    a run replaces as a whole.
+    """
+    from . import checkpoint, rundir
+    from .tokenizer import FILENAME as TOKENIZER_FILE
+
+    markers = (checkpoint.MODEL_FILE, checkpoint.INDEX_FILE, checkpoint.CONFIG_FILE, TOKENIZER_FILE,
+               rundir.RUN_FILE, checkpoint.STATE_FILE)
+    own = (*markers, checkpoint.STATE_JSON, rundir.LOG_FILE, rundir.LAST)
+
+    def is_run(directory):
+        return any((directory / name).exists() for name in markers)
+
+    if path.parent.name == rundir.LAST and is_run(path.parent.parent):
+        return f"inside the saved state of the run {path.parent.parent}"
+    if is_run(path.parent) and (path.name in own or path.suffix == ".safetensors"):
+        return f"a file of the model or run directory {path.parent}"
+    return ""
+
+
+def _check_earlier_log(path):
+    """An existing --log must be empty or an evaluation log: its first line a result of ``evaluate``."""
+    import json
+
+    with open(path, "rb") as f:
+        first = f.readline(1 << 20)
+    if not first.strip():
+        return
+    try:
+        record = json.loads(first)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        record = None
+    if not (isinstance(record, dict) and {"model", "data", "split"} <= record.keys()):
+        raise ValueError(f"--log {path} exists and is not an evaluation log (its first line is no result of "
+                         "evaluate): give a new file or an earlier --log")
+
+
+def _append_log(path, record):
+    """Append ``record`` to the JSONL file ``path`` as one line; an OSError names the file."""
+    import json
+
+    line = json.dumps(record) + "\n"
+    try:
+        with open(path, "a+b") as f:  # reads anywhere, writes at the end
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a line cut short by an earlier crash must not swallow this one
+                    line = "\n" + line
+            f.write(line.encode("utf-8"))
+    except OSError as err:
+        raise OSError(f"--log {path}: the scores above were not logged ({err.strerror or err})") from None
 
 
 def cmd_evaluate(args):
@@ -128,6 +301,9 @@ def cmd_evaluate(args):
         if teacher.config.vocab_size != config.vocab_size:
             raise ValueError(f"the teacher's vocabulary ({teacher.config.vocab_size}, {args.teacher}) is not "
                              f"the model's ({config.vocab_size}, {args.model})")
+    if args.max_new_tokens >= config.n_positions:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+                         f"context of {config.n_positions} positions: give at most {config.n_positions - 1}")
     dataset = load_dataset(args.data)
     examples = examples_for(dataset, args.split, tokenizer, config.n_positions - args.max_new_tokens)
     if dataset["kind"] == "instructions":
@@ -137,9 +313,8 @@ def cmd_evaluate(args):
         nll, _ = heldout_losses(params, config, examples, tokenizer.eos_id, device=device)
         result = {"perplexity": perplexity(nll)}
     record = {"model": str(args.model), "data": args.data, "split": args.split, **result}
-    with open(log, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2), flush=True)
+    _append_log(log, record)  # after the scores are shown: a log that cannot be written loses none of them
     return 0
 
 
@@ -203,8 +378,8 @@ def _common(p, *, training=False, generation=True):
     p.add_argument("--device", choices=["cpu", "gpu", "auto"], default=None,
                    help="where to compute (default: $MINITODI_DEVICE, else auto)")
     if generation:  # every command but the demo, which has its own seeds and budgets
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--max-new-tokens", type=int, default=32,
+        p.add_argument("--seed", type=_integer(0), default=0)
+        p.add_argument("--max-new-tokens", type=_integer(1), default=32,
                        help="tokens to generate (train, distill: the room kept for them in the context)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     if training:
@@ -213,9 +388,10 @@ def _common(p, *, training=False, generation=True):
         p.add_argument("--preset", choices=sorted(MODELS), default="teacher", help="model size")
         p.add_argument("--arch", choices=ARCHS, default="gpt2", help="gpt2, or llama of the same size")
         p.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one on the data)")
-        p.add_argument("--vocab-size", type=int, default=1024)
-        p.add_argument("--seq-len", type=int, default=64)
-        for flag, kind in (("--steps", int), ("--batch-size", int), ("--lr", float), ("--eval-every", int)):
+        p.add_argument("--vocab-size", type=_integer(1), default=1024)
+        p.add_argument("--seq-len", type=_integer(1), default=64)
+        for flag, kind in (("--steps", _integer(1)), ("--batch-size", _integer(1)), ("--lr", _real(0)),
+                           ("--eval-every", _integer(1))):
             p.add_argument(flag, type=kind)  # default: TrainConfig's
         start = p.add_mutually_exclusive_group()
         start.add_argument("--restart", dest="start", action="store_const", const="restart", default="resume",
@@ -233,8 +409,9 @@ def _add_training_commands(sub):
     _common(p, training=True)
     p.add_argument("--teacher", required=True, help="the teacher's run directory")
     p.add_argument("--loss", default="todi", choices=sorted(losses.LOSSES))
-    p.add_argument("--kd-rate", type=float, default=0.5, help="weight of the divergence against CE")
-    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--kd-rate", type=_real(0, 1, low_included=True), default=0.5,
+                   help="weight of the divergence against CE")
+    p.add_argument("--temperature", type=_real(0), default=2.0)
     p.add_argument("--option", action="append", metavar="NAME=VALUE", help="a loss option, e.g. beta=2")
     p.set_defaults(func=cmd_distill, preset="student")
 
@@ -242,7 +419,8 @@ def _add_training_commands(sub):
 def _protocol_arguments(p):
     p.add_argument("--decoding", choices=["sample", "greedy"], default="sample",
                    help="how answers are generated (default: sampled, as the paper evaluates)")
-    p.add_argument("--eval-seeds", type=int, nargs="+", default=[10, 20, 30, 40, 50],
+    p.add_argument("--eval-seeds", type=_integer(0), nargs="+", action=_Distinct,
+                   default=[10, 20, 30, 40, 50],
                    help="generation seeds of the sampled passes, scores averaged (default: 10 20 30 40 50)")
 
 
@@ -264,19 +442,25 @@ def _add_model_commands(sub):
     p.add_argument("--instruction", help="an instruction, formatted with the training prompt template")
     p.add_argument("--input", help="the instruction's context")
     p.add_argument("--prompt", help="raw text to continue instead of an instruction")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--samples", type=int, default=1)
+    p.add_argument("--temperature", type=_real(0, low_included=True), default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=_integer(0), help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=_real(0, 1), help="sample among the most likely tokens of this mass")
+    p.add_argument("--samples", type=_integer(1), default=1)
     p.set_defaults(func=cmd_generate)
 
 
 def _add_gradcheck_command(sub):
     p = sub.add_parser("gradcheck", help="check every loss gradient against finite differences")
     p.add_argument("--losses", nargs="+", choices=sorted(losses.LOSSES), help="only these losses")
-    p.add_argument("--eps", type=float, default=gradcheck.LOSS_CHECK_EPS, help="finite-difference step")
-    p.add_argument("--tol", type=float, default=1e-6, help="largest relative error that passes")
-    p.add_argument("--seed", type=int, default=0)
+    # A step outside [1e-12, 0.1] checks rounding or a secant, not the gradient: on logits ~ N(0, 1) the
+    # worst relative error of correct gradients (fkl, todi, tvd; T = 1, 2) is 0.28 at 1e-12 and 0.20 at
+    # 0.1, and 1.0 (nothing agrees) at 1e-14 and at 0.3.
+    p.add_argument("--eps", type=_real(1e-12, 0.1, low_included=True), default=gradcheck.LOSS_CHECK_EPS,
+                   help="finite-difference step, in [1e-12, 0.1]")
+    # a relative error |a - n| / (|a| + |n|) is at most 1: a tolerance of 1 would pass all but sign flips
+    p.add_argument("--tol", type=_real(0, 1, high_included=False), default=1e-6,
+                   help="largest relative error that passes, in (0, 1)")
+    p.add_argument("--seed", type=_integer(0), default=0)
     p.set_defaults(func=cmd_gradcheck)
 
 
@@ -315,7 +499,7 @@ def _add_demo_command(sub):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="minitodi", description=__doc__)
+    parser = _Parser(prog="minitodi", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_gradcheck_command(sub)
     _add_training_commands(sub)
@@ -333,6 +517,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"\nminitodi {args.command}: interrupted", file=sys.stderr)
         return 130
+    except MemoryError as err:  # an allocation the estimates up front did not foresee
+        print(f"minitodi {args.command}: error: out of memory: {err}", file=sys.stderr)
+        return 2
     except (ValueError, OSError, RuntimeError, FloatingPointError) as err:  # the clear errors minitodi raises
         print(f"minitodi {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -91,14 +92,22 @@ def test_demo_writes_results_for_every_loss(tmp_path, monkeypatch, capsys):
     assert json.loads((out / "results.json").read_text())["students"] == results["students"]
 
 
+def exit_status(argv):
+    """What ``minitodi ARGV`` exits with: main's return value, or the parser's SystemExit code."""
+    try:
+        return main(argv)
+    except SystemExit as stopped:
+        return stopped.code
+
+
 @pytest.mark.parametrize("flags, message", [
-    (["--lr", "nan"], "lr must be a finite number > 0"), (["--lr", "-1"], "lr must be"),
-    (["--lr", "inf"], "lr must be"), (["--temperature", "0"], "temperature must be"),
+    (["--lr", "nan"], "argument --lr: must be a finite number > 0"), (["--lr", "-1"], "--lr: must be"),
+    (["--lr", "inf"], "--lr: must be"), (["--temperature", "0"], "--temperature: must be"),
     (["--option", "gamma=3"], "no option gamma; its options: beta"),
 ])
 def test_bad_settings_are_one_line_and_write_nothing(runs, tmp_path, capsys, flags, message):
     out = tmp_path / "s"
-    assert main(["distill", "--teacher", str(runs / "teacher"), "--out", str(out), *TINY, *flags]) == 2
+    assert exit_status(["distill", "--teacher", str(runs / "teacher"), "--out", str(out), *TINY, *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and not out.exists()
 
@@ -167,3 +176,205 @@ def test_ctrl_c_says_so(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(demo, "run", interrupted)
     assert main(["demo", "--out", str(tmp_path / "d")]) == 130
     assert "minitodi demo: interrupted" in capsys.readouterr().err
+
+
+# ---- every numeric option: 0, negative, nan, inf, huge, not a number --------------------------------
+_TRAIN = ["train", "--out", "OUT"]
+_DISTILL = ["distill", "--teacher", "TEACHER", "--out", "OUT"]
+_EVALUATE = ["evaluate", "--model", "MODEL"]
+_GENERATE = ["generate", "--model", "MODEL", "--prompt", "hi"]
+_BAD_NUMBERS = [
+    *[(_TRAIN, "--seed", value) for value in ("-1", "1.5", "nan", "x")],
+    *[(_TRAIN, "--max-new-tokens", value) for value in ("0", "-5", "inf")],
+    *[(_TRAIN, "--vocab-size", value) for value in ("0", "-1", "1e400", "many")],
+    *[(_TRAIN, "--seq-len", value) for value in ("0", "-920", "2.5", "inf", "1e8x")],
+    *[(_TRAIN, "--steps", value) for value in ("0", "-3", "nan")],
+    *[(_TRAIN, "--batch-size", value) for value in ("0", "-1", "nan", "1e400")],
+    *[(_TRAIN, "--lr", value) for value in ("0", "-1", "nan", "inf", "-inf", "fast")],
+    *[(_TRAIN, "--eval-every", value) for value in ("0", "-1")],
+    *[(_DISTILL, "--kd-rate", value) for value in ("-0.1", "1.5", "nan", "inf")],
+    *[(_DISTILL, "--temperature", value) for value in ("0", "-1", "nan", "inf")],
+    *[(_EVALUATE, "--max-new-tokens", value) for value in ("0", "-1")],
+    *[(_EVALUATE, "--seed", value) for value in ("-1",)],
+    *[(_EVALUATE, "--eval-seeds", value) for value in ("-1", "1.5")],
+    *[(_GENERATE, "--seed", value) for value in ("-1",)],
+    *[(_GENERATE, "--max-new-tokens", value) for value in ("0", "-2")],
+    *[(_GENERATE, "--temperature", value) for value in ("-1", "nan", "inf")],
+    *[(_GENERATE, "--top-k", value) for value in ("-1", "2.5")],
+    *[(_GENERATE, "--top-p", value) for value in ("0", "1.5", "nan", "-1")],
+    *[(_GENERATE, "--samples", value) for value in ("0", "-1")],
+    *[(["gradcheck"], "--eps", value) for value in ("0", "-1", "1e300", "nan", "inf", "1e-20")],
+    *[(["gradcheck"], "--tol", value) for value in ("0", "-1", "nan", "inf", "1")],
+    *[(["gradcheck"], "--seed", value) for value in ("-1",)],
+]
+
+
+@pytest.mark.parametrize("command, flag, value", _BAD_NUMBERS)
+def test_a_bad_number_is_one_line_naming_its_option(tmp_path, capsys, command, flag, value):
+    """Refused by the parser, before anything is read or written: exit 2, one line, the option named."""
+    argv = [str(tmp_path / word) if word.isupper() else word for word in command]
+    with pytest.raises(SystemExit) as stopped:
+        main([*argv, f"{flag}={value}"])  # "-inf" on its own would read as an option
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"argument {flag}: must be " in err and repr(value) in err, err
+    assert not (tmp_path / "OUT").exists()
+
+
+def test_numbers_in_any_notation_are_read(runs, capsys):
+    """1e1 is ten: an integral number may be written as a float, and a seed may be large."""
+    args = ["generate", "--model", str(runs / "teacher"), "--prompt", "Name a fruit.", "--temperature", "1",
+            "--max-new-tokens", "6"]
+    assert main([*args, "--seed", "10", "--top-k", "20"]) == 0
+    ten = capsys.readouterr().out
+    assert main([*args, "--seed", "1e1", "--top-k", "2e1", "--samples", "1.0"]) == 0
+    assert capsys.readouterr().out == ten
+    assert main([*args, "--seed", str(2**70)]) == 0
+
+
+def test_repeated_eval_seeds_are_refused(runs, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["evaluate", "--model", str(runs / "student"), "--eval-seeds", "10", "20", "10"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "argument --eval-seeds: 10 given more than once" in err
+
+
+# ---- memory: the estimate up front, not a MemoryError or an abort in tokenizers --------------------
+@pytest.mark.parametrize("flags, largest", [
+    (["--batch-size", "1000000"], "activations"),
+    (["--seq-len", "1e8"], "weights and AdamW"),
+    (["--max-new-tokens", "1e9"], "weights and AdamW"),
+])
+def test_a_run_too_large_for_the_memory_is_refused_with_the_estimate(tmp_path, capsys, monkeypatch, flags,
+                                                                     largest):
+    from minitodi import memory, train
+
+    monkeypatch.setattr(memory, "available", lambda device="cpu": 16 << 30)  # this test's machine: 16 GiB
+
+    def never(*args, **kwargs):
+        raise AssertionError("training began")
+
+    monkeypatch.setattr(train, "fit", never)
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *TINY, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs about" in err and "16 GiB is available on the cpu" in err, err
+    assert f"of memory ({largest} " in err and flags[0] in err
+    assert not out.exists()
+
+
+def test_a_vocabulary_larger_than_the_data_can_give_never_reaches_tokenizers(tmp_path, capsys, monkeypatch):
+    """--vocab-size 1e9 aborted the process inside tokenizers (exit 134); now one line naming the bound."""
+    from minitodi.tokenizer import Tokenizer
+
+    def never(*args, **kwargs):
+        raise AssertionError("tokenizers was asked")
+
+    monkeypatch.setattr(Tokenizer, "train", never)
+    out = tmp_path / "run"
+    for value, words in (("1e9", "--vocab-size 1000000000 is more than the training text can give"),
+                         ("100", "--vocab-size must be at least 257")):
+        assert main(["train", "--out", str(out), *TINY, "--vocab-size", value]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err
+    assert not out.exists()
+
+
+def test_the_tokenizers_table_is_checked_against_the_memory(tmp_path, capsys, monkeypatch):
+    from minitodi import memory
+
+    monkeypatch.setattr(memory, "available", lambda device="cpu": 1 << 20)
+    assert main(["train", "--out", str(tmp_path / "run"), *TINY, "--vocab-size", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert "training a tokenizer of --vocab-size 100000 needs about 4.13 MiB" in err
+    assert "1 MiB is available" in err
+
+
+def test_the_subprocess_exit_status_of_a_huge_vocabulary_is_2(tmp_path):
+    """What the user saw: exit 134 and a Rust backtrace; now exit 2 and one line."""
+    done = subprocess.run([sys.executable, "-m", "minitodi", "train", "--out", str(tmp_path / "run"), *TINY,
+                           "--vocab-size", "1e9"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+
+
+# ---- evaluate --log: nothing of the user's is appended to -----------------------------------------
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl",
+                                  "run.json", "last/training_state.json", "last/eval.jsonl",
+                                  "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+                                  "link-to-weights.jsonl"])
+def test_evaluate_log_refuses_a_file_of_a_run_directory(runs, tmp_path, capsys, monkeypatch, name):
+    from minitodi import evaluation
+
+    def never(*args, **kwargs):
+        raise AssertionError("evaluated before --log was checked")
+
+    monkeypatch.setattr(evaluation, "evaluate", never)
+    run = tmp_path / "run"
+    shutil.copytree(runs / "teacher", run)
+    (run / "link-to-weights.jsonl").symlink_to(run / "model.safetensors")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(["evaluate", "--model", str(run), "--log", str(run / name), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--log {run / name} is " in err and str(run) in err, err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert not (run / name).exists() or (run / name) in before
+
+
+def test_evaluate_log_refuses_an_existing_file_that_is_no_evaluation_log(runs, tmp_path, capsys):
+    """The dataset itself, or any other file of the user's, would get a JSON line appended."""
+    dataset = tmp_path / "mine.jsonl"
+    dataset.write_text("".join(json.dumps({"instruction": f"say {w}", "response": w}) + "\n" for w in "abcd"))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    for path in (dataset, notes):
+        content = path.read_bytes()
+        assert main(["evaluate", "--model", str(runs / "teacher"), "--data", str(dataset), "--log", str(path),
+                     "--decoding", "greedy"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "exists and is not an evaluation log" in err
+        assert path.read_bytes() == content
+
+
+def test_evaluate_prints_its_scores_before_a_log_that_fails(runs, capsys):
+    """/dev/full: every write fails with ENOSPC, as on a full disk. The scores are on stdout all the same."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    assert main(["evaluate", "--model", str(runs / "teacher"), "--decoding", "greedy", "--log", "/dev/full",
+                 "--max-new-tokens", "8"]) == 2
+    captured = capsys.readouterr()
+    assert "rouge_l" in json.loads(captured.out)
+    assert captured.err.count("\n") == 1
+    assert "--log /dev/full: the scores above were not logged (No space left on device)" in captured.err
+
+
+def test_evaluate_appends_a_line_of_its_own_after_a_cut_short_one(runs, tmp_path, capsys):
+    log = tmp_path / "eval.jsonl"
+    for _ in range(2):
+        assert main(["evaluate", "--model", str(runs / "teacher"), "--decoding", "greedy", "--log", str(log),
+                     "--max-new-tokens", "8"]) == 0
+    log.write_text(log.read_text()[:-40])  # the second write cut short: no newline at the end
+    assert main(["evaluate", "--model", str(runs / "teacher"), "--decoding", "greedy", "--log", str(log),
+                 "--max-new-tokens", "8"]) == 0
+    lines = log.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[0]) == json.loads(lines[2])
+
+
+def test_evaluate_max_new_tokens_must_leave_room_for_a_prompt(runs, capsys):
+    """It was 'record 0 (reverse): ... but seq_len + 1 = -999999943'."""
+    for value in ("1e9", "56"):
+        assert main(["evaluate", "--model", str(runs / "teacher"), "--max-new-tokens", value]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        words = f"--max-new-tokens {int(float(value))} leaves no room for a prompt in the model's context"
+        assert f"{words} of 56 positions: give at most 55" in err
+
+
+def test_json_lines_in_a_csv_file_are_evaluated_as_records(runs, tmp_path, capsys):
+    """Read by content: JSON Lines named .csv give ROUGE-L on their prompts, not the perplexity of text."""
+    data = tmp_path / "mine.csv"
+    records = [{"instruction": f"say {w}", "response": w} for w in "abcdefghij"]
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    assert main(["evaluate", "--model", str(runs / "teacher"), "--data", str(data), "--split", "valid",
+                 "--decoding", "greedy", "--max-new-tokens", "8", "--log", str(tmp_path / "eval.jsonl")]) == 0
+    assert "rouge_l" in json.loads(capsys.readouterr().out)
