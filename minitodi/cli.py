@@ -110,10 +110,10 @@ def _parse_options(pairs):
     options = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"--option expects NAME=VALUE, got {pair!r}")
         key = key.strip()
         value = value.strip()
+        if not sep or not key:
+            raise ValueError(f"--option expects NAME=VALUE, got {pair!r}")
         options[key] = _option_value(key, value)
     return options
 
@@ -272,11 +272,12 @@ def _append_log(path, record):
 
     line = json.dumps(record) + "\n"
     try:
-        with open(path, "a+b") as f:  # reads anywhere, writes at the end
-            if f.seek(0, os.SEEK_END) > 0:
+        if path.is_file() and path.stat().st_size > 0:
+            with open(path, "rb") as f:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":  # a line cut short by an earlier crash must not swallow this one
                     line = "\n" + line
+        with open(path, "ab") as f:
             f.write(line.encode("utf-8"))
     except OSError as err:
         raise OSError(f"--log {path}: the scores above were not logged ({err.strerror or err})") from None

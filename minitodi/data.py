@@ -560,6 +560,8 @@ def load_dataset(spec: str) -> dict:
     if spec == "pydoc":
         corpus = lm_corpus()
         return {"kind": "text", "train": corpus["train"], "valid": corpus["valid"], "test": corpus["valid"]}
+    if not spec.strip():  # Path("") is the current directory, which would be read whole
+        raise ValueError("no dataset given (the name is empty)")
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"no dataset {spec!r}: use 'synthetic', 'pydoc', a .jsonl or .json file, "

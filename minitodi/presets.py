@@ -76,7 +76,8 @@ class TrainConfig:
         loss = losses.LOSSES.get(self.loss)
         valid = []
         if loss is not None:
-            not_options = ("temperature", "stopgrad_at")  # set by the training loop, not by the user
+            # set by the training loop, not by the user (n_counted would rescale the mean silently)
+            not_options = ("temperature", "stopgrad_at", "n_counted")
             valid = [p.name for p in inspect.signature(loss).parameters.values()
                      if p.kind == p.KEYWORD_ONLY and p.name not in not_options]
         unknown = sorted(set(self.loss_options) - set(valid))

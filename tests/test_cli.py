@@ -104,6 +104,8 @@ def exit_status(argv):
     (["--lr", "nan"], "argument --lr: must be a finite number > 0"), (["--lr", "-1"], "--lr: must be"),
     (["--lr", "inf"], "--lr: must be"), (["--temperature", "0"], "--temperature: must be"),
     (["--option", "gamma=3"], "no option gamma; its options: beta"),
+    (["--option", "n_counted=5"], "no option n_counted; its options: beta, detach\n"),  # the loop's to set
+    (["--option", "=2"], "--option expects NAME=VALUE, got '=2'"),
 ])
 def test_bad_settings_are_one_line_and_write_nothing(runs, tmp_path, capsys, flags, message):
     out = tmp_path / "s"

@@ -421,6 +421,15 @@ def test_a_vocabulary_the_text_cannot_give_is_refused_before_tokenizers_runs(mon
         data.prepare(dataset, 2, vocab_size=limit + 1)
 
 
+def test_an_empty_name_is_no_dataset(tmp_path, monkeypatch):
+    """Path("") is ".": the directory the command runs in would have been read as the dataset."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("line\n" * 20)
+    for spec in ("", " "):
+        with pytest.raises(ValueError, match="no dataset given"):
+            data.load_dataset(spec)
+
+
 def test_a_device_or_pipe_is_no_dataset(tmp_path):
     """/dev/zero has no end and no newline: reading it as a dataset would fill the memory."""
     import os

@@ -67,3 +67,15 @@ def test_check_fits_refuses_in_one_line_with_the_estimate(monkeypatch):
         memory.check_fits("a big job", {"weights": 1 << 30, "activations": 5 << 30})
     assert str(refused.value) == ("a big job needs about 6 GiB of memory (activations 5 GiB, weights 1 GiB); "
                                   "3 GiB is available on the cpu")
+
+
+def test_on_the_gpu_the_free_memory_is_cudas(monkeypatch):
+    """available("gpu") reads CUDA's free bytes of the current device (a stand-in for CuPy here)."""
+    import types
+
+    from minitodi.core import device
+
+    runtime = types.SimpleNamespace(memGetInfo=lambda: (5 << 30, 80 << 30))
+    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime))
+    monkeypatch.setattr(device, "get_xp", lambda name=None: fake_cupy)
+    assert memory.available("gpu") == 5 << 30
