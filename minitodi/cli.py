@@ -47,6 +47,13 @@ def _integer(low):
     return parse
 
 
+def _path(text):
+    """An argparse type: a file or directory name, never empty (Path("") would be the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a file or directory, got an empty string")
+    return text
+
+
 def _real(low, high=math.inf, *, low_included=False, high_included=True):
     """An argparse type: a finite number between ``low`` and ``high`` (each included or not)."""
     if high == math.inf:
@@ -338,6 +345,8 @@ def cmd_generate(args):
     else:
         raise ValueError("generate needs --instruction (and optionally --input) or --prompt")
     ids = tokenizer.encode(text)  # generate cuts a long prompt from the left and says so
+    if not ids:
+        raise ValueError("--prompt is empty: give some text to continue")
     for n in range(args.samples):
         outs = generate(params, config, [ids], max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed + n)
@@ -384,11 +393,14 @@ def _common(p, *, training=False, generation=True):
                        help="tokens to generate (train, distill: the room kept for them in the context)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     if training:
-        p.add_argument("--out", required=True, help="run directory: new, empty, or a run to resume")
-        p.add_argument("--data", default="synthetic", help="synthetic | pydoc | FILE.jsonl | FILE.txt | DIR")
+        p.add_argument("--out", required=True, type=_path,
+                       help="run directory: new, empty, or a run to resume")
+        p.add_argument("--data", default="synthetic", type=_path,
+                       help="synthetic | pydoc | FILE.jsonl | FILE.txt | DIR")
         p.add_argument("--preset", choices=sorted(MODELS), default="teacher", help="model size")
         p.add_argument("--arch", choices=ARCHS, default="gpt2", help="gpt2, or llama of the same size")
-        p.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one on the data)")
+        p.add_argument("--tokenizer", type=_path,
+                       help="an existing tokenizer.json (default: train one on the data)")
         p.add_argument("--vocab-size", type=_integer(1), default=1024)
         p.add_argument("--seq-len", type=_integer(1), default=64)
         for flag, kind in (("--steps", _integer(1)), ("--batch-size", _integer(1)), ("--lr", _real(0)),
@@ -408,7 +420,7 @@ def _add_training_commands(sub):
 
     p = sub.add_parser("distill", help="distil a student from a teacher with a divergence")
     _common(p, training=True)
-    p.add_argument("--teacher", required=True, help="the teacher's run directory")
+    p.add_argument("--teacher", required=True, type=_path, help="the teacher's run directory")
     p.add_argument("--loss", default="todi", choices=sorted(losses.LOSSES))
     p.add_argument("--kd-rate", type=_real(0, 1, low_included=True), default=0.5,
                    help="weight of the divergence against CE")
@@ -429,17 +441,18 @@ def _add_model_commands(sub):
     """``evaluate`` and ``generate``: what a trained model can be asked."""
     p = sub.add_parser("evaluate", help="score a model on held-out data")
     _common(p)
-    p.add_argument("--model", required=True)
-    p.add_argument("--teacher", help="also report KL(teacher || model) per response token")
-    p.add_argument("--data", default="synthetic")
+    p.add_argument("--model", required=True, type=_path)
+    p.add_argument("--teacher", type=_path, help="also report KL(teacher || model) per response token")
+    p.add_argument("--data", default="synthetic", type=_path)
     p.add_argument("--split", default="test", choices=["valid", "test"])
-    p.add_argument("--log", help="JSONL file the result is appended to (default MODEL/eval.jsonl)")
+    p.add_argument("--log", type=_path,
+                   help="JSONL file the result is appended to (default MODEL/eval.jsonl)")
     _protocol_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("generate", help="complete a prompt")
     _common(p)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, type=_path)
     p.add_argument("--instruction", help="an instruction, formatted with the training prompt template")
     p.add_argument("--input", help="the instruction's context")
     p.add_argument("--prompt", help="raw text to continue instead of an instruction")

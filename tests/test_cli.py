@@ -380,3 +380,26 @@ def test_json_lines_in_a_csv_file_are_evaluated_as_records(runs, tmp_path, capsy
     assert main(["evaluate", "--model", str(runs / "teacher"), "--data", str(data), "--split", "valid",
                  "--decoding", "greedy", "--max-new-tokens", "8", "--log", str(tmp_path / "eval.jsonl")]) == 0
     assert "rouge_l" in json.loads(capsys.readouterr().out)
+
+
+_EMPTY_NAMES = [(["train", "--out", "OUT"], "--data"), (["train", "--out", "OUT"], "--tokenizer"),
+                (["train"], "--out"), (["distill", "--out", "OUT"], "--teacher"),
+                (["evaluate"], "--model"), (["evaluate", "--model", "MODEL"], "--log"),
+                (["evaluate", "--model", "MODEL"], "--teacher"), (["generate", "--prompt", "hi"], "--model")]
+
+
+@pytest.mark.parametrize("command, flag", _EMPTY_NAMES)
+def test_an_empty_file_name_is_refused(tmp_path, capsys, command, flag):
+    """--log '' logged to the default file and --tokenizer '' trained a new tokenizer, silently."""
+    argv = [str(tmp_path / word) if word.isupper() else word for word in command]
+    with pytest.raises(SystemExit) as stopped:
+        main([*argv, flag, ""])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"argument {flag}: must name a file or directory" in err, err
+    assert not (tmp_path / "OUT").exists()
+
+
+def test_generate_with_an_empty_prompt_says_which_option(runs, capsys):
+    assert main(["generate", "--model", str(runs / "teacher"), "--prompt", ""]) == 2
+    assert capsys.readouterr().err.strip().endswith("--prompt is empty: give some text to continue")
