@@ -154,6 +154,8 @@ def _fit(args, teacher=None):
     tokenizer, examples = prepare(dataset, args.seq_len, tokenizer=tokenizer, vocab_size=args.vocab_size,
                                   splits=("train", "valid"))
     config = model_config(args.preset, tokenizer.vocab_size, args.seq_len + args.max_new_tokens, args.arch)
+    if teacher is not None:
+        _check_teacher_context(args, examples["train"] + examples["valid"], teacher)
     _check_training_memory(args, config, examples["train"] + examples["valid"], tcfg, teacher, device)
     summary = fit(args.out, config, tokenizer, examples["train"], examples["valid"], tcfg, teacher=teacher,
                   device=device, progress=not args.quiet, start=args.start)
@@ -173,6 +175,16 @@ def _check_vocab_size(vocab_size, dataset):
     data.check_vocab_size(data.training_texts(dataset), vocab_size, name="--vocab-size")
     table = {"the trainer's table": memory.tokenizer_bytes(vocab_size)}  # tokenizers runs on the CPU
     memory.check_fits(f"training a tokenizer of --vocab-size {vocab_size}", table)
+
+
+def _check_teacher_context(args, examples, teacher):
+    """Every example must fit the teacher's context: its logits are read at every position."""
+    longest = max(len(idx) for idx, _ in examples)
+    if longest > teacher.config.n_positions:
+        context = teacher.config.n_positions
+        raise ValueError(f"--seq-len {args.seq_len} makes examples of up to {longest} tokens, more than the "
+                         f"teacher's context of {context} positions ({args.teacher}): give at most --seq-len "
+                         f"{context}")
 
 
 def _check_training_memory(args, config, examples, tcfg, teacher, device):

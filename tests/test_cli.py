@@ -403,3 +403,14 @@ def test_an_empty_file_name_is_refused(tmp_path, capsys, command, flag):
 def test_generate_with_an_empty_prompt_says_which_option(runs, capsys):
     assert main(["generate", "--model", str(runs / "teacher"), "--prompt", ""]) == 2
     assert capsys.readouterr().err.strip().endswith("--prompt is empty: give some text to continue")
+
+
+def test_distill_examples_longer_than_the_teachers_context_are_refused(runs, tmp_path, capsys):
+    """It was 'sequence of 100 positions exceeds n_positions = 56', from inside the teacher's forward pass."""
+    out = tmp_path / "s"
+    flags = ["--preset", "tiny", "--steps", "2", "--quiet", "--data", "pydoc", "--seq-len", "100"]
+    assert main(["distill", "--teacher", str(runs / "teacher"), "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and not out.exists()
+    assert ("--seq-len 100 makes examples of up to 100 tokens, more than the teacher's context of 56 "
+            f"positions ({runs / 'teacher'}): give at most --seq-len 56") in err
