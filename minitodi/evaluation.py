@@ -16,6 +16,7 @@ reach, averaged. A mode-seeking student (RKL) keeps validity high and coverage l
 token at T = 1.
 """
 
+import numbers
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -48,8 +49,11 @@ class Protocol:
                        no_repeat_ngram_size=self.no_repeat_ngram_size)
         seeds = list(self.eval_seeds)
         distinct = len(set(seeds)) == len(seeds)
-        if not seeds or not distinct or any(not isinstance(s, int) or s < 0 for s in seeds):
+        integers = all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in seeds)
+        if not seeds or not distinct or not integers or any(s < 0 for s in seeds):
             raise ValueError(f"eval_seeds must be distinct integers >= 0, at least one, got {seeds}")
+        # NumPy integers (np.arange) are welcome, stored as ints: results.json writes them as JSON
+        object.__setattr__(self, "eval_seeds", tuple(int(s) for s in seeds))
 
     def to_dict(self):
         return {**asdict(self), "eval_seeds": list(self.eval_seeds), "rouge": ROUGE}

@@ -42,6 +42,17 @@ def test_bad_protocols_are_clear_errors(settings, message):
         Protocol(**settings)
 
 
+def test_numpy_seeds_are_welcome_and_stored_as_ints():
+    """np.arange's seeds were refused as 'not integers'; stored as ints, the protocol writes as JSON."""
+    import json
+
+    protocol = Protocol(eval_seeds=np.arange(10, 40, 10))
+    assert protocol.eval_seeds == (10, 20, 30) and all(type(s) is int for s in protocol.eval_seeds)
+    assert json.loads(json.dumps(protocol.to_dict()))["eval_seeds"] == [10, 20, 30]
+    with pytest.raises(ValueError, match="eval_seeds must be distinct integers"):
+        Protocol(eval_seeds=(True, 2))
+
+
 def test_scores_are_the_mean_over_records_and_sampled_passes(small_suite, small_suite_tokenizer, random_gpt2):
     records, tok = small_suite["test"], small_suite_tokenizer
     cfg, params = random_gpt2
