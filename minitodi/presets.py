@@ -65,6 +65,11 @@ class TrainConfig:
             _check_number(name, getattr(self, name), positive=True)
         for name in _NON_NEGATIVE:
             _check_number(name, getattr(self, name), positive=False)
+        # NumPy scalars are welcome, stored as Python numbers: run.json writes them as JSON
+        for name in _COUNTS + _COUNTS_FROM_ZERO:
+            object.__setattr__(self, name, int(getattr(self, name)))
+        for name in _POSITIVE + _NON_NEGATIVE:
+            object.__setattr__(self, name, float(getattr(self, name)))
         if self.kd_rate > 1.0:
             raise ValueError(f"kd_rate must be in [0, 1], got {self.kd_rate}")
         if self.dtype not in ("float32", "float64"):
@@ -89,7 +94,7 @@ class TrainConfig:
 
 
 def _check_int(name, value, *, low):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
