@@ -401,7 +401,10 @@ def _common(p, *, training=False, generation=True):
                    help="where to compute (default: $MINITODI_DEVICE, else auto)")
     if generation:  # every command but the demo, which has its own seeds and budgets
         p.add_argument("--seed", type=_integer(0), default=0)
-        p.add_argument("--max-new-tokens", type=_integer(1), default=32,
+        least_new_tokens = 1
+        if training:  # a model may keep no room for generation beyond its training length
+            least_new_tokens = 0
+        p.add_argument("--max-new-tokens", type=_integer(least_new_tokens), default=32,
                        help="tokens to generate (train, distill: the room kept for them in the context)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     if training:

@@ -187,7 +187,7 @@ _EVALUATE = ["evaluate", "--model", "MODEL"]
 _GENERATE = ["generate", "--model", "MODEL", "--prompt", "hi"]
 _BAD_NUMBERS = [
     *[(_TRAIN, "--seed", value) for value in ("-1", "1.5", "nan", "x")],
-    *[(_TRAIN, "--max-new-tokens", value) for value in ("0", "-5", "inf")],
+    *[(_TRAIN, "--max-new-tokens", value) for value in ("-1", "-5", "inf")],
     *[(_TRAIN, "--vocab-size", value) for value in ("0", "-1", "1e400", "many")],
     *[(_TRAIN, "--seq-len", value) for value in ("0", "-920", "2.5", "inf", "1e8x")],
     *[(_TRAIN, "--steps", value) for value in ("0", "-3", "nan")],
