@@ -249,21 +249,24 @@ def _run_file_reason(path):
 
     A model or run directory holds a weights file, config.json, tokenizer.json or run.json. Its own
     names are refused even before the run writes them, and so is anything in its state ``last/``, which
-    a run replaces as a whole.
+    a run replaces as a whole (through ``last.new/`` and ``last.old/``).
     """
     from . import checkpoint, rundir
     from .tokenizer import FILENAME as TOKENIZER_FILE
 
     markers = (checkpoint.MODEL_FILE, checkpoint.INDEX_FILE, checkpoint.CONFIG_FILE, TOKENIZER_FILE,
                rundir.RUN_FILE, checkpoint.STATE_FILE)
-    own = (*markers, checkpoint.STATE_JSON, rundir.LOG_FILE, rundir.LAST)
+    own = (*markers, checkpoint.STATE_JSON, rundir.LOG_FILE)
 
     def is_run(directory):
         return any((directory / name).exists() for name in markers)
 
-    if path.parent.name == rundir.LAST and is_run(path.parent.parent):
+    def is_state(name):
+        return name == rundir.LAST or name.startswith(f"{rundir.LAST}.")
+
+    if is_state(path.parent.name) and is_run(path.parent.parent):
         return f"inside the saved state of the run {path.parent.parent}"
-    if is_run(path.parent) and (path.name in own or path.suffix == ".safetensors"):
+    if is_run(path.parent) and (path.name in own or is_state(path.name) or path.suffix == ".safetensors"):
         return f"a file of the model or run directory {path.parent}"
     return ""
 

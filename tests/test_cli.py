@@ -304,7 +304,7 @@ def test_the_subprocess_exit_status_of_a_huge_vocabulary_is_2(tmp_path):
 @pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl",
                                   "run.json", "last/training_state.json", "last/eval.jsonl",
                                   "model.safetensors.index.json", "model-00001-of-00002.safetensors",
-                                  "link-to-weights.jsonl"])
+                                  "link-to-weights.jsonl", "last.new", "last.old/eval.jsonl"])
 def test_evaluate_log_refuses_a_file_of_a_run_directory(runs, tmp_path, capsys, monkeypatch, name):
     from minitodi import evaluation
 
@@ -315,6 +315,7 @@ def test_evaluate_log_refuses_a_file_of_a_run_directory(runs, tmp_path, capsys, 
     run = tmp_path / "run"
     shutil.copytree(runs / "teacher", run)
     (run / "link-to-weights.jsonl").symlink_to(run / "model.safetensors")
+    (run / "last.old").mkdir()  # where a run moves its state aside while it saves a new one
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert main(["evaluate", "--model", str(run), "--log", str(run / name), "--quiet"]) == 2
     err = capsys.readouterr().err
