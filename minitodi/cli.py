@@ -10,7 +10,7 @@ from . import parallel
 from .core import gradcheck, losses
 from .core.device import resolve_device
 from .parallel import cores
-from .presets import ARCHS, MODELS, model_config
+from .presets import ARCHS, MIN_TEMPERATURE, MODELS, model_config
 
 
 class _Parser(argparse.ArgumentParser):
@@ -442,7 +442,7 @@ def _add_training_commands(sub):
     p.add_argument("--loss", default="todi", choices=sorted(losses.LOSSES))
     p.add_argument("--kd-rate", type=_real(0, 1, low_included=True), default=0.5,
                    help="weight of the divergence against CE")
-    p.add_argument("--temperature", type=_real(0), default=2.0)
+    p.add_argument("--temperature", type=_real(MIN_TEMPERATURE, low_included=True), default=2.0)
     p.add_argument("--option", action="append", metavar="NAME=VALUE", help="a loss option, e.g. beta=2")
     p.set_defaults(func=cmd_distill, preset="student")
 

@@ -26,6 +26,10 @@ _COUNTS = ("steps", "batch_size", "eval_every", "eval_batch_size", "log_every") 
 _COUNTS_FROM_ZERO = ("warmup_steps", "seed")  # integers >= 0
 _POSITIVE = ("lr", "grad_clip", "temperature")  # finite numbers > 0
 _NON_NEGATIVE = ("min_lr", "weight_decay", "kd_rate")  # finite numbers >= 0
+# The divergence and its gradient grow as 1 / temperature. Distilling the tiny preset from a teacher, T =
+# 1e-15 trained and T = 1e-20 stopped at step 0 with an infinite gradient norm (float32 squares overflow)
+# and a misleading likely cause; 1e-6 leaves nine orders of magnitude for larger logits. (The paper: 1-2.)
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,8 @@ class TrainConfig:
             object.__setattr__(self, name, float(getattr(self, name)))
         if self.kd_rate > 1.0:
             raise ValueError(f"kd_rate must be in [0, 1], got {self.kd_rate}")
+        if self.temperature < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be at least {MIN_TEMPERATURE:g}, got {self.temperature!r}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
         self._check_loss_options()

@@ -195,7 +195,7 @@ _BAD_NUMBERS = [
     *[(_TRAIN, "--lr", value) for value in ("0", "-1", "nan", "inf", "-inf", "fast")],
     *[(_TRAIN, "--eval-every", value) for value in ("0", "-1")],
     *[(_DISTILL, "--kd-rate", value) for value in ("-0.1", "1.5", "nan", "inf")],
-    *[(_DISTILL, "--temperature", value) for value in ("0", "-1", "nan", "inf")],
+    *[(_DISTILL, "--temperature", value) for value in ("0", "-1", "nan", "inf", "1e-20")],
     *[(_EVALUATE, "--max-new-tokens", value) for value in ("0", "-1")],
     *[(_EVALUATE, "--seed", value) for value in ("-1",)],
     *[(_EVALUATE, "--eval-seeds", value) for value in ("-1", "1.5")],

@@ -22,3 +22,10 @@ def test_numpy_scalars_are_accepted_and_stored_as_python_numbers():
 def test_what_is_no_number_of_its_kind_is_still_refused(settings):
     with pytest.raises(ValueError, match="must be"):
         TrainConfig(**settings)
+
+
+def test_a_temperature_too_small_for_float32_gradients_is_refused():
+    """T = 1e-20 made an infinite gradient norm at step 0, blamed on the learning rate."""
+    with pytest.raises(ValueError, match="temperature must be at least 1e-06, got 1e-20"):
+        TrainConfig(loss="todi", temperature=1e-20)
+    assert TrainConfig(loss="todi", temperature=1e-6).temperature == 1e-6
