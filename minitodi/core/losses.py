@@ -26,7 +26,7 @@ returns g_v = dD/d(log q_v). Since log q_v = z_v - logsumexp(z), d(log q_v)/dz_j
 The gradient rows therefore sum to zero (sum_j q_j = 1) and a constant added to a row of logits changes
 nothing. This step, the mask and the mean are applied once, in :func:`_mean_over_positions`. Notebook
 02 derives it, typeset ("The shared softmax step"), and the temperature's 1/T with it ("Temperature and
-the T² question"); each divergence's g below is derived there too ("Each loss: its g, the gradient, the
+the τ² question"); each divergence's g below is derived there too ("Each loss: its g, the gradient, the
 check").
 
 **Rounding.** Every divergence is >= 0 (JSD <= log 2 and TVD <= 1 as well). Where distributions are
