@@ -221,6 +221,23 @@ def _load_model(directory, device):
     return params, config, tokenizer
 
 
+EVAL_BATCH = 64  # evaluate's batches: minitodi.evaluation.evaluate's and heldout_losses' default
+
+
+def _check_model_memory(directory, params, config, rows, length, device):
+    """Running a model on ``rows`` sequences of ``length`` tokens is refused, with the estimate, if too large.
+
+    The length is at most the model's context (generation stops at its end).
+    """
+    from . import memory
+
+    length = min(length, config.n_positions)
+    itemsize = next(iter(params.values())).dtype.itemsize
+    what = (f"running {directory} (a vocabulary of {config.vocab_size}) on {rows} sequence(s) of up to "
+            f"{length} tokens")
+    memory.check_fits(what, memory.evaluation_bytes(config, rows, length, itemsize=itemsize), device)
+
+
 def _check_log_path(path):
     """A JSONL file the result can be appended to, checked before the evaluation; nothing else is touched.
 
@@ -329,6 +346,12 @@ def cmd_evaluate(args):
                          f"context of {config.n_positions} positions: give at most {config.n_positions - 1}")
     dataset = load_dataset(args.data)
     examples = examples_for(dataset, args.split, tokenizer, config.n_positions - args.max_new_tokens)
+    if not examples:  # text shorter than one example of the model's context less --max-new-tokens
+        raise ValueError(f"{args.data}: its {args.split} split makes no example of "
+                         f"{config.n_positions - args.max_new_tokens + 1} tokens for {args.model}; give more "
+                         "text or a larger --max-new-tokens")
+    longest = max(len(idx) for idx, _ in examples) + args.max_new_tokens  # a prompt and its answer
+    _check_model_memory(args.model, params, config, EVAL_BATCH, longest, device)
     if dataset["kind"] == "instructions":
         result = evaluate(params, config, tokenizer, dataset[args.split], examples, teacher=teacher,
                           max_new_tokens=args.max_new_tokens, device=device, protocol=protocol)
@@ -352,7 +375,8 @@ def cmd_generate(args):
             (getattr(args, name) or "").encode("utf-8")  # undecodable bytes of argv arrive as lone surrogates
         except UnicodeEncodeError:
             raise ValueError(f"--{name} is not valid UTF-8 text") from None
-    params, config, tokenizer = _load_model(args.model, resolve_device(args.device))
+    device = resolve_device(args.device)
+    params, config, tokenizer = _load_model(args.model, device)
     if args.instruction is not None:
         text = format_prompt({"instruction": args.instruction, "context": args.input or ""})
     elif args.prompt is not None:
@@ -362,6 +386,7 @@ def cmd_generate(args):
     ids = tokenizer.encode(text)  # generate cuts a long prompt from the left and says so
     if not ids:
         raise ValueError("--prompt is empty: give some text to continue")
+    _check_model_memory(args.model, params, config, 1, len(ids) + args.max_new_tokens, device)
     for n in range(args.samples):
         outs = generate(params, config, [ids], max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed + n)

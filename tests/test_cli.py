@@ -415,3 +415,37 @@ def test_distill_examples_longer_than_the_teachers_context_are_refused(runs, tmp
     assert err.count("\n") == 1 and not out.exists()
     assert ("--seq-len 100 makes examples of up to 100 tokens, more than the teacher's context of 56 "
             f"positions ({runs / 'teacher'}): give at most --seq-len 56") in err
+
+
+def test_evaluate_on_text_shorter_than_one_example_is_one_line(runs, tmp_path, capsys):
+    """heldout_losses divided by zero counted tokens (a ZeroDivisionError traceback)."""
+    text = tmp_path / "short.txt"
+    text.write_text("a short text\nb\n")
+    assert main(["evaluate", "--model", str(runs / "teacher"), "--data", str(text), "--log",
+                 str(tmp_path / "eval.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{text}: its test split makes no example of 25 tokens" in err
+    assert not (tmp_path / "eval.jsonl").exists()
+
+
+def test_running_a_model_too_large_for_the_memory_is_refused_with_the_estimate(runs, tmp_path, capsys,
+                                                                               monkeypatch):
+    """The KV cache, activations and logits, estimated for the sequences at hand, before any token."""
+    from minitodi import checkpoint, generate, memory
+    from minitodi.core.model import GPTConfig, init_params
+
+    shutil.copy(runs / "teacher" / "tokenizer.json", tmp_path / "tokenizer.json")
+    config = GPTConfig(vocab_size=300, n_positions=4096, n_embd=16, n_layer=1, n_head=2)
+    checkpoint.save(tmp_path, init_params(config), config)
+    monkeypatch.setattr(memory, "available", lambda device="cpu": 1 << 20)
+
+    def never(*args, **kwargs):
+        raise AssertionError("generation began")
+
+    monkeypatch.setattr(generate, "generate", never)
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "hello", "--max-new-tokens", "1e4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "on 1 sequence(s) of up to 4096 tokens needs about" in err
+    assert main(["evaluate", "--model", str(tmp_path), "--log", str(tmp_path / "eval.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "on 64 sequence(s) of up to" in err and "1 MiB is available" in err
