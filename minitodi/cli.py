@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from . import parallel
+from .conformance import TIMEOUT_MAX
 from .core import gradcheck, losses
 from .core.device import resolve_device
 from .parallel import cores
@@ -531,10 +532,11 @@ def _add_conformance_command(sub):
     p.add_argument("--option", action="append", metavar="NAME=VALUE", help="a loss option, e.g. beta=2")
     p.add_argument("--reduction", choices=["mean", "sum"], default="mean", help="over counted positions")
     p.add_argument("--t-squared", action="store_true", help="FUNCTION multiplies the loss by T^2")
-    p.add_argument("--tol", type=float, help="largest relative error that passes (default 1e-3)")
+    p.add_argument("--tol", type=_real(0, 1, high_included=False),
+                   help="largest relative error that passes (default 1e-3)")
     p.add_argument("--no-neginf", dest="neginf", action="store_false",
                    help="leave out the case with -inf logits (for code that never sees them)")
-    p.add_argument("--timeout", type=float, metavar="SECONDS",
+    p.add_argument("--timeout", type=_real(0, TIMEOUT_MAX), metavar="SECONDS",
                    help="give up (exit 3) if FUNCTION has not returned by then")
     p.set_defaults(func=cmd_conformance)
 

@@ -82,6 +82,9 @@ import numpy as np
 from .core.losses import LOSSES, log_softmax
 
 DEFAULT_TOL = 1e-3
+# The longest --timeout: a week. A wait on the child's pipe takes at most about 9.2e9 s; --timeout 1e300
+# raised OverflowError.
+TIMEOUT_MAX = 7 * 24 * 3600.0
 GRAD_FLOOR = 1e-2  # gradient errors are relative to at least this fraction of the unit 1/(N T)
 # A variant is shown as the closest only within NEAR * tol on every case and NEAR times closer than the
 # reference: the misleading "closest" variants of the past missed by 0.5 to 4.1 at tol 1e-3.
@@ -1023,9 +1026,9 @@ def run_target(target, loss, *, framework="torch", tol=None, timeout=None, **set
     if tol is None:
         tol = DEFAULT_TOL
     check_settings(loss, framework=framework, tol=tol, **settings)
-    valid_timeout = _is_number(timeout) and math.isfinite(timeout) and timeout > 0
+    valid_timeout = _is_number(timeout) and 0 < timeout <= TIMEOUT_MAX
     if timeout is not None and not valid_timeout:
-        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+        raise ValueError(f"timeout must be a number of seconds in (0, {TIMEOUT_MAX:g}], got {timeout!r}")
     _adapter(None, framework)  # a missing framework is a usage error, said before the file is imported
     try:
         if timeout is None:

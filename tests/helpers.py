@@ -102,3 +102,16 @@ def cross_entropy_both(params, config, hf, torch, seed=0):
     hf_loss.backward()
     hf_grads = {name: p.grad.numpy() for name, p in hf.named_parameters()}
     return idx, (logits, float(loss), grads), (hf_logits.detach().numpy(), hf_loss.item(), hf_grads)
+
+
+def exit_status(argv):
+    """What ``minitodi ARGV`` exits with, run in this process.
+
+    main's return value, or argparse's SystemExit code (the parser refuses an option of a bad type).
+    """
+    from minitodi.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as stopped:
+        return stopped.code

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import exit_status
 
 from minitodi import presets
 from minitodi.cli import main
@@ -90,14 +91,6 @@ def test_demo_writes_results_for_every_loss(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--quick", "--losses", "all", "--out", str(out), "--quiet"]) == 0
     assert "(cached)" in capsys.readouterr().out
     assert json.loads((out / "results.json").read_text())["students"] == results["students"]
-
-
-def exit_status(argv):
-    """What ``minitodi ARGV`` exits with: main's return value, or the parser's SystemExit code."""
-    try:
-        return main(argv)
-    except SystemExit as stopped:
-        return stopped.code
 
 
 @pytest.mark.parametrize("flags, message", [

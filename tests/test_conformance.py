@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import exit_status
 
 from minitodi import cli, conformance
 from minitodi.conformance import NEGATED, ConformanceError, battery, check, computations
@@ -762,11 +763,15 @@ def test_cli_bad_settings_are_one_line_and_exit_2(tmp_path, capsys):
     path.write_text(SOURCE + IMPORT_MARK)
     bad = [(["--loss", "fkl", "--option", "beta=0"], "fkl has no option 'beta'; its options: none"),
            (["--loss", "gjsd", "--option", "beta=2"], "beta must be 0 <= beta <= 1, got 2"),
-           (["--loss", "fkl", "--tol", "0"], "tol must be a finite number > 0, got 0.0"),
-           (["--loss", "fkl", "--tol", "nan"], "tol must be a finite number > 0, got nan"),
+           (["--loss", "fkl", "--tol", "0"], "--tol: must be a number in (0, 1), got '0'"),
+           (["--loss", "fkl", "--tol", "nan"], "--tol: must be a number in (0, 1), got 'nan'"),
+           (["--loss", "fkl", "--tol", "1e300"], "--tol: must be a number in (0, 1), got '1e300'"),
+           (["--loss", "fkl", "--timeout", "1e300"],
+            "--timeout: must be a number in (0, 604800], got '1e300'"),
+           (["--loss", "fkl", "--timeout", "0"], "--timeout: must be a number in (0, 604800], got '0'"),
            (["--loss", "fkl", "--framework", "numpy", "--option", "gamma=1"], "no option 'gamma'")]
     for extra, words in bad:
-        assert cli.main(["conformance", f"{path}:good"] + extra) == 2, extra
+        assert exit_status(["conformance", f"{path}:good"] + extra) == 2, extra
         err = capsys.readouterr().err
         assert words in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "mine.imported").exists()
@@ -954,7 +959,7 @@ def test_cli_a_hanging_function_gives_up_at_the_timeout(tmp_path, capsys, name):
     assert time.monotonic() - start < 9  # before stubborn would have given up by itself
     err = capsys.readouterr().err
     assert "did not return within 0.5 s (--timeout); it was stopped" in err and len(err.splitlines()) == 1
-    assert cli.main(argv[:-1] + ["-1"]) == 2
+    assert exit_status(argv[:-1] + ["-1"]) == 2
 
 
 def test_cli_without_timeout_runs_in_this_process(tmp_path, capsys, monkeypatch):

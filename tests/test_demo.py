@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import exit_status
 
 from minitodi import demo, metrics, presets, report
 from minitodi.evaluation import PAPER, Protocol
@@ -78,16 +79,6 @@ def test_bad_settings_are_refused_before_anything_is_written_or_trained(settings
     assert not (tmp_path / "cache").exists()
 
 
-def _exit_status(argv):
-    """``minitodi`` run with ``argv`` in this process: its exit status, returned or raised (argparse)."""
-    from minitodi.cli import main
-
-    try:
-        return main(argv)
-    except SystemExit as exit:
-        return exit.code
-
-
 @pytest.mark.parametrize("flags, words", [
     (["--losses", "fkl", "rkl", "fkl"], ["losses", "fkl", "more than once"]),
     (["--seeds", "-1"], ["seeds", "-1"]),
@@ -99,7 +90,7 @@ def test_the_command_line_refuses_them_in_one_line(flags, words, tmp_path, monke
     """Exit status 2 and one line naming the option and its value, before anything is written or trained."""
     monkeypatch.setenv("MINITODI_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(demo, "fit", lambda *a, **k: pytest.fail("training started"))
-    assert _exit_status(["demo", *flags, "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert exit_status(["demo", *flags, "--out", str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("minitodi demo: error: ") and err.count("\n") == 1
     assert all(word in err for word in words), err
@@ -207,7 +198,7 @@ def test_the_command_line_passes_the_protocol(monkeypatch, tmp_path, capsys):
     assert main(["demo", "--decoding", "greedy", "--eval-seeds", "1", "2", "--out", str(tmp_path)]) == 130
     assert seen["protocol"] == Protocol(decoding="greedy", eval_seeds=(1, 2))
     capsys.readouterr()  # the interrupted demo's line
-    assert _exit_status(["demo", "--eval-seeds", "3", "3", "--out", str(tmp_path)]) == 2
+    assert exit_status(["demo", "--eval-seeds", "3", "3", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.count("\n") == 1  # one line
 
 
