@@ -17,7 +17,7 @@ import functools
 import math
 from string import Template
 
-from .core.losses import check_option
+from .core.losses import check_option, check_values
 
 # One entry's quantities from its two logits and its row's log-sum-exps (all of type T).
 _PREAMBLE = r"""
@@ -123,9 +123,11 @@ def applies(name, options, s, t):
 def mean_loss(name, s, t, mask, temperature, beta=1.0, detach=True):
     """The loss and gradient of ``LOSSES[name]`` (where :func:`applies`), CuPy logits (..., V) checked.
 
-    The checks :func:`minitodi.core.losses.check_inputs` makes have been made; beta is checked here.
+    The checks :func:`minitodi.core.losses.check_inputs` makes have been made; beta and the values are
+    checked here.
     """
     beta = check_option("beta", beta, lambda x: x >= 0, "a finite number >= 0")
+    check_values({"student_logits": s, "teacher_logits": t})
     V = s.shape[-1]
     rows = None  # every row counts
     if mask is not None and not bool(mask.all()):

@@ -81,23 +81,23 @@ def _pool(threads):
 def loss_and_grad(name, student_logits, teacher_logits, mask=None, *, temperature=1.0, **options):
     """``LOSSES[name](student_logits, teacher_logits, mask, temperature=..., **options)``, side by side.
 
-    The pure function computes its blocks of rows one after another (:func:`losses.rows_per_block`
-    rows each), each adding its share of the mean, sum D / N, in block order. Here each block is one
-    call of the same function with ``n_counted=N``, the blocks run on :func:`threads` threads and
-    their shares are added in block order: the same loss and gradient bit for bit, whatever the
-    threads. With -inf logits the whole batch is one call, so that an error names its position in the
-    batch. On CuPy arrays FKL, RKL and ToDi (its weight detached, not at ``stopgrad_at``) run in the
-    fused kernels of :mod:`minitodi.fused` instead: the same formulas, rounded in another order.
+    The counted rows are cut into :data:`LOSS_PIECES` pieces of whole blocks (fixed by the batch alone,
+    never by the thread count), each one call of the pure function with ``n_counted=N``, run on
+    :func:`threads` threads; each writes its rows of the gradient and their losses are added in piece
+    order. Every row's gradient is computed from that row alone, so the gradient is the pure function's
+    bit for bit; the loss is its blocks' shares added in another grouping, equal to rounding. An error in
+    a piece is raised again by the pure function on the whole batch, so that it names batch positions.
+    On CuPy arrays FKL, RKL and ToDi (its weight detached, not at ``stopgrad_at``) run in the fused
+    kernels of :mod:`minitodi.fused` instead: the same formulas, rounded in another order.
     """
     fn = losses.LOSSES[name]
     xp, s, t, mask, temperature, w = losses.check_inputs(student_logits, teacher_logits, mask, temperature,
                                                          options.get("stopgrad_at"))
-    if xp is not np and fused.applies(name, options, s, t):
-        return fused.mean_loss(name, s, t, mask, temperature, **options)
-    count = threads(xp)
-    has_neginf = any(float(x.min()) == -np.inf for x in (s, t, w) if x is not None)
-    if count == 1 or has_neginf:
+    if xp is not np:
+        if fused.applies(name, options, s, t):
+            return fused.mean_loss(name, s, t, mask, temperature, **options)
         return fn(s, t, mask, temperature=temperature, **options)
+    losses.check_values({"student_logits": s, "teacher_logits": t, "stopgrad_at": w})  # where no piece reads
     V = s.shape[-1]
     s2 = s.reshape(-1, V)  # (..., V) -> (M, V)
     t2 = t.reshape(-1, V)
@@ -105,21 +105,35 @@ def loss_and_grad(name, student_logits, teacher_logits, mask=None, *, temperatur
     if mask is not None and not bool(mask.all()):
         rows = xp.flatnonzero(mask.reshape(-1))
     n = s2.shape[0] if rows is None else int(rows.size)
-    N = options.pop("n_counted", None) or n
-    blocks = losses.row_blocks(rows, n, losses.rows_per_block(V))
+    step = losses.rows_per_block(V)
+    blocks_per_piece = -(-n // step // LOSS_PIECES) or 1  # ceil: at most LOSS_PIECES pieces
+    pieces = losses.row_blocks(rows, n, step * blocks_per_piece)
+    count = min(threads(xp), len(pieces))
+    if count == 1 or "n_counted" in options:
+        return fn(s, t, mask, temperature=temperature, **options)
     grad = xp.zeros_like(s2)
 
-    def block(sel):  # one block's rows of the gradient; its share of the mean
-        block_options = dict(options)
+    def piece(sel):  # one piece's rows of the gradient; returns its share of the mean
+        piece_options = dict(options)
         if w is not None:
-            block_options["stopgrad_at"] = w.reshape(-1, V)[sel]
-        share, grad[sel] = fn(s2[sel], t2[sel], temperature=temperature, n_counted=N, **block_options)
+            piece_options["stopgrad_at"] = w.reshape(-1, V)[sel]
+        share, grad[sel] = fn(s2[sel], t2[sel], temperature=temperature, n_counted=n, **piece_options)
         return share
 
+    try:
+        shares = in_order(piece, pieces, count)
+    except ValueError:  # NaN, +inf, an infinite divergence: said with its position in the whole batch
+        fn(s, t, mask, temperature=temperature, **options)
+        raise
     loss = 0.0
-    for share in in_order(block, blocks, count):
-        loss += share  # in block order, as the pure function adds them
+    for share in shares:
+        loss += share
     return loss, grad.reshape(s.shape)
+
+
+# The counted rows of a loss in this many pieces of whole blocks: enough to keep 8 threads busy, few enough
+# that a piece's call costs nothing next to its work. Fixed, so the loss never depends on the thread count.
+LOSS_PIECES = 8
 
 
 def adamw_step(params, grads, state, **hyper):

@@ -278,43 +278,51 @@ def test_blocking_does_not_change_results(monkeypatch):
 
 
 @pytest.mark.parametrize("name,options", CASES, ids=CASE_IDS)
-def test_blocks_on_threads_give_the_pure_function_bit_for_bit(name, options, monkeypatch):
-    """parallel.loss_and_grad runs the blocks side by side: the pure loss's numbers, bit for bit."""
+def test_pieces_on_threads_give_the_pure_gradient_bit_for_bit(name, options, monkeypatch):
+    """parallel.loss_and_grad hands out pieces of rows: the pure gradient bit for bit, the loss to rounding.
+
+    With -inf logits too, and whatever the thread count.
+    """
     s, t, mask = _inputs(shape=(6, 7, 29), seed=17)
+    s[..., 3] = t[..., 3] = -np.inf  # the -inf path too
     monkeypatch.setattr(losses, "BLOCK_ELEMENTS", 2 * 29)  # 21 blocks of 2 rows, 12 of them with the mask
-    monkeypatch.setattr(parallel, "THREADS", 3)
     calls = []
     real = LOSSES[name]
     monkeypatch.setitem(LOSSES, name, lambda *a, **k: calls.append(k.get("n_counted")) or real(*a, **k))
     for m in (None, mask):
         v1, g1 = real(s, t, m, temperature=2.0, **options)
-        calls.clear()
-        v3, g3 = parallel.loss_and_grad(name, s, t, m, temperature=2.0, **options)
-        assert v3 == v1
-        np.testing.assert_array_equal(g3, g1)
         n = 42 if m is None else int(m.sum())
-        assert calls == [n] * math.ceil(n / 2)  # one call a block, each dividing by the whole batch's N
+        runs = []
+        for threads in (2, 3):
+            monkeypatch.setattr(parallel, "THREADS", threads)
+            calls.clear()
+            runs.append(parallel.loss_and_grad(name, s, t, m, temperature=2.0, **options))
+            assert 1 < len(calls) <= parallel.LOSS_PIECES  # whole blocks of 2 rows in at most 8 pieces
+            assert calls == [n] * len(calls)  # each piece divides by the whole batch's N
+        for v, g in runs:
+            assert v == pytest.approx(v1, rel=1e-14, abs=1e-300)
+            np.testing.assert_array_equal(g, g1)
+        assert runs[0][0] == runs[1][0]  # the loss does not depend on the thread count
 
 
 @pytest.mark.parametrize("name,options", CASES, ids=CASE_IDS)
-def test_blocks_with_neginf_logits_run_as_one_call(name, options, monkeypatch):
-    """With -inf logits the batch is one call of the pure loss, so its errors name batch positions."""
+def test_an_error_in_a_piece_names_its_position_in_the_batch(name, options, monkeypatch):
     s, t, mask = _inputs(shape=(6, 7, 29), seed=17)
-    s[..., 3] = t[..., 3] = -np.inf
     monkeypatch.setattr(losses, "BLOCK_ELEMENTS", 2 * 29)
     monkeypatch.setattr(parallel, "THREADS", 3)
-    v1, g1 = LOSSES[name](s, t, mask, temperature=2.0, **options)
-    v3, g3 = parallel.loss_and_grad(name, s, t, mask, temperature=2.0, **options)
-    assert v3 == v1
-    np.testing.assert_array_equal(g3, g1)
-    t[2, 5, 4] = -np.inf  # the student has mass there: RKL-like losses are infinite at (2, 5)
+    s[..., 3] = t[..., 3] = -np.inf
+    t[4, 5, 3] = 1.0  # the teacher has mass where the student has none: FKL-like losses are infinite
     everywhere = np.ones_like(mask)
     try:
         LOSSES[name](s, t, everywhere, temperature=2.0, **options)
     except InfiniteDivergenceError as error:
-        with pytest.raises(InfiniteDivergenceError, match=r"position \(2, 5\)") as raised:
+        with pytest.raises(InfiniteDivergenceError, match=r"position \(4, 5\)") as raised:
             parallel.loss_and_grad(name, s, t, everywhere, temperature=2.0, **options)
         assert str(raised.value) == str(error)
+    s[..., 3] = 0.0
+    s[5, 6, 7] = np.nan
+    with pytest.raises(ValueError, match=r"student_logits contains NaN \(first at index \(5, 6, 7\)\)"):
+        parallel.loss_and_grad(name, s, t, mask, temperature=2.0, **options)
 
 
 def test_parts_with_n_counted_add_up_to_the_whole_batch():

@@ -291,6 +291,7 @@ def todi_weight(student_logits, teacher_logits, *, temperature=1.0, beta=1.0):
     """ToDi's weight a = sigmoid(beta * (log p - log q)) at every position and vocabulary entry, (..., V)."""
     beta = check_option("beta", beta, lambda x: x >= 0, "a finite number >= 0")
     xp, s, t, _, temperature, _ = check_inputs(student_logits, teacher_logits, None, temperature, None)
+    check_values({"student_logits": s, "teacher_logits": t})
     _check_neginf("todi_weight", {"student_logits": s, "teacher_logits": t}, None, s.shape)
     lq, q = _log_probs(s, temperature, True)
     lp, p = _log_probs(t, temperature, True)
@@ -373,12 +374,13 @@ def _mean_over_positions(name, divergence, student_logits, teacher_logits, mask,
 
     Positions are processed in blocks of :func:`rows_per_block` rows, so temporaries are O(block x V) and
     only the output gradient is full size; only counted positions are computed. Each block adds its share
-    of the mean, sum D / N, in block order: a caller that runs the blocks elsewhere (side by side on
-    threads, :func:`minitodi.parallel.loss_in_blocks`) and adds their shares in the same order gets the
-    same loss bit for bit.
+    of the mean, sum D / N, in block order. Every row's gradient is computed from that row alone, so a
+    caller that hands out parts of the rows (:func:`minitodi.parallel.loss_and_grad`, with ``n_counted``)
+    gets the same gradient bit for bit, and the loss to rounding.
     """
     xp, s, t, mask, temperature, w = check_inputs(student_logits, teacher_logits, mask, temperature,
                                                   stopgrad_at)
+    check_values({"student_logits": s, "teacher_logits": t, "stopgrad_at": w})
     shape = s.shape
     V = shape[-1]
     s = s.reshape(-1, V)  # (..., V) -> (M, V)
@@ -466,18 +468,35 @@ def _as_logits(x, what, xp):
     if x.size == 0:
         raise ValueError(f"{what} of shape {x.shape} hold no position: the mean over an empty batch is "
                          "undefined")
-    top = float(x.max())
-    if math.isnan(top) or top == math.inf:
-        bad = to_numpy(xp.isnan(x) | (x == math.inf))
-        where = tuple(int(i) for i in np.argwhere(bad)[0])
-        kind = "+inf"
-        if math.isnan(float(x[where])):
-            kind = "NaN"
-        raise ValueError(f"{what} contains {kind} (first at index {where})")
     return x
 
 
+def check_values(named):
+    """Raise at the first NaN or +inf of the arrays ``{name: logits or None}`` (-inf is a logit of p = 0).
+
+    One pass over each array; a separate step from :func:`check_inputs`, which reads only shapes, so that
+    :func:`minitodi.parallel.loss_and_grad` can leave the passes to the parts it hands out.
+    """
+    for what, x in named.items():
+        if x is None:
+            continue
+        top = float(x.max())
+        if math.isnan(top) or top == math.inf:
+            xp = array_module(x)
+            bad = to_numpy(xp.isnan(x) | (x == math.inf))
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            kind = "+inf"
+            if math.isnan(float(x[where])):
+                kind = "NaN"
+            raise ValueError(f"{what} contains {kind} (first at index {where})")
+
+
 def check_inputs(student_logits, teacher_logits, mask, temperature, stopgrad_at):
+    """The checks of shapes, dtypes, the mask and the temperature (no pass over the logits' values).
+
+    Returns ``(xp, student_logits, teacher_logits, mask, temperature, stopgrad_at)`` as arrays of one
+    module and dtype, the temperature a Python float.
+    """
     xp = array_module(student_logits, teacher_logits, mask, stopgrad_at)
     s, t = _as_logits(student_logits, "student_logits", xp), _as_logits(teacher_logits, "teacher_logits", xp)
     if s.shape != t.shape:
