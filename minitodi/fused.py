@@ -146,7 +146,7 @@ def loss_and_grad(name, s2, t2, rows, temperature, beta=1.0):
     term_sum, g_sum, grad_kernel = _kernels(name)
     dtype = s2.dtype
     inv_t = cupy.asarray(1.0 / temperature, dtype=dtype)
-    b = cupy.asarray(beta, dtype=dtype)
+    b = cupy.asarray(min(beta, float(cupy.finfo(dtype).max)), dtype=dtype)  # inf * 0 would be NaN
     lse_s = _log_sum_exp(s2, inv_t)  # (M, 1)
     lse_t = _log_sum_exp(t2, inv_t)
     values = cupy.maximum(term_sum(s2, t2, lse_s, lse_t, inv_t, b, axis=1), 0)  # (M,)

@@ -534,3 +534,16 @@ def test_numpy_scalars_are_numbers_and_numpy_bools_are_not():
     for bad in (np.True_, True, "2", np.float64("nan")):
         with pytest.raises(ValueError, match="temperature must be a positive finite number"):
             LOSSES["fkl"](s, t, temperature=bad)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_todi_beta_beyond_float32_saturates_without_nan(detach):
+    """beta = 1e300 is inf in float32: a weight of inf * 0 would be NaN where p = q. It saturates instead."""
+    s, t, _ = _inputs(seed=12)
+    s, t = s.astype(np.float32), t.astype(np.float32)
+    s[0, 0] = t[0, 0]  # one position where the distributions are equal: every d = log p - log q = 0
+    huge = LOSSES["todi"](s, t, temperature=2.0, beta=1e300, detach=detach)
+    largest = LOSSES["todi"](s, t, temperature=2.0, beta=float(np.finfo(np.float32).max), detach=detach)
+    assert np.isfinite(huge[0]) and np.all(np.isfinite(huge[1]))
+    assert huge[0] == largest[0]
+    np.testing.assert_array_equal(huge[1], largest[1])

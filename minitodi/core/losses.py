@@ -128,7 +128,7 @@ def todi_attached_rows(lp, lq, p, q, a, one_minus_a, beta):
     """
     values, g = todi_rows(lp, lq, p, q, a, one_minus_a)
     d = lp - lq
-    through_the_weight = beta * a * one_minus_a * (p + q) * d
+    through_the_weight = _finite_in(d.dtype, beta) * a * one_minus_a * (p + q) * d
     return values, g - through_the_weight
 
 
@@ -223,8 +223,20 @@ def todi_weights(lp, lq, p, q, beta):
     (RKL dominates); 1/2 where both probabilities are 0. Computed as 1/2 +- 1/2 tanh(beta d / 2):
     no overflow, and 1 - a keeps its precision where a is near 1.
     """
-    h = 0.5 * array_module(p).tanh((0.5 * beta) * (lp - lq))
+    xp = array_module(p)
+    d = lp - lq
+    with np.errstate(over="ignore"):  # beta d beyond the dtype's range is +-inf, and tanh(+-inf) = +-1
+        h = 0.5 * xp.tanh(_finite_in(d.dtype, 0.5 * beta) * d)
     return 0.5 + h, 0.5 - h
+
+
+def _finite_in(dtype, factor):
+    """``factor``, or the largest number of ``dtype`` where it is larger.
+
+    A factor beyond float32's range (beta = 1e300) would become inf in float32 arithmetic, and inf * 0
+    is NaN where d = 0; the largest float32 turns every d != 0 into the same saturated weight.
+    """
+    return min(factor, float(np.finfo(dtype).max))
 
 
 def akl_weights(lp, lq, p, q, mu):
