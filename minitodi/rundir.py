@@ -108,6 +108,14 @@ def check_best_model(out, model_config, tokenizer_fingerprint):
         raise ValueError(f"{out} holds a best model of another shape ({type(best_config).__name__}; "
                          f"{differences}): --from-best needs this run's model; nothing was changed")
     tokenizer_file = out / TOKENIZER_FILE
+    if tokenizer_file.is_file():
+        # a model file or config.json copied in from another run: no --tokenizer mends that, so it is said
+        # as generate says it (the files come from different runs), not as a tokenizer to pass
+        try:
+            Tokenizer.load_for_model(out)
+        except ValueError as err:
+            reason = f"{err}; --from-best needs the best model's own files: nothing was changed"
+            raise ValueError(reason) from None
     recorded = set(checkpoint.recorded_tokenizers(out).values())
     if not recorded and tokenizer_file.is_file():  # a best model saved before fingerprints were recorded
         recorded = {Tokenizer.load(tokenizer_file).fingerprint()}

@@ -111,6 +111,18 @@ def test_from_best_with_other_data_is_refused_naming_the_tokenizer(trained, run,
     assert main([*args, "--tokenizer", str(trained / "run" / "tokenizer.json")]) == 0  # as it suggests
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_from_best_with_a_file_from_another_run_says_the_files_come_from_different_runs(trained, run, capsys,
+                                                                                       name):
+    """No --tokenizer mends a model file or config.json copied in from another run: none is suggested."""
+    shutil.copy(trained / "other" / name, run / name)
+    before = snapshot(run)
+    assert main(["train", "--out", str(run), "--from-best", *TINY]) == 2
+    err = one_line(capsys, str(run / "tokenizer.json"), str(run / name))
+    assert "different runs" in err and "--tokenizer" not in err
+    assert snapshot(run) == before
+
+
 # ------------------------------------------------------------------------------------------ tokenizer.json
 
 
