@@ -122,6 +122,8 @@ def _parse_options(pairs):
         value = value.strip()
         if not sep or not key:
             raise ValueError(f"--option expects NAME=VALUE, got {pair!r}")
+        if key in options:  # the last would win unseen: which one the user meant is theirs to say
+            raise ValueError(f"--option {key} given more than once; give each option once")
         options[key] = _option_value(key, value)
     return options
 

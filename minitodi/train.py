@@ -19,6 +19,8 @@ non-finite loss or gradient stops the run before the update; ``out/last`` keeps 
 
 import math
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -75,6 +77,20 @@ def _check_models(model_config, tokenizer, tcfg, teacher):
         raise ValueError(f"model vocabulary {model_config.vocab_size} < tokenizer's {tokenizer.vocab_size}")
 
 
+@contextmanager
+def _non_finite_reported():
+    """NumPy's overflow and invalid-value warnings silenced: the loop reports a non-finite result itself.
+
+    The loop's own error names the step and the likely cause in one line; the warnings would print lines
+    of core's source before it. np.errstate covers this thread; the warnings filter covers the threads
+    :mod:`minitodi.parallel` hands pieces to (np.errstate is per thread, the filter process-wide).
+    """
+    with np.errstate(over="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="(overflow|invalid value) encountered",
+                                category=RuntimeWarning)
+        yield
+
+
 class _Trainer:
     """The loop over one run's state: steps, logging, evaluation, saving."""
 
@@ -94,12 +110,13 @@ class _Trainer:
             idx, labels = next(run.batches)
             lr = optim.lr_at(run.step, lr=tcfg.lr, total_steps=tcfg.steps, warmup_steps=tcfg.warmup_steps,
                              min_lr=tcfg.min_lr)
-            with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is reported below
+            with _non_finite_reported():
                 total, ce, kd, grads = step_loss(run.params, run.config, idx, labels, tcfg, self.teacher)
                 norm = optim.clip_grad_norm(grads, tcfg.grad_clip)
             if not (math.isfinite(total) and math.isfinite(norm)):  # nothing non-finite is ever saved
                 self._stop_non_finite(total, ce, kd, norm, lr)
-            parallel.adamw_step(run.params, grads, run.opt, lr=lr, weight_decay=tcfg.weight_decay)
+            with _non_finite_reported():  # an update to inf (lr 1e300) is the next step's non-finite loss
+                parallel.adamw_step(run.params, grads, run.opt, lr=lr, weight_decay=tcfg.weight_decay)
             run.step += 1
             self.last_loss = f"the last finite loss was {total:.6g}"
             if run.step % tcfg.log_every == 0:
@@ -115,7 +132,8 @@ class _Trainer:
     def evaluate(self):
         """Validation CE now; the best model is saved when it improves, the state always (if finite)."""
         run = self.run
-        valid_ce = self.valid_ce(run.params)
+        with _non_finite_reported():  # the last step's update may have made the parameters non-finite
+            valid_ce = self.valid_ce(run.params)
         if not math.isfinite(valid_ce):
             raise FloatingPointError(f"the validation loss is {valid_ce} at step {run.step}: the parameters "
                                      f"diverged (nothing was saved; {run.last} holds the last finite state)")

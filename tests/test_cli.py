@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -99,12 +100,27 @@ def test_demo_writes_results_for_every_loss(tmp_path, monkeypatch, capsys):
     (["--option", "gamma=3"], "no option gamma; its options: beta"),
     (["--option", "n_counted=5"], "no option n_counted; its options: beta, detach\n"),  # the loop's to set
     (["--option", "=2"], "--option expects NAME=VALUE, got '=2'"),
+    (["--option", "beta=1", "--option", "beta=2"], "--option beta given more than once"),
 ])
 def test_bad_settings_are_one_line_and_write_nothing(runs, tmp_path, capsys, flags, message):
     out = tmp_path / "s"
     assert exit_status(["distill", "--teacher", str(runs / "teacher"), "--out", str(out), *TINY, *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "distill"])
+def test_a_learning_rate_that_overflows_is_one_line_and_no_numpy_warning(runs, tmp_path, capsys, command):
+    """The first update goes to inf: the next step's non-finite loss is the one line, no warning before."""
+    args = [command, "--out", str(tmp_path / "run"), *TINY, "--lr", "1e300"]
+    if command == "distill":
+        args += ["--teacher", str(runs / "teacher")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(args) == 2
+    assert [str(w.message) for w in caught] == []
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
 
 
 def test_unusable_out_is_one_line(tmp_path, capsys):
