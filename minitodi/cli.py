@@ -36,13 +36,16 @@ def _integral(text):
     return None
 
 
-def _integer(low):
-    """An argparse type: an integer >= ``low``, refused in one line that names the option otherwise."""
+def _integer(low, high=None):
+    """An argparse type: an integer >= ``low`` (and <= ``high``), refused in one line naming the option."""
+    requirement = f"an integer >= {low}"
+    if high is not None:
+        requirement = f"an integer in [{low}, {high}]"
 
     def parse(text):
         value = _integral(text)
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
         return value
 
     return parse
@@ -550,10 +553,12 @@ def _add_demo_command(sub):
     p.add_argument("--arch", choices=ARCHS, default="gpt2", help="teacher and students: gpt2 or llama")
     p.add_argument("--losses", nargs="+", default=["fkl", "rkl", "todi"],
                    help="divergences to distil with besides sft, or 'all'")
-    p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: 0-15, quick: 0)")
-    p.add_argument("--out", default="minitodi-demo",
+    # the bound is demo.MAX_SEED's (a seed names run directories), not imported: demo loads the trainer
+    p.add_argument("--seeds", type=_integer(0, 2**32 - 1), nargs="+", action=_Distinct,
+                   help="student seeds (default: 0-15, quick: 0)")
+    p.add_argument("--out", default="minitodi-demo", type=_path,
                    help="its output directory: new, empty, or an earlier demo's")
-    p.add_argument("--jobs", type=int, default=cores(),
+    p.add_argument("--jobs", type=_integer(1), default=cores(),
                    help="students trained at once, each in its own process (default: the cores available)")
     _protocol_arguments(p)
     p.set_defaults(func=cmd_demo)

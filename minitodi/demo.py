@@ -55,12 +55,42 @@ DONE = "summary.json"  # in a run directory: the run is finished (its summary), 
 # what a demo writes into OUT: (name, is a directory)
 DEMO_OUTPUTS = {("students", True), (report.FIGURE_FILE, False), (report.RESULTS_FILE, False)}
 REUSE_HINT = "an earlier demo with other settings left it: choose another --out (or delete that run)"
+# A seed names its students' run directories (students/NAME-seedN): a bound keeps those names short (a seed
+# of 1e300 would make a name too long for the file system, found only after the teacher trained). 2**32 - 1
+# is the largest seed NumPy's legacy generator takes, so any seed a user is likely to have is allowed.
+MAX_SEED = 2**32 - 1
 PARENT_CHECK_S = 0.5  # how often a worker looks whether the demo that started it is still there
 
 
 def cache_dir():
-    """Where trained teachers are kept between demos: ``$MINITODI_CACHE``, else ``~/.cache/minitodi``."""
-    return Path(os.environ.get("MINITODI_CACHE", Path.home() / ".cache" / "minitodi"))
+    """Where trained teachers are kept between demos: ``$MINITODI_CACHE``, else ``~/.cache/minitodi``.
+
+    An empty MINITODI_CACHE counts as unset, as an empty XDG_CACHE_HOME does: Path("") would be the current
+    directory, where the demo would leave teacher directories and lock files.
+    """
+    chosen = os.environ.get("MINITODI_CACHE", "")
+    if not chosen:
+        return Path.home() / ".cache" / "minitodi"
+    return Path(chosen)
+
+
+def _check_cache(cache):
+    """The teacher cache ``cache`` must be, or be creatable as, a directory this process can write.
+
+    Checked before the demo writes anything (its --out directory included): the nearest part of the path
+    that exists must be a directory with write and search permission. A ValueError naming MINITODI_CACHE
+    otherwise. os.access answers for this process's user (root writes anywhere but a read-only mount).
+    """
+    existing = cache
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        reason = f"{existing} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        reason = f"{existing} is not writable"
+    else:
+        return
+    raise ValueError(f"cannot use {cache} as the teacher cache (MINITODI_CACHE): {reason}")
 
 
 def _key(settings):
@@ -292,15 +322,22 @@ def _check_losses(loss_names):
 
 
 def _check_seeds(seeds):
-    """Distinct integers >= 0 (NumPy's too), at least one: every student's TrainConfig would take them."""
+    """Distinct integers in [0, MAX_SEED] (NumPy's too), at least one: each names students' directories."""
     if len(seeds) == 0:
         raise ValueError("seeds: give at least one training seed")
-    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 0]
+    bad = [s for s in seeds if not _is_seed(s)]
     if bad:
-        raise ValueError(f"seeds must be integers >= 0, got {bad}")
+        raise ValueError(f"seeds must be integers in [0, {MAX_SEED}], got {bad}")
     repeated = _given_twice(seeds)
     if repeated:  # one student counted twice would shrink the intervals to nothing
         raise ValueError(f"seeds {repeated} are given more than once: each training seed is one student")
+
+
+def _is_seed(value):
+    """Whether ``value`` is an integer (not a bool) in [0, MAX_SEED]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return False
+    return 0 <= value <= MAX_SEED
 
 
 def _given_twice(values):
@@ -401,6 +438,7 @@ def run(out, *, preset="full", loss_names=DEFAULT_LOSSES, seeds=None, protocol=P
     cfg = replace(PRESETS[preset], arch=arch)
     if seeds is not None:
         cfg = replace(cfg, seeds=tuple(int(seed) for seed in seeds))  # NumPy's integers as Python's
+    _check_cache(cache_dir())
     out = _claim(Path(out))
     start = time.perf_counter()
     cpu_start = time.process_time()

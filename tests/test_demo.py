@@ -53,9 +53,10 @@ BAD_SETTINGS = [
     ({"loss_names": ("fkl", "nope")}, r"unknown losses \['nope'\]"),
     ({"loss_names": "todi"}, "losses must be a list of names, got the string 'todi'"),
     ({"loss_names": ("sft", "fkl")}, "sft is always trained"),
-    ({"seeds": [-1]}, r"seeds must be integers >= 0, got \[-1\]"),
-    ({"seeds": [0, math.nan]}, r"seeds must be integers >= 0, got \[nan\]"),
-    ({"seeds": [1.5, True]}, r"seeds must be integers >= 0, got \[1.5, True\]"),
+    ({"seeds": [-1]}, r"seeds must be integers in \[0, 4294967295\], got \[-1\]"),
+    ({"seeds": [0, math.nan]}, r"seeds must be integers in \[0, 4294967295\], got \[nan\]"),
+    ({"seeds": [1.5, True]}, r"seeds must be integers in \[0, 4294967295\], got \[1.5, True\]"),
+    ({"seeds": [2**32]}, r"seeds must be integers in \[0, 4294967295\], got \[4294967296\]"),
     ({"seeds": []}, "seeds: give at least one training seed"),
     ({"seeds": [3, 0, 3]}, r"seeds \[3\] are given more than once"),
     ({"jobs": 0}, "jobs must be an integer >= 1, got 0"),
@@ -81,10 +82,16 @@ def test_bad_settings_are_refused_before_anything_is_written_or_trained(settings
 
 @pytest.mark.parametrize("flags, words", [
     (["--losses", "fkl", "rkl", "fkl"], ["losses", "fkl", "more than once"]),
-    (["--seeds", "-1"], ["seeds", "-1"]),
-    (["--seeds", "2", "0", "2"], ["seeds", "2", "more than once"]),
+    (["--seeds", "-1"], ["--seeds", "-1"]),
+    (["--seeds", "1.5"], ["--seeds", "must be an integer", "1.5"]),
+    (["--seeds", "nan"], ["--seeds", "must be an integer", "nan"]),
+    (["--seeds", "1e300"], ["--seeds", "must be an integer in", "1e300"]),  # a seed names directories
+    (["--seeds", str(demo.MAX_SEED + 1)], ["--seeds", str(demo.MAX_SEED)]),  # the parser's bound is demo's
+    (["--seeds", "2", "0", "2"], ["--seeds", "2", "more than once"]),
     (["--losses", "all", "fkl"], ["--losses all", "alone"]),
-    (["--jobs", "0"], ["jobs", "0"]),
+    (["--jobs", "0"], ["--jobs", "0"]),
+    (["--jobs", "1.5"], ["--jobs", "must be an integer", "1.5"]),
+    (["--jobs", "nan"], ["--jobs", "must be an integer", "nan"]),
 ])
 def test_the_command_line_refuses_them_in_one_line(flags, words, tmp_path, monkeypatch, capsys):
     """Exit status 2 and one line naming the option and its value, before anything is written or trained."""
@@ -354,11 +361,83 @@ def test_a_killed_demo_leaves_the_teacher_cache_free(tmp_path):
     assert said == []  # nothing to wait for
 
 
-def test_a_cache_that_is_a_file_is_named(tmp_path, monkeypatch):
-    _micro_preset(monkeypatch, tmp_path)
-    (tmp_path / "cache").write_text("not a directory")
-    with pytest.raises(ValueError, match=r"cannot use .*cache as the teacher cache \(MINITODI_CACHE\)"):
-        demo.run(tmp_path / "out", preset="micro", loss_names=("fkl",), progress=False, log=lambda *_: None)
+def test_seeds_and_jobs_are_read_as_every_other_option_reads_integers(tmp_path, monkeypatch):
+    """1e3 is 1000 for --seeds and --jobs as for --seed or --steps."""
+    seen = {}
+
+    def interrupted_run(out, **settings):  # records what the command line passed, then is interrupted
+        seen.update(settings)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run", interrupted_run)
+    argv = ["demo", "--seeds", "1e3", "0", "--jobs", "2e0", "--out", str(tmp_path / "out"), "--quiet"]
+    assert exit_status(argv) == 130
+    assert (seen["seeds"], seen["jobs"]) == ([1000, 0], 2)
+
+
+def test_an_empty_out_is_refused_and_nothing_is_written(tmp_path, monkeypatch, capsys):
+    """--out '' is refused as for the other commands, not read as the current directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MINITODI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(demo, "run", lambda *a, **k: pytest.fail("the demo ran"))
+    assert exit_status(["demo", "--out", "", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minitodi demo: error: argument --out: ") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_minitodi_cache_is_the_default_cache(tmp_path, monkeypatch):
+    """MINITODI_CACHE='' counts as unset: teachers and lock files never land in the current directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MINITODI_CACHE", "")
+    assert demo.cache_dir() == tmp_path / ".cache" / "minitodi"
+    monkeypatch.setenv("MINITODI_CACHE", str(tmp_path / "mine"))
+    assert demo.cache_dir() == tmp_path / "mine"
+
+
+def _read_only(monkeypatch, directory):
+    """os.access says ``directory`` is not writable (as a non-root user finds after chmod a-w).
+
+    Faked because these tests may run as root, to whom chmod forbids nothing.
+    """
+    real_access = os.access
+
+    def access(path, mode, **kwargs):
+        if os.path.abspath(path) == str(directory) and mode & os.W_OK:
+            return False
+        return real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("file", r"cache is not a directory"),
+    ("under a file", r"cache is not a directory"),
+    ("read-only", r"cache is not writable"),
+    ("under a read-only directory", r"cache is not writable"),
+])
+def test_an_unusable_cache_is_refused_before_anything_is_written(kind, reason, tmp_path, monkeypatch):
+    """The cache is checked before --out is created, and the message names MINITODI_CACHE and why."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MINITODI_CACHE", str(cache))
+    if kind == "file":
+        cache.write_text("not a directory")
+    elif kind == "under a file":
+        cache.write_text("not a directory")
+        monkeypatch.setenv("MINITODI_CACHE", str(cache / "minitodi"))
+    elif kind == "read-only":
+        cache.mkdir()
+        _read_only(monkeypatch, cache)
+    else:
+        cache.mkdir()
+        _read_only(monkeypatch, cache)
+        monkeypatch.setenv("MINITODI_CACHE", str(cache / "minitodi"))
+    monkeypatch.setattr(demo, "fit", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(ValueError, match=r"cannot use .*cache.* as the teacher cache \(MINITODI_CACHE\): .*"
+                       + reason):
+        demo.run(tmp_path / "out", preset="quick", loss_names=("fkl",), progress=False, log=lambda *_: None)
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
 
 
 def test_numpy_integers_are_seeds(tmp_path, monkeypatch):
