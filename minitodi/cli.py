@@ -3,7 +3,10 @@
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import parallel
@@ -254,6 +257,9 @@ def _check_log_path(path):
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"--log {path} is a directory; give a file to append to")
+    if path.exists() and not path.is_file():  # opening a FIFO to append waits for a reader forever
+        raise ValueError(f"--log {path} is not a regular file (a pipe, socket or device); give a file to "
+                         "append to")
     if not path.parent.is_dir():
         raise ValueError(f"--log {path}: the directory {path.parent} does not exist")
     target = path if path.exists() else path.parent
@@ -328,10 +334,30 @@ def _append_log(path, record):
         raise OSError(f"--log {path}: the scores above were not logged ({err.strerror or err})") from None
 
 
+def _evaluation_examples(args, dataset, tokenizer, config):
+    """The examples of ``args.split``, each within the context less --max-new-tokens.
+
+    A record that does not fit is the user's --max-new-tokens, said so: data's own message speaks of
+    sequence lengths, which evaluate has no option for.
+    """
+    from .data import examples_for
+
+    room = config.n_positions - args.max_new_tokens
+    try:
+        return examples_for(dataset, args.split, tokenizer, room)
+    except ValueError:
+        if dataset["kind"] != "instructions":
+            raise
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves {room} of the model's "
+                         f"{config.n_positions} positions ({args.model}) for a prompt and its response, too "
+                         f"few for a record of the {args.split} split of {args.data}: give a smaller "
+                         "--max-new-tokens") from None
+
+
 def cmd_evaluate(args):
     import json
 
-    from .data import examples_for, load_dataset
+    from .data import load_dataset
     from .evaluation import Protocol, evaluate, heldout_losses
     from .metrics import perplexity
     from .teacher import Teacher, require_same_tokenizer
@@ -351,7 +377,7 @@ def cmd_evaluate(args):
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
                          f"context of {config.n_positions} positions: give at most {config.n_positions - 1}")
     dataset = load_dataset(args.data)
-    examples = examples_for(dataset, args.split, tokenizer, config.n_positions - args.max_new_tokens)
+    examples = _evaluation_examples(args, dataset, tokenizer, config)
     if not examples:  # text shorter than one example of the model's context less --max-new-tokens
         raise ValueError(f"{args.data}: its {args.split} split makes no example of "
                          f"{config.n_positions - args.max_new_tokens + 1} tokens for {args.model}; give more "
@@ -575,14 +601,54 @@ def build_parser():
     return parser
 
 
+# Commands without a stop of their own: SIGTERM interrupts them as Ctrl-C does. train and distill finish
+# their step on either (minitodi.rundir.ctrl_c_flag); the demo's workers are stopped with SIGTERM.
+SIGTERM_AS_CTRL_C = ("evaluate", "generate", "gradcheck")
+
+
+@contextmanager
+def _sigterm_as_ctrl_c(command):
+    """SIGTERM raises KeyboardInterrupt during ``command`` if it is one of :data:`SIGTERM_AS_CTRL_C`."""
+    if command not in SIGTERM_AS_CTRL_C or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler set outside Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_quietly_on_a_closed_pipe():
+    """Exit status 141 (128 + SIGPIPE), no message: the reader (``| head``) has all it wanted.
+
+    stdout goes to /dev/null so that the interpreter's last flush at exit fails no more.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     parallel.reuse_freed_memory()  # a process-wide malloc setting: the command line opts in, never an import
     try:
-        return args.func(args)
+        with _sigterm_as_ctrl_c(args.command):
+            return args.func(args)
     except KeyboardInterrupt:
-        print(f"\nminitodi {args.command}: interrupted", file=sys.stderr)
+        newline = ""
+        if not getattr(args, "quiet", True):  # a progress bar may be mid-line: the message starts a new one
+            newline = "\n"
+        print(f"{newline}minitodi {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _stop_quietly_on_a_closed_pipe()
     except MemoryError as err:  # an allocation the estimates up front did not foresee
         print(f"minitodi {args.command}: error: out of memory: {err}", file=sys.stderr)
         return 2

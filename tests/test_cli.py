@@ -1,7 +1,9 @@
 """Every subcommand, end to end, in a tiny configuration (seconds, not minutes)."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -187,6 +189,57 @@ def test_ctrl_c_says_so(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(demo, "run", interrupted)
     assert main(["demo", "--out", str(tmp_path / "d")]) == 130
     assert "minitodi demo: interrupted" in capsys.readouterr().err
+
+
+def test_ctrl_c_with_quiet_is_one_line(monkeypatch, tmp_path, capsys):
+    """No progress bar can be mid-line: no blank line before the message."""
+    from minitodi import demo
+
+    def interrupted(out, **settings):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run", interrupted)
+    assert main(["demo", "--out", str(tmp_path / "d"), "--quiet"]) == 130
+    assert capsys.readouterr().err == "minitodi demo: interrupted\n"
+
+
+def test_sigterm_during_evaluate_is_an_interruption(runs, tmp_path, capsys, monkeypatch):
+    """Like Ctrl-C: one line and 130, the handler before the command put back after it."""
+    from minitodi import evaluation
+
+    def terminated(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop evaluate")
+
+    monkeypatch.setattr(evaluation, "evaluate", terminated)
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        assert exit_status(["evaluate", "--model", str(runs / "teacher"), "--log",
+                            str(tmp_path / "eval.jsonl"), "--quiet"]) == 130
+        signal.raise_signal(signal.SIGTERM)  # after the command: the test's own handler again
+        assert received == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert capsys.readouterr().err == "minitodi evaluate: interrupted\n"
+
+
+def test_a_closed_pipe_stops_quietly():
+    """``minitodi gradcheck | head -0``: no 'Broken pipe' error, the status of a command killed by SIGPIPE."""
+    child = subprocess.Popen([sys.executable, "-m", "minitodi", "gradcheck", "--losses", "fkl"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # the reader is gone before anything is written
+    err = child.stderr.read()
+    assert child.wait(timeout=120) == 141 and err == b"", err
+
+
+def test_evaluate_log_refuses_a_pipe(runs, tmp_path, capsys):
+    """Appending to a FIFO waits for a reader forever (after the scores were printed)."""
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    assert main(["evaluate", "--model", str(runs / "teacher"), "--log", str(pipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--log {pipe} is not a regular file" in err, err
 
 
 # ---- every numeric option: 0, negative, nan, inf, huge, not a number --------------------------------
@@ -380,6 +433,16 @@ def test_evaluate_max_new_tokens_must_leave_room_for_a_prompt(runs, capsys):
         assert err.count("\n") == 1
         words = f"--max-new-tokens {int(float(value))} leaves no room for a prompt in the model's context"
         assert f"{words} of 56 positions: give at most 55" in err
+
+
+@pytest.mark.parametrize("value", ["54", "55"])
+def test_evaluate_max_new_tokens_too_large_for_a_record_names_the_option(runs, capsys, value):
+    """It was '... but a sequence holds 2 (seq_len 1)': a length evaluate has no option for."""
+    assert main(["evaluate", "--model", str(runs / "teacher"), "--max-new-tokens", value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "seq_len" not in err, err
+    assert f"--max-new-tokens {value} leaves {56 - int(value)} of the model's 56 positions" in err
+    assert "give a smaller --max-new-tokens" in err
 
 
 def test_json_lines_in_a_csv_file_are_evaluated_as_records(runs, tmp_path, capsys):
