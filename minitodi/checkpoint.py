@@ -523,6 +523,9 @@ def load(directory, *, dtype=None, device="cpu"):
     headers before any tensor is read, and every parameter must be finite.
     """
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():  # a model file given for its directory, say
+        raise NotADirectoryError(f"{directory} is a file, not a checkpoint directory: give the directory "
+                                 "that holds it")
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
     config = load_config(directory)

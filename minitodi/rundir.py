@@ -60,6 +60,8 @@ def claim(out, start):
     Yields whether ``out/last`` is a state to resume (after finishing an interrupted replacement of it).
     Every refusal is a ValueError raised before anything in ``out`` is changed.
     """
+    if out.exists() and not out.is_dir():  # mkdir would say only "File exists"
+        raise ValueError(f"cannot use {out} as a run directory: it is a file; give a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out, os.O_RDONLY)

@@ -217,6 +217,13 @@ def test_missing_file(saved, name):
         checkpoint.load(directory)
 
 
+def test_a_file_given_for_the_directory_is_said_to_be_a_file(saved):
+    """--model DIR/model.safetensors was 'checkpoint directory not found', though it exists."""
+    path = saved[0] / MODEL_FILE
+    with pytest.raises(NotADirectoryError, match=f"{path} is a file, not a checkpoint directory"):
+        checkpoint.load(path)
+
+
 @pytest.mark.parametrize("name", [STATE_FILE, STATE_JSON])
 def test_missing_training_state_file(saved, name):
     directory = saved[0]

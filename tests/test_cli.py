@@ -134,6 +134,18 @@ def test_unusable_out_is_one_line(tmp_path, capsys):
         assert main(["train", "--out", str(out), "--data", str(data), *TINY]) == 2
         err = capsys.readouterr().err
         assert f"cannot use {out} as a run directory" in err and err.count("\n") == 1
+    assert main(["train", "--out", str(tmp_path / "file"), "--data", str(data), *TINY]) == 2
+    assert "run directory: it is a file" in capsys.readouterr().err  # was mkdir's "File exists"
+
+
+@pytest.mark.parametrize("command", ["generate", "distill"])
+def test_a_model_file_given_for_its_directory_is_said_to_be_a_file(runs, tmp_path, capsys, command):
+    path = runs / "teacher" / "model.safetensors"
+    commands = {"generate": ["generate", "--model", str(path), "--prompt", "hello"],
+                "distill": ["distill", "--teacher", str(path), "--out", str(tmp_path / "s"), *TINY]}
+    assert main(commands[command]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} is a file, not a checkpoint directory" in err and err.count("\n") == 1, err
 
 
 def test_restart_flags(runs, tmp_path, capsys):

@@ -61,3 +61,11 @@ def test_roundtrip_through_gpu():
     with pytest.raises(TypeError, match="mix NumPy and CuPy"):
         device.array_module(x, g)
     np.testing.assert_array_equal(device.to_numpy(g), x)
+
+
+def test_a_bad_minitodi_device_names_the_variable(monkeypatch):
+    monkeypatch.setenv("MINITODI_DEVICE", "bogus")
+    with pytest.raises(ValueError, match="^MINITODI_DEVICE must be one of .*got 'bogus'"):
+        device.resolve_device()
+    with pytest.raises(ValueError, match="^device must be one of"):  # the argument, not the variable
+        device.resolve_device("bogus")

@@ -43,11 +43,13 @@ def gpu_available() -> bool:
 
 def resolve_device(device: str | None = None) -> str:
     """Turn ``device`` (or ``$MINITODI_DEVICE``, or ``auto``) into ``"cpu"`` or ``"gpu"``."""
+    source = "device"
     if device is None:
         device = os.environ.get("MINITODI_DEVICE", "auto")
+        source = "MINITODI_DEVICE"  # the user set it outside the command: name it
     device = device.strip().lower()
     if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+        raise ValueError(f"{source} must be one of {DEVICES}, got {device!r}")
     if device == "auto":
         if gpu_available():
             return "gpu"
