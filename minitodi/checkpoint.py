@@ -192,8 +192,23 @@ def save_replacing(directory, params, config, **kwargs):
         os.replace(directory, old)
     os.replace(new, directory)
     if had_old:
-        shutil.rmtree(old)
+        _remove_tree(old)
     return directory
+
+
+def _remove_tree(directory):
+    """shutil.rmtree, its error naming the file by its full path (rmtree names it relative to its directory).
+
+    A checkpoint directory is flat, so the name is the file's in ``directory``.
+    """
+    try:
+        shutil.rmtree(directory)
+    except OSError as err:
+        where = directory
+        if err.filename:
+            where = directory / err.filename
+        raise OSError(f"cannot remove {where}: {err.strerror}; the new checkpoint is in place, remove "
+                      f"{directory} to go on") from None
 
 
 def recover(directory):
@@ -206,7 +221,7 @@ def recover(directory):
     old = _aside(directory, "old")
     if old.exists():
         if directory.exists():  # interrupted after the swap: only the clean-up was left
-            shutil.rmtree(old)
+            _remove_tree(old)
         else:  # interrupted between the two renames: the old one is the last whole checkpoint
             os.replace(old, directory)
     shutil.rmtree(new, ignore_errors=True)  # interrupted while writing: a partial new one

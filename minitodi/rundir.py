@@ -95,6 +95,20 @@ def _check_usable(out, start):
     if any(out.iterdir()) and not is_run(out / RUN_FILE):
         raise ValueError(f"{out} holds files that are not a minitodi run (no run.json of minitodi): "
                          "choose a new or empty directory")
+    _check_state_replaceable(out)
+
+
+def _check_state_replaceable(out):
+    """``out/last`` (and what an interrupted replacement left beside it) must be a directory files can leave.
+
+    A run replaces its state as a whole and removes the old one (:func:`minitodi.checkpoint.save_replacing`):
+    a read-only ``last/`` would be found only after the training, at the first save, and its ``last.old/``
+    would stop every later resume the same way.
+    """
+    for path in (out / LAST, out / f"{LAST}.old", out / f"{LAST}.new"):
+        if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"cannot use {out} as a run directory: {path} is not writable, and the run "
+                             f"replaces it; make it writable (chmod u+w {path}) and run again")
 
 
 def check_best_model(out, model_config, tokenizer_fingerprint):

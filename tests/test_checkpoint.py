@@ -2,6 +2,7 @@
 
 import functools
 import json
+import re
 import stat
 
 import numpy as np
@@ -180,6 +181,25 @@ def test_a_failed_save_replacing_leaves_the_old_directory_and_no_partial_new_one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
     _assert_params_equal(checkpoint.load(tmp_path / "last")[0], old)
     checkpoint.load_training_state(tmp_path / "last")  # the old state, consistent with the old model
+
+
+def test_an_old_checkpoint_that_cannot_be_removed_is_named_by_its_full_path(tmp_path, monkeypatch):
+    """rmtree names the file relative to its directory ('training_state.json'): the error names the path."""
+    config = small_gpt2_config()
+    params = make_params(config)
+    checkpoint.save_replacing(tmp_path / "last", params, config, training_state=make_training_state(params))
+    real_rmtree = checkpoint.shutil.rmtree
+
+    def read_only_rmtree(path, ignore_errors=False):
+        if ignore_errors:
+            return real_rmtree(path, ignore_errors=True)
+        raise PermissionError(13, "Permission denied", STATE_JSON)  # as rmtree raises it
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", read_only_rmtree)
+    named = re.escape(f"cannot remove {tmp_path / 'last.old' / STATE_JSON}: Permission denied")
+    state = make_training_state(params)
+    with pytest.raises(OSError, match=named):
+        checkpoint.save_replacing(tmp_path / "last", params, config, training_state=state)
 
 
 def test_mismatched_save_ids(tmp_path):

@@ -292,6 +292,31 @@ def test_a_file_where_the_state_belongs_is_no_state(run, capsys):
     assert checkpoint.load_training_state(run / "last")["step"] == 6
 
 
+@pytest.mark.parametrize("name", ["last", "last.old"])
+def test_a_read_only_state_is_refused_before_training(run, capsys, monkeypatch, name):
+    """It trained, saved, then failed removing last.old/, left behind to fail every later resume the same way.
+
+    os.access is faked to say the directory is read-only: these tests may run as root, whom chmod forbids
+    nothing.
+    """
+    state = run / name
+    if name == "last.old":
+        shutil.copytree(run / "last", state)
+    before = snapshot(run)
+    real_access = os.access
+
+    def access(path, mode, **kwargs):
+        if os.path.abspath(path) == str(state) and mode & os.W_OK:
+            return False
+        return real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    assert main(["train", "--out", str(run), *TINY]) == 2
+    err = one_line(capsys, f"{state} is not writable")
+    assert "chmod u+w" in err
+    assert snapshot(run) == before
+
+
 def test_a_log_line_that_is_not_a_record_is_one_line(run, capsys):
     log = run / "metrics.jsonl"
     log.write_text("[1, 2]\n" + log.read_text())
