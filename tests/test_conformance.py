@@ -11,6 +11,9 @@ At the end, examples/check_libraries.py's verdicts on TRL and Liger-Kernel, wher
 import functools
 import importlib.util
 import math
+import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -769,7 +772,9 @@ def test_cli_bad_settings_are_one_line_and_exit_2(tmp_path, capsys):
            (["--loss", "fkl", "--timeout", "1e300"],
             "--timeout: must be a number in (0, 604800], got '1e300'"),
            (["--loss", "fkl", "--timeout", "0"], "--timeout: must be a number in (0, 604800], got '0'"),
-           (["--loss", "fkl", "--framework", "numpy", "--option", "gamma=1"], "no option 'gamma'")]
+           (["--loss", "fkl", "--framework", "numpy", "--option", "gamma=1"], "no option 'gamma'"),
+           (["--loss", "todi", "--option", "beta=1", "--option", "beta=2"],
+            "--option beta given more than once")]
     for extra, words in bad:
         assert exit_status(["conformance", f"{path}:good"] + extra) == 2, extra
         err = capsys.readouterr().err
@@ -845,6 +850,8 @@ def test_library_verdicts(distribution):
 
 
 RUNAWAY = '''
+import os
+import signal
 import sys
 import time
 import numpy as np
@@ -852,6 +859,22 @@ import numpy as np
 
 def exits(s, t, mask, temperature):
     sys.exit(0)
+
+
+def exits_at_once(s, t, mask, temperature):  # ended the command with exit status 0 and no output
+    os._exit(0)
+
+
+def raises_keyboard_interrupt(s, t, mask, temperature):
+    raise KeyboardInterrupt
+
+
+def presses_ctrl_c(s, t, mask, temperature):  # as the user's Ctrl-C would
+    signal.raise_signal(signal.SIGINT)
+
+
+def returns_objects(s, t, mask, temperature):
+    return 0.5, np.zeros(s.shape, dtype=object)
 
 
 def returns_a_vector(s, t, mask, temperature):
@@ -912,6 +935,8 @@ def divides_in_place(s, t, mask, temperature):
 @pytest.mark.parametrize("name, words", [
     ("exits", "raised SystemExit"),
     ("generator_exit", "raised GeneratorExit"),
+    ("raises_keyboard_interrupt", "raises_keyboard_interrupt raised KeyboardInterrupt on logits"),
+    ("returns_objects", "got ndarray of shape (6, 2) and dtype object"),
     ("complex_gradient", "the gradient it returned is complex (complex128)"),
     ("complex_value", "the loss it returned is complex"),
     ("divides_in_place", "changed its argument student_logits in place"),
@@ -926,6 +951,56 @@ def test_cli_a_function_that_cannot_be_run_exits_3_with_one_line(tmp_path, capsy
     assert cli.main(["conformance", f"{path}:{name}", "--loss", "fkl", "--framework", "numpy"]) == 3
     err = capsys.readouterr().err
     assert words in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_the_users_ctrl_c_is_an_interruption(tmp_path, capsys):
+    """SIGINT while the function runs is the user's Ctrl-C (exit 130), not the function's own raise (3)."""
+    path = tmp_path / "runaway.py"
+    path.write_text(RUNAWAY)
+    argv = ["conformance", f"{path}:presses_ctrl_c", "--loss", "fkl", "--framework", "numpy"]
+    sigint_before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    exit_before = os._exit
+    try:
+        assert cli.main(argv) == 130
+        assert "interrupted" in capsys.readouterr().err
+        assert os._exit is exit_before  # restored after
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a job started in the background: left ignored
+        assert cli.main(argv) == 3
+        assert "must return (loss, grad), got NoneType" in capsys.readouterr().err
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, sigint_before)
+
+
+def test_cli_keyboard_interrupt_in_the_timed_process_is_one_line(tmp_path, capfd):
+    """The child's KeyboardInterrupt was a 25-line traceback on stderr (the child's, seen at the fd)."""
+    path = tmp_path / "runaway.py"
+    path.write_text(RUNAWAY)
+    argv = ["conformance", f"{path}:raises_keyboard_interrupt", "--loss", "fkl", "--framework", "numpy",
+            "--timeout", "20"]
+    assert cli.main(argv) == 3
+    err = capfd.readouterr().err
+    assert "raised KeyboardInterrupt" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("target, words", [
+    ("runaway.py:exits_at_once", "exits_at_once called os._exit(0) on logits"),
+    ("quits_at_once.py:fn", "quits_at_once.py failed: ExitCalled: os._exit(0)"),
+])
+def test_cli_os_exit_is_not_a_pass(tmp_path, target, words):
+    """os._exit(0), in the function or at import, ended the command with exit status 0 and no output.
+
+    Run as a command: in this process the bug would end pytest itself, as quietly.
+    """
+    (tmp_path / "runaway.py").write_text(RUNAWAY)
+    (tmp_path / "quits_at_once.py").write_text("import os\nos._exit(0)\n")
+    argv = [sys.executable, "-m", "minitodi", "conformance", f"{tmp_path}/{target}", "--loss", "fkl",
+            "--framework", "numpy"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3 and done.stdout == ""
+    assert words in done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
 
 
 def test_cli_a_file_that_exits_at_import_is_not_a_pass(tmp_path, capsys):
