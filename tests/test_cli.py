@@ -1,5 +1,6 @@
 """Every subcommand, end to end, in a tiny configuration (seconds, not minutes)."""
 
+import errno
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import exit_status
 
-from minitodi import presets
+from minitodi import cli, presets
 from minitodi.cli import main
 from minitodi.core.losses import LOSSES
 from minitodi.train import TrainConfig
@@ -245,13 +246,14 @@ def test_a_closed_pipe_stops_quietly():
     assert child.wait(timeout=120) == 141 and err == b"", err
 
 
-def test_evaluate_log_refuses_a_pipe(runs, tmp_path, capsys):
+def test_evaluate_log_refuses_a_pipe_or_a_device(runs, tmp_path, capsys):
     """Appending to a FIFO waits for a reader forever (after the scores were printed)."""
     pipe = tmp_path / "pipe"
     os.mkfifo(pipe)
-    assert main(["evaluate", "--model", str(runs / "teacher"), "--log", str(pipe)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"--log {pipe} is not a regular file" in err, err
+    for path in (pipe, Path(os.devnull)):
+        assert main(["evaluate", "--model", str(runs / "teacher"), "--log", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--log {path} is not a regular file" in err, err
 
 
 # ---- every numeric option: 0, negative, nan, inf, huge, not a number --------------------------------
@@ -413,16 +415,25 @@ def test_evaluate_log_refuses_an_existing_file_that_is_no_evaluation_log(runs, t
         assert path.read_bytes() == content
 
 
-def test_evaluate_prints_its_scores_before_a_log_that_fails(runs, capsys):
-    """/dev/full: every write fails with ENOSPC, as on a full disk. The scores are on stdout all the same."""
-    if not Path("/dev/full").exists():
-        pytest.skip("no /dev/full")
-    assert main(["evaluate", "--model", str(runs / "teacher"), "--decoding", "greedy", "--log", "/dev/full",
+def test_evaluate_prints_its_scores_before_a_log_that_fails(runs, tmp_path, capsys, monkeypatch):
+    """Appending fails with ENOSPC, as on a full disk: the scores are on stdout all the same.
+
+    The append is made to fail in cli's open: a device such as /dev/full is refused as --log up front.
+    """
+    log = tmp_path / "eval.jsonl"
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        if Path(path) == log and "a" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "open", full_disk, raising=False)  # a module global shadows the builtin
+    assert main(["evaluate", "--model", str(runs / "teacher"), "--decoding", "greedy", "--log", str(log),
                  "--max-new-tokens", "8"]) == 2
     captured = capsys.readouterr()
     assert "rouge_l" in json.loads(captured.out)
     assert captured.err.count("\n") == 1
-    assert "--log /dev/full: the scores above were not logged (No space left on device)" in captured.err
+    assert f"--log {log}: the scores above were not logged (No space left on device)" in captured.err
 
 
 def test_evaluate_appends_a_line_of_its_own_after_a_cut_short_one(runs, tmp_path, capsys):
