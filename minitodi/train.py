@@ -135,8 +135,11 @@ class _Trainer:
         with _non_finite_reported():  # the last step's update may have made the parameters non-finite
             valid_ce = self.valid_ce(run.params)
         if not math.isfinite(valid_ce):
+            kept = "no state was saved"
+            if run.saved is not None:
+                kept = f"{run.last} holds step {run.saved}, finite"
             raise FloatingPointError(f"the validation loss is {valid_ce} at step {run.step}: the parameters "
-                                     f"diverged (nothing was saved; {run.last} holds the last finite state)")
+                                     f"diverged (nothing was saved now; {kept})")
         if valid_ce < run.best["valid_ce"]:
             run.save_best(valid_ce, self.tokenizer)
         rundir.append_log(run.log, {"step": run.step, "valid_ce": valid_ce})

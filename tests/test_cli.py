@@ -126,6 +126,14 @@ def test_a_learning_rate_that_overflows_is_one_line_and_no_numpy_warning(runs, t
     assert err.count("\n") == 1 and "Traceback" not in err, err
 
 
+def test_parameters_diverged_at_the_last_step_say_no_state_was_saved(tmp_path, capsys):
+    """One step at lr 1e300: the validation after it is NaN, and no last/ was ever written to point to."""
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *TINY, "--steps", "1", "--lr", "1e300"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no state was saved" in err and not (out / "last").exists(), err
+
+
 def test_unusable_out_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     data = tmp_path / "d.jsonl"
