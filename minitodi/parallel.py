@@ -81,7 +81,7 @@ def _pool(threads):
 def loss_and_grad(name, student_logits, teacher_logits, mask=None, *, temperature=1.0, **options):
     """``LOSSES[name](student_logits, teacher_logits, mask, temperature=..., **options)``, side by side.
 
-    The counted rows are cut into :data:`LOSS_PIECES` pieces of whole blocks (fixed by the batch alone,
+    The counted rows are cut into pieces of :data:`PIECE_BLOCKS` whole blocks (fixed by the batch alone,
     never by the thread count), each one call of the pure function with ``n_counted=N``, run on
     :func:`threads` threads; each writes its rows of the gradient and their losses are added in piece
     order. Every row's gradient is computed from that row alone, so the gradient is the pure function's
@@ -106,8 +106,7 @@ def loss_and_grad(name, student_logits, teacher_logits, mask=None, *, temperatur
         rows = xp.flatnonzero(mask.reshape(-1))
     n = s2.shape[0] if rows is None else int(rows.size)
     step = losses.rows_per_block(V)
-    blocks_per_piece = -(-n // step // LOSS_PIECES) or 1  # ceil: at most LOSS_PIECES pieces
-    pieces = losses.row_blocks(rows, n, step * blocks_per_piece)
+    pieces = losses.row_blocks(rows, n, step * PIECE_BLOCKS)
     count = min(threads(xp), len(pieces))
     if count == 1 or "n_counted" in options:
         return fn(s, t, mask, temperature=temperature, **options)
@@ -131,11 +130,11 @@ def loss_and_grad(name, student_logits, teacher_logits, mask=None, *, temperatur
     return loss, grad.reshape(s.shape)
 
 
-# The counted rows of a loss in this many pieces of whole blocks. Each piece's gradient is its own array
-# until copied into the whole one, so the pieces in flight cost memory: with 8 pieces on 2 threads the
-# peak of ToDi at 2048 x 32000 float32 was 318 MB against 258 MB in one call; with 16, 287 MB. Few enough
-# that a piece's call costs nothing next to its work; fixed, so the loss never depends on the thread count.
-LOSS_PIECES = 16
+# Blocks of rows a piece of a loss: each piece's gradient is its own array until copied into the whole
+# one, so the pieces in flight (one a thread) cost memory, here 8 x 256 KiB a thread whatever the batch.
+# Pieces of a sixteenth of the batch made the peak of ToDi at 2048 x 32000 float32 287 MB against 258 MB
+# in one call; at 8 blocks it is 258 MB. Fixed, so the loss never depends on the thread count.
+PIECE_BLOCKS = 8
 
 
 def adamw_step(params, grads, state, **hyper):

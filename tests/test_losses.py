@@ -297,7 +297,7 @@ def test_pieces_on_threads_give_the_pure_gradient_bit_for_bit(name, options, mon
             monkeypatch.setattr(parallel, "THREADS", threads)
             calls.clear()
             runs.append(parallel.loss_and_grad(name, s, t, m, temperature=2.0, **options))
-            assert 1 < len(calls) <= parallel.LOSS_PIECES  # whole blocks of 2 rows in at most 8 pieces
+            assert len(calls) == math.ceil(n / (2 * parallel.PIECE_BLOCKS))  # pieces of 8 blocks of 2 rows
             assert calls == [n] * len(calls)  # each piece divides by the whole batch's N
         for v, g in runs:
             assert v == pytest.approx(v1, rel=1e-14, abs=1e-300)

@@ -63,9 +63,9 @@ def layernorm_forward(x, w, b, eps=1e-5):
     """
     xp = array_module(x)
     C = x.shape[-1]
-    xhat = x - x.sum(axis=-1, keepdims=True) / C
-    rstd = 1.0 / xp.sqrt(_row_dot(xhat, xhat) / C + eps)
-    xhat *= rstd
+    centered = x - x.sum(axis=-1, keepdims=True) / C  # x - mean(x)
+    rstd = 1.0 / xp.sqrt(_row_dot(centered, centered) / C + eps)
+    xhat = xp.multiply(centered, rstd, out=centered)  # in the same buffer
     y = xhat * w
     y += b
     return y, (xhat, rstd, w)
@@ -255,9 +255,9 @@ def attention_backward(dy, cache):
     """
     q, k, v, att, scale = cache
     xp = array_module(dy)
-    dy = _split_heads(dy, q.shape[1])  # (B, T, C) -> (B, H, T, hs)
-    dv = att.swapaxes(-1, -2) @ dy  # (B, H, T, T) @ (B, H, T, hs)
-    datt = dy @ v.swapaxes(-1, -2)  # (B, H, T, hs) @ (B, H, hs, T)
+    dyh = _split_heads(dy, q.shape[1])  # (B, T, C) -> (B, H, T, hs)
+    dv = att.swapaxes(-1, -2) @ dyh  # (B, H, T, T) @ (B, H, T, hs)
+    datt = dyh @ v.swapaxes(-1, -2)  # (B, H, T, hs) @ (B, H, hs, T)
     dpre = _causal_softmax_backward(datt, att)
     dscores = xp.multiply(dpre, scale, out=dpre)  # forward was: pre = scores * scale, scores = q k^T
     dq = dscores @ k  # (B, H, T, T) @ (B, H, T, hs)
@@ -403,9 +403,10 @@ def swiglu_forward(g, u):
 
     sigmoid(g) is computed as (1 + tanh(g / 2)) / 2, which never overflows.
     """
-    s = array_module(g).tanh(0.5 * g)
-    s += 1.0
-    s *= 0.5  # sigmoid(g)
+    xp = array_module(g)
+    one_plus_tanh = xp.tanh(0.5 * g)
+    one_plus_tanh += 1.0  # built in place: 1 + tanh(g / 2)
+    s = xp.multiply(one_plus_tanh, 0.5, out=one_plus_tanh)  # s = sigmoid(g), in the same buffer
     return g * s * u, (g, u, s)
 
 
@@ -467,9 +468,9 @@ def grouped_attention_backward(dy, cache):
     """
     q, k, v, att, scale = cache
     B, Hkv, G, T, hs = q.shape
-    dy = _split_heads(dy, Hkv * G).reshape(q.shape)  # (B, T, H hs) -> (B, Hkv, G, T, hs)
-    dv = _sum_over_group(att.swapaxes(-1, -2) @ dy)  # (B, Hkv, T, hs)
-    datt = dy @ v[:, :, None].swapaxes(-1, -2)  # (B, Hkv, G, T, T)
+    dyg = _split_heads(dy, Hkv * G).reshape(q.shape)  # (B, T, H hs) -> (B, Hkv, G, T, hs)
+    dv = _sum_over_group(att.swapaxes(-1, -2) @ dyg)  # (B, Hkv, T, hs)
+    datt = dyg @ v[:, :, None].swapaxes(-1, -2)  # (B, Hkv, G, T, T)
     dpre = _causal_softmax_backward(datt, att)
     dscores = array_module(dy).multiply(dpre, scale, out=dpre)  # forward was: pre = scores * scale
     dq = (dscores @ k[:, :, None]).reshape(B, Hkv * G, T, hs)

@@ -254,7 +254,8 @@ def akl_weights(lp, lq, p, q, mu):
     g_tail = (gap * (xp.cumsum(p_sorted, axis=-1) <= mu)).sum(axis=-1)
     g_all = gap.sum(axis=-1)
     both_zero = g_all == 0
-    g_tail, g_all = xp.where(both_zero, 0.5, g_tail), xp.where(both_zero, 1.0, g_all)
+    g_tail = xp.where(both_zero, 0.5, g_tail)  # no gap anywhere: half and half
+    g_all = xp.where(both_zero, 1.0, g_all)
     return (g_all - g_tail) / g_all, g_tail / g_all
 
 
@@ -510,7 +511,8 @@ def check_inputs(student_logits, teacher_logits, mask, temperature, stopgrad_at)
     module and dtype, the temperature a Python float.
     """
     xp = array_module(student_logits, teacher_logits, mask, stopgrad_at)
-    s, t = _as_logits(student_logits, "student_logits", xp), _as_logits(teacher_logits, "teacher_logits", xp)
+    s = _as_logits(student_logits, "student_logits", xp)
+    t = _as_logits(teacher_logits, "teacher_logits", xp)
     if s.shape != t.shape:
         raise ValueError(f"student_logits {s.shape} and teacher_logits {t.shape} differ in shape")
     t = t.astype(s.dtype, copy=False)

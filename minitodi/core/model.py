@@ -341,17 +341,21 @@ def llama_head_forward(x, params, config):
 
     W is lm_head.weight or, when tie_word_embeddings, the token embedding.
     """
-    c = {"head": "lm_head"}
+    head = "lm_head"
     if config.tie_word_embeddings:
-        c["head"] = "model.embed_tokens"
+        head = "model.embed_tokens"  # the embedding's matrix serves as the head
+    c = {}  # the layers' caches, by name: "norm", and the head's under the name of the matrix it used
     xf, c["norm"] = layers.rmsnorm_forward(x, params["model.norm.weight"], config.rms_norm_eps)
-    return _proj_forward(xf, params, c["head"], c), c
+    return _proj_forward(xf, params, head, c), c
 
 
 def llama_head_backward(dlogits, c):
     """forward was: logits = xf @ W^T, xf = norm(x)."""
     grads = {}
-    dxf = _proj_backward(dlogits, c, c["head"], grads)
+    head = "lm_head"
+    if head not in c:
+        head = "model.embed_tokens"  # tied: the gradient goes to the embedding's matrix
+    dxf = _proj_backward(dlogits, c, head, grads)
     dx, grads["model.norm.weight"] = layers.rmsnorm_backward(dxf, c["norm"])
     return dx, grads
 
