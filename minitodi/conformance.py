@@ -1076,12 +1076,24 @@ def load_function(target):
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except (Exception, SystemExit) as err:  # a script's sys.exit() at import is no verdict either
-        raise ConformanceError(f"importing {path} failed: {type(err).__name__}: {err}") from None
+    except KeyboardInterrupt as err:
+        if _from_the_user(err):
+            raise
+        raise ConformanceError(_import_failed(path, err)) from None
+    except BaseException as err:  # a script's sys.exit() or GeneratorExit at import is no verdict either
+        raise ConformanceError(_import_failed(path, err)) from None
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ValueError(f"{path} defines no function {name!r}")
     return fn
+
+
+def _import_failed(path, err):
+    """The message for an exception raised while importing the file at ``path``."""
+    where = f"importing {path} failed: {type(err).__name__}"
+    if not str(err):  # raise KeyboardInterrupt: nothing more to say
+        return where
+    return f"{where}: {err}"
 
 
 PASSED, DIFFERS, COULD_NOT_RUN = 0, 1, 3  # the command's exit statuses (2: a usage error)

@@ -1106,3 +1106,13 @@ def test_cli_torch_function_that_cannot_be_run_exits_3(tmp_path, capsys, name, w
     assert cli.main(["conformance", f"{path}:{name}", "--loss", "fkl", "--no-neginf"]) == 3
     err = capsys.readouterr().err
     assert words in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("raised", ["KeyboardInterrupt", "GeneratorExit"])
+def test_cli_a_file_that_raises_keyboard_interrupt_at_import_could_not_run(tmp_path, capsys, raised):
+    """A KeyboardInterrupt raised at import was taken for the user's Ctrl-C: exit 130 "interrupted"."""
+    path = tmp_path / "interrupts.py"
+    path.write_text(f"raise {raised}\n")
+    assert cli.main(["conformance", f"{path}:fn", "--loss", "fkl", "--framework", "numpy"]) == 3
+    err = capsys.readouterr().err
+    assert f"importing {path} failed: {raised}" in err and len(err.strip().splitlines()) == 1, err
