@@ -96,6 +96,19 @@ def _check_usable(out, start):
         raise ValueError(f"{out} holds files that are not a minitodi run (no run.json of minitodi): "
                          "choose a new or empty directory")
     _check_state_replaceable(out)
+    _check_log_replaceable(out)
+
+
+def _check_log_replaceable(out):
+    """``out/metrics.jsonl`` must be absent or a file the run can replace, checked before ``last/`` goes.
+
+    A new start removes the old state and then the log; a resume rewrites the log. A directory (or another
+    thing that is no file) in the log's place would be found only after ``last/`` was deleted.
+    """
+    log = out / LOG_FILE
+    if log.exists() and not log.is_file():  # exists() and is_file() follow a link to what it names
+        raise ValueError(f"cannot use {out} as a run directory: {log} is not a file, and the run replaces "
+                         "its log there; move it away and run again; nothing was changed")
 
 
 def _check_state_replaceable(out):

@@ -365,3 +365,14 @@ def test_sigterm_stops_at_a_step_boundary_and_saves_the_state(tmp_path):
     state = checkpoint.load_training_state(out / "last")
     assert state["step"] == 2 and state["best"]["valid_ce"] == float("inf")  # before the first evaluation
     assert main(["train", "--out", str(out), *TINY]) == 0  # and it resumes from there
+
+
+@pytest.mark.parametrize("start", [["--from-best"], ["--restart"], []])
+def test_a_directory_in_place_of_the_log_is_refused_before_the_state_goes(run, capsys, start):
+    """A new start deletes last/ before the log: a log it cannot replace must be found before that."""
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").mkdir()
+    before = snapshot(run)
+    assert main(["train", "--out", str(run), *start, *TINY]) == 2
+    one_line(capsys, str(run / "metrics.jsonl"))
+    assert snapshot(run) == before and (run / "last").is_dir()
