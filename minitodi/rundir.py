@@ -62,6 +62,8 @@ def claim(out, start):
     """
     if out.exists() and not out.is_dir():  # mkdir would say only "File exists"
         raise ValueError(f"cannot use {out} as a run directory: it is a file; give a directory")
+    if start == "best" and not (out / checkpoint.MODEL_FILE).exists():  # refused before mkdir creates it
+        raise ValueError(f"{out} holds no best model to continue from")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out, os.O_RDONLY)
@@ -157,14 +159,15 @@ def check_best_model(out, model_config, tokenizer_fingerprint):
 
 
 def _check_start(out, start, resumable):
-    """A best model is never replaced by a resume that has no state to resume from."""
+    """A best model is never replaced by a resume that has no state to resume from.
+
+    (--from-best without a best model is refused by :func:`claim` before it creates ``out``.)
+    """
     has_best_model = (out / checkpoint.MODEL_FILE).exists()
     if start == "resume" and not resumable and has_best_model:
         raise ValueError(f"{out} holds a best model but no resumable state ({out / LAST} is missing or "
                          "incomplete); nothing was changed: --restart starts over (replacing the best "
                          "model), --from-best continues from the best model")
-    if start == "best" and not has_best_model:
-        raise ValueError(f"{out} holds no best model to continue from")
 
 
 def is_run(run_file):

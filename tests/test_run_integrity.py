@@ -376,3 +376,10 @@ def test_a_directory_in_place_of_the_log_is_refused_before_the_state_goes(run, c
     assert main(["train", "--out", str(run), *start, *TINY]) == 2
     one_line(capsys, str(run / "metrics.jsonl"))
     assert snapshot(run) == before and (run / "last").is_dir()
+
+
+def test_from_best_on_a_directory_that_does_not_exist_creates_nothing(tmp_path, capsys):
+    new = tmp_path / "new" / "run"
+    assert main(["train", "--out", str(new), "--from-best", *TINY]) == 2
+    one_line(capsys, str(new), "no best model")
+    assert not (tmp_path / "new").exists()
