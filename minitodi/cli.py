@@ -402,6 +402,8 @@ def cmd_generate(args):
 
     check_settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, samples=args.samples)
+    if args.input is not None and args.instruction is None:  # it would be ignored unseen
+        raise ValueError("--input is the context of an --instruction: give it with --instruction")
     for name in ("instruction", "input", "prompt"):
         try:
             (getattr(args, name) or "").encode("utf-8")  # undecodable bytes of argv arrive as lone surrogates
@@ -449,11 +451,17 @@ def cmd_demo(args):
 
 
 def cmd_conformance(args):
-    from .conformance import run_target
+    from .conformance import check_options, run_target
 
+    options = _parse_options(args.option)
+    for name, value in options.items():  # run_target checks them too, not knowing they came from --option
+        try:
+            check_options(args.loss, {name: value})
+        except ValueError as err:
+            raise ValueError(f"--option {name}: {err}") from None
     return run_target(args.target, args.loss, framework=args.framework, reduction=args.reduction,
                       t_squared=args.t_squared, tol=args.tol, neginf=args.neginf, timeout=args.timeout,
-                      **_parse_options(args.option))
+                      **options)
 
 
 def _common(p, *, training=False, generation=True):
@@ -528,9 +536,10 @@ def _add_model_commands(sub):
     p = sub.add_parser("generate", help="complete a prompt")
     _common(p)
     p.add_argument("--model", required=True, type=_path)
-    p.add_argument("--instruction", help="an instruction, formatted with the training prompt template")
+    given = p.add_mutually_exclusive_group()  # one text to continue: the other would be ignored unseen
+    given.add_argument("--instruction", help="an instruction, formatted with the training prompt template")
     p.add_argument("--input", help="the instruction's context")
-    p.add_argument("--prompt", help="raw text to continue instead of an instruction")
+    given.add_argument("--prompt", help="raw text to continue instead of an instruction")
     p.add_argument("--temperature", type=_real(0, low_included=True), default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=_integer(0), help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=_real(0, 1), help="sample among the most likely tokens of this mass")
@@ -540,7 +549,8 @@ def _add_model_commands(sub):
 
 def _add_gradcheck_command(sub):
     p = sub.add_parser("gradcheck", help="check every loss gradient against finite differences")
-    p.add_argument("--losses", nargs="+", choices=sorted(losses.LOSSES), help="only these losses")
+    p.add_argument("--losses", nargs="+", choices=sorted(losses.LOSSES), action=_Distinct,
+                   help="only these losses")
     # A step outside [1e-12, 0.1] checks rounding or a secant, not the gradient: on logits ~ N(0, 1) the
     # worst relative error of correct gradients (fkl, todi, tvd; T = 1, 2) is 0.28 at 1e-12 and 0.20 at
     # 0.1, and 1.0 (nothing agrees) at 1e-14 and at 0.3.

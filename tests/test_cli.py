@@ -552,3 +552,37 @@ def test_running_a_model_too_large_for_the_memory_is_refused_with_the_estimate(r
     assert main(["evaluate", "--model", str(tmp_path), "--log", str(tmp_path / "eval.jsonl")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "on 64 sequence(s) of up to" in err and "1 MiB is available" in err
+
+
+def test_generate_refuses_an_instruction_and_a_prompt_together(tmp_path, capsys):
+    """--prompt given with --instruction was silently ignored (exit 0); refused before any model loads."""
+    argv = ["generate", "--model", str(tmp_path / "none"), "--instruction", "x", "--prompt", "y"]
+    assert exit_status(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--prompt" in err and "--instruction" in err, err
+
+
+def test_generate_refuses_an_input_without_an_instruction(tmp_path, capsys):
+    """--input is the instruction's context: with --prompt alone it was silently ignored."""
+    argv = ["generate", "--model", str(tmp_path / "none"), "--prompt", "y", "--input", "z"]
+    assert exit_status(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--input" in err and "--instruction" in err, err
+
+
+def test_gradcheck_refuses_a_loss_given_twice(capsys):
+    """``--losses fkl fkl`` checked fkl twice (demo refuses duplicates)."""
+    assert exit_status(["gradcheck", "--losses", "fkl", "rkl", "fkl"]) == 2
+    err = capsys.readouterr().err
+    assert "--losses" in err and "fkl given more than once" in err, err
+
+
+@pytest.mark.parametrize("option", ["beta=nan", "beta=-1"])
+def test_conformance_names_the_option_of_a_bad_loss_option(tmp_path, capsys, option):
+    """``--option beta=nan`` said "beta must be a finite number >= 0, got nan", not naming --option."""
+    path = tmp_path / "mine.py"
+    path.write_text("def fn(s, t, mask, temperature, beta=1.0):\n    raise AssertionError('was run')\n")
+    argv = ["conformance", f"{path}:fn", "--loss", "todi", "--framework", "numpy", "--option", option]
+    assert exit_status(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--option {option.split('=')[0]}" in err and "beta must be" in err, err
