@@ -1,6 +1,7 @@
 """The ``minitodi`` command line (also ``python -m minitodi``)."""
 
 import argparse
+import errno
 import math
 import os
 import signal
@@ -55,9 +56,23 @@ def _integer(low, high=None):
 
 
 def _path(text):
-    """An argparse type: a file or directory name, never empty (Path("") would be the current directory)."""
+    """An argparse type: a file or directory name, never empty (Path("") would be the current directory).
+
+    A name no file can have (too long) or one that runs into a loop of symbolic links is refused here, so
+    that the error names the option: found later, the system's error names only the path.
+    """
     if not text.strip():
         raise argparse.ArgumentTypeError("must name a file or directory, got an empty string")
+    try:
+        os.stat(text)
+    except OSError as err:
+        if err.errno == errno.ENAMETOOLONG:
+            raise argparse.ArgumentTypeError(f"the name {text[:40]}... ({len(text)} characters) is too long "
+                                             "for the file system") from None
+        if err.errno == errno.ELOOP:
+            raise argparse.ArgumentTypeError(f"{text} runs into a loop of symbolic links (each names "
+                                             "another, none a file or directory)") from None
+        # a file that does not exist (yet) is each command's to judge: an output is made, an input refused
     return text
 
 

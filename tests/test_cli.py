@@ -586,3 +586,21 @@ def test_conformance_names_the_option_of_a_bad_loss_option(tmp_path, capsys, opt
     assert exit_status(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--option {option.split('=')[0]}" in err and "beta must be" in err, err
+
+
+@pytest.mark.parametrize("case", ["too long", "link loop"])
+@pytest.mark.parametrize("argv", [["train", "--out", "{}"], ["train", "--out", "o", "--tokenizer", "{}"],
+                                  ["demo", "--out", "{}"], ["evaluate", "--model", "m", "--log", "{}"]])
+def test_a_path_no_file_can_have_names_its_option(tmp_path, capsys, case, argv):
+    """A name too long for the file system, or a loop of symbolic links: refused naming the option."""
+    path = tmp_path / ("a" * 300)
+    if case == "link loop":
+        path = tmp_path / "loop1"
+        path.symlink_to(tmp_path / "loop2")
+        (tmp_path / "loop2").symlink_to(path)
+    option = argv[-2]
+    argv = [arg.format(path) for arg in argv]
+    assert exit_status(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"argument {option}:" in err, err
+    assert ("too long" if case == "too long" else "loop of symbolic links") in err, err
