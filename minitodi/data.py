@@ -297,7 +297,7 @@ def validate_record(obj, where: str = "record") -> dict:
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "response" not in obj and "output" in obj:
-        obj = _from_minillm(obj)
+        obj = _from_minillm(obj, where)
     for key in ("instruction", "response"):
         if key not in obj:
             raise ValueError(f"{where}: missing field {key!r}")
@@ -312,17 +312,25 @@ def validate_record(obj, where: str = "record") -> dict:
             "references": list(references), "task": obj.get("task", "user")}
 
 
-def _from_minillm(obj):
+def _from_minillm(obj, where):
     """A record in MiniLLM's names (input, output: a str or every reference) with Dolly's names added.
 
-    Fields the record names itself (a ``context`` or ``references`` of its own) are kept.
+    Fields the record names itself (a ``context`` or ``references`` of its own) are kept. ``output`` and
+    ``input`` are checked here, where their names are known: an error about ``response`` or ``context``
+    would name fields the file does not have.
     """
-    if isinstance(obj["output"], list):
-        references = obj["output"]
+    output = obj["output"]
+    if isinstance(output, list):
+        references = output
     else:
-        references = [obj["output"]]
-    response = references[0] if references else ""  # an empty list is refused as references later
-    return {"context": obj.get("input", ""), "references": references, **obj, "response": response}
+        references = [output]
+    if not references or not all(isinstance(r, str) for r in references):
+        raise ValueError(f"{where}: field 'output' must be a string or a non-empty list of strings, "
+                         f"got {type(output).__name__}")
+    context = obj.get("input", "")
+    if "context" not in obj and not isinstance(context, str):
+        raise ValueError(f"{where}: field 'input' must be a string, got {type(context).__name__}")
+    return {"context": context, "references": references, **obj, "response": references[0]}
 
 
 def load_jsonl(path) -> list[dict]:

@@ -439,3 +439,22 @@ def test_a_device_or_pipe_is_no_dataset(tmp_path):
     for path in ("/dev/zero", pipe):
         with pytest.raises(ValueError, match="not a file or a directory"):
             data.load_dataset(str(path))
+
+
+@pytest.mark.parametrize("record, words", [
+    ({"instruction": "i", "output": 5}, "field 'output' must be a string or a non-empty list of strings"),
+    ({"instruction": "i", "output": ["a", 5]},
+     "field 'output' must be a string or a non-empty list of strings"),
+    ({"instruction": "i", "output": []}, "field 'output' must be a string or a non-empty list of strings"),
+    ({"instruction": "i", "output": "a", "input": 5}, "field 'input' must be a string, got int"),
+])
+def test_a_bad_minillm_field_is_named_as_the_file_spells_it(record, words):
+    """``"output": 5`` said "field 'response' must be a string", a field the file does not have."""
+    with pytest.raises(ValueError) as refused:
+        data.validate_record(record, "f.jsonl:1")
+    assert str(refused.value).startswith(f"f.jsonl:1: {words}")
+
+
+def test_minillm_fields_are_read_as_dolly_fields():
+    record = data.validate_record({"instruction": "i", "input": "c", "output": ["a", "b"]})
+    assert (record["context"], record["response"], record["references"]) == ("c", "a", ["a", "b"])
