@@ -530,6 +530,19 @@ def recorded_tokenizers(directory):
     return {path: value for path, value in recorded.items() if value is not None}
 
 
+def check_directory(directory):
+    """A clear error unless ``directory`` is a directory (what it holds is :func:`load`'s to check)."""
+    directory = Path(directory)
+    if directory.is_file():  # a model file given for its directory, say
+        raise NotADirectoryError(f"{directory} is a file, not a checkpoint directory: give the directory "
+                                 "that holds it")
+    if directory.exists() and not directory.is_dir():  # a device such as /dev/null, a pipe
+        raise NotADirectoryError(f"{directory} is not a checkpoint directory (nor a file): give the "
+                                 "directory that holds the model")
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+
+
 def load(directory, *, dtype=None, device="cpu"):
     """Read ``(params, config)`` from a checkpoint directory.
 
@@ -538,11 +551,7 @@ def load(directory, *, dtype=None, device="cpu"):
     headers before any tensor is read, and every parameter must be finite.
     """
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():  # a model file given for its directory, say
-        raise NotADirectoryError(f"{directory} is a file, not a checkpoint directory: give the directory "
-                                 "that holds it")
-    if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    check_directory(directory)
     config = load_config(directory)
     path = directory / MODEL_FILE
     if not path.is_file() and (directory / "pytorch_model.bin").is_file():

@@ -372,6 +372,7 @@ def _evaluation_examples(args, dataset, tokenizer, config):
 def cmd_evaluate(args):
     import json
 
+    from . import checkpoint
     from .data import load_dataset
     from .evaluation import Protocol, evaluate, heldout_losses
     from .metrics import perplexity
@@ -379,6 +380,7 @@ def cmd_evaluate(args):
 
     protocol = Protocol(decoding=args.decoding, eval_seeds=tuple(args.eval_seeds))
     device = resolve_device(args.device)
+    checkpoint.check_directory(args.model)  # first: the default --log is a file in --model
     log = _check_log_path(args.log or Path(args.model) / "eval.jsonl")
     params, config, tokenizer = _load_model(args.model, device)
     teacher = None

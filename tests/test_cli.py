@@ -604,3 +604,11 @@ def test_a_path_no_file_can_have_names_its_option(tmp_path, capsys, case, argv):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"argument {option}:" in err, err
     assert ("too long" if case == "too long" else "loop of symbolic links") in err, err
+
+
+def test_evaluate_a_model_that_is_a_device_says_it_is_no_checkpoint_directory(tmp_path, capsys):
+    """The default --log lies in --model: --model is checked first, so the error is about the model."""
+    (tmp_path / "devnull").symlink_to(os.devnull)
+    assert exit_status(["evaluate", "--model", str(tmp_path / "devnull"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a checkpoint directory" in err and "--log" not in err, err
