@@ -40,8 +40,9 @@ from .teacher import require_same_tokenizer
 def step_loss(params, config, idx, labels, tcfg, teacher=None):
     """Loss of one batch and its gradient w.r.t. every parameter: ``(total, ce, kd, grads)``.
 
-    ``kd`` is None for an SFT run. The loss's parts are floats; grads is a dict like params. The head
-    runs only at counted positions (labels != -100), where the losses read it: logits (n, V).
+    ``kd`` is None for an SFT run. The loss's parts are floats; grads is a dict like params, or None for a
+    distillation whose student logits are not finite (the loss is then NaN). The head runs only at counted
+    positions (labels != -100), where the losses read it: logits (n, V).
     """
     counted = labels != layers.IGNORE_INDEX
     logits, cache = forward_in_shards(params, idx, config, rows=counted)
@@ -50,6 +51,8 @@ def step_loss(params, config, idx, labels, tcfg, teacher=None):
     if teacher is None or tcfg.loss == SFT:
         dlogits = layers.cross_entropy_backward(1.0, ce_cache)
         return ce, ce, None, backward_in_shards(dlogits, cache)
+    if not math.isfinite(ce):  # non-finite logits (a diverged update): the divergences would refuse them
+        return ce, ce, math.nan, None  # no gradient: the loop stops on the non-finite loss with its cause
     teacher_logits = teacher.batch_logits(idx, labels)
     kd, dkd = parallel.loss_and_grad(tcfg.loss, logits, teacher_logits, temperature=tcfg.temperature,
                                      **tcfg.loss_options)
@@ -112,7 +115,9 @@ class _Trainer:
                              min_lr=tcfg.min_lr)
             with _non_finite_reported():
                 total, ce, kd, grads = step_loss(run.params, run.config, idx, labels, tcfg, self.teacher)
-                norm = optim.clip_grad_norm(grads, tcfg.grad_clip)
+                norm = math.nan
+                if grads is not None:
+                    norm = optim.clip_grad_norm(grads, tcfg.grad_clip)
             if not (math.isfinite(total) and math.isfinite(norm)):  # nothing non-finite is ever saved
                 self._stop_non_finite(total, ce, kd, norm, lr)
             with _non_finite_reported():  # an update to inf (lr 1e300) is the next step's non-finite loss

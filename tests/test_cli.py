@@ -612,3 +612,15 @@ def test_evaluate_a_model_that_is_a_device_says_it_is_no_checkpoint_directory(tm
     assert exit_status(["evaluate", "--model", str(tmp_path / "devnull"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a checkpoint directory" in err and "--log" not in err, err
+
+
+@pytest.mark.parametrize("command", ["train", "distill"])
+def test_a_diverged_student_says_the_step_and_the_learning_rate(runs, tmp_path, capsys, command):
+    """lr 1e30: the update leaves NaN logits, which distill's divergence would refuse as bad input."""
+    args = [command, "--out", str(tmp_path / "run"), *TINY, "--lr", "1e30"]
+    if command == "distill":
+        args += ["--teacher", str(runs / "teacher")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "step " in err and "learning rate" in err, err
+    assert "state was saved" in err or "holds step" in err, err
