@@ -670,7 +670,8 @@ def main(argv=None):
             return args.func(args)
     except KeyboardInterrupt:
         newline = ""
-        if not getattr(args, "quiet", True):  # a progress bar may be mid-line: the message starts a new one
+        # a progress bar may be mid-line, on a terminal only (elsewhere it writes whole lines): a new line
+        if not getattr(args, "quiet", True) and sys.stderr.isatty():
             newline = "\n"
         print(f"{newline}minitodi {args.command}: interrupted", file=sys.stderr)
         return 130

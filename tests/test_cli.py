@@ -624,3 +624,20 @@ def test_a_diverged_student_says_the_step_and_the_learning_rate(runs, tmp_path, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "step " in err and "learning rate" in err, err
     assert "state was saved" in err or "holds step" in err, err
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate"])
+def test_ctrl_c_with_stderr_not_a_terminal_is_one_line(runs, capsys, monkeypatch, command):
+    """No progress line is drawn in place on a file or a pipe: no blank line before the message."""
+    from minitodi import evaluation, generate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "evaluate", interrupted)
+    monkeypatch.setattr(generate, "generate", interrupted)
+    argv = ["evaluate", "--model", str(runs / "teacher"), "--log", str(runs / "ctrl_c.jsonl")]
+    if command == "generate":
+        argv = ["generate", "--model", str(runs / "teacher"), "--prompt", "a"]
+    assert exit_status(argv) == 130
+    assert capsys.readouterr().err == f"minitodi {command}: interrupted\n"
