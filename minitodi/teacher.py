@@ -98,8 +98,19 @@ class Teacher:
 
 
 def require_same_tokenizer(teacher, tokenizer):
-    """A clear error when the teacher's tokenizer is not the student's (their logits would not align)."""
+    """A clear error when the teacher's tokenizer is not the student's (their logits would not align).
+
+    It names the two tokenizer.json files (one trained in this process, from the data, is said so).
+    """
     if teacher.tokenizer.fingerprint() != tokenizer.fingerprint():
-        raise ValueError(f"teacher and student tokenizers differ ({teacher.tokenizer!r} vs {tokenizer!r}): "
-                         "distillation compares distributions over the same vocabulary; use the teacher's "
-                         "tokenizer.json for the student")
+        raise ValueError(f"the teacher's tokenizer ({_named(teacher.tokenizer)}) is not the student's "
+                         f"({_named(tokenizer)}): "
+                         "their logits are over different tokens and cannot be compared; a student is "
+                         "trained and compared with its teacher's tokenizer.json")
+
+
+def _named(tokenizer):
+    """The tokenizer.json a tokenizer was read from, or a few words for one made in this process."""
+    if tokenizer.path is None:
+        return "one trained from the data"
+    return str(tokenizer.path)

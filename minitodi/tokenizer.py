@@ -44,6 +44,7 @@ class Tokenizer:
         self._tok = hf_tokenizer
         self.eos_id: int = eos_id
         self.vocab_size: int = hf_tokenizer.get_vocab_size(with_added_tokens=True)
+        self.path = None  # the tokenizer.json it was read from (set by load); None: made in this process
 
     @classmethod
     def train(cls, texts, vocab_size: int) -> "Tokenizer":
@@ -94,9 +95,11 @@ class Tokenizer:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ValueError(f"{path} is not a tokenizer tokenizers can read: {reason}") from None
         try:
-            return cls(hf_tokenizer)
+            tokenizer = cls(hf_tokenizer)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
+        tokenizer.path = path
+        return tokenizer
 
     @classmethod
     def load_for_model(cls, directory) -> "Tokenizer":

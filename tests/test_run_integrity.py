@@ -383,3 +383,11 @@ def test_from_best_on_a_directory_that_does_not_exist_creates_nothing(tmp_path, 
     assert main(["train", "--out", str(new), "--from-best", *TINY]) == 2
     one_line(capsys, str(new), "no best model")
     assert not (tmp_path / "new").exists()
+
+
+def test_evaluate_with_a_teacher_of_another_tokenizer_names_both_tokenizer_files(trained, tmp_path, capsys):
+    args = ["evaluate", "--model", str(trained / "run"), "--teacher", str(trained / "other"), "--log",
+            str(tmp_path / "eval.jsonl"), "--quiet"]
+    assert main(args) == 2
+    err = one_line(capsys, str(trained / "run" / "tokenizer.json"), str(trained / "other" / "tokenizer.json"))
+    assert "Tokenizer(" not in err and "distil" not in err
