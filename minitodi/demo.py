@@ -131,7 +131,12 @@ def _claim(out):
     if out.exists() and not _is_demo_output(out):
         raise ValueError(f"{out} holds files that are not the demo's (students/, results.json, demo.png): "
                          "choose a new or empty directory for --out")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a parent that cannot be created or written to; the errno alone names no option
+        raise ValueError(f"--out {out}: cannot create the directory: {err.strerror}") from None
+    if not os.access(out, os.W_OK | os.X_OK):  # found here, not when the first result is written
+        raise ValueError(f"--out {out} is not writable: choose another directory or make it writable")
     return out
 
 

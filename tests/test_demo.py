@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -446,3 +447,22 @@ def test_numpy_integers_are_seeds(tmp_path, monkeypatch):
                        progress=False, log=lambda *_: None)
     assert results["config"]["seeds"] == [2, 3]
     assert [r["seed"] for r in results["students"]["todi"]["seeds"]] == [2, 3]
+
+
+@pytest.mark.parametrize("where", ["under a file", "in /proc"])
+def test_out_that_cannot_be_created_names_the_option(tmp_path, capsys, where):
+    (tmp_path / "file").write_text("mine")
+    out = {"under a file": tmp_path / "file" / "out", "in /proc": Path("/proc/no-such-process/out")}[where]
+    assert exit_status(["demo", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {out}: cannot create the directory" in err, err
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_out_that_is_not_writable_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    """As root no permission stops a write: the check is what is tested, with os.access saying no."""
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(demo.os, "access", lambda path, mode: Path(path) != out)
+    with pytest.raises(ValueError, match=f"--out {out} is not writable"):
+        demo._claim(out)
