@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from minitodi.tokenizer import EOS, Tokenizer
+from minitodi.tokenizer import EOS, TRAINING_WORD_CHARS, Tokenizer, cut_long_words
 
 TEXTS = [
     "The cat sat on the mat. The dog sat on the log.",
@@ -137,3 +137,14 @@ def test_a_tokenizer_without_the_end_of_text_token_is_named(tmp_path, texts_toke
     path.write_text(json.dumps(tokenizer))
     with pytest.raises(ValueError, match=re.escape(f"{path}: the tokenizer has no '{EOS}' token")):
         Tokenizer.load(path)
+
+
+def test_bpe_training_cuts_a_huge_word_into_pieces_and_leaves_ordinary_text_alone():
+    """A 2 MB word took the trainer most of an hour (time grows with a word's length squared)."""
+    text = "a b " + "x" * (2 * TRAINING_WORD_CHARS + 500) + " end"
+    assert [len(w) for w in cut_long_words(text).split(" ")] == [1, 1, 1000, 1000, 500, 3]
+    ordinary = "def f(x):\n    return x * 2  # " + "y" * TRAINING_WORD_CHARS
+    assert cut_long_words(ordinary) == ordinary  # a word of exactly the limit is not cut
+    huge = "z" * 2_000_000
+    tok = Tokenizer.train(["hello world " * 50, huge], 300)  # seconds, not an hour
+    assert tok.decode(tok.encode(huge)) == huge  # the trained tokenizer still encodes the whole word
