@@ -5,6 +5,8 @@ tests/ directory on sys.path (its default "prepend" import mode does so for conf
 test module here, tests/ having no __init__.py).
 """
 
+import os
+
 import numpy as np
 
 from minitodi.core import layers, model
@@ -115,3 +117,18 @@ def exit_status(argv):
         return main(argv)
     except SystemExit as stopped:
         return stopped.code
+
+
+def read_only(monkeypatch, directory):
+    """os.access says ``directory`` is not writable (as a non-root user finds after chmod a-w).
+
+    Faked because these tests may run as root, to whom chmod forbids nothing.
+    """
+    real_access = os.access
+
+    def access(path, mode, **kwargs):
+        if os.path.abspath(path) == str(directory) and mode & os.W_OK:
+            return False
+        return real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import exit_status
+from helpers import exit_status, read_only
 
 from minitodi import demo, metrics, presets, report
 from minitodi.evaluation import PAPER, Protocol
@@ -396,21 +396,6 @@ def test_an_empty_minitodi_cache_is_the_default_cache(tmp_path, monkeypatch):
     assert demo.cache_dir() == tmp_path / "mine"
 
 
-def _read_only(monkeypatch, directory):
-    """os.access says ``directory`` is not writable (as a non-root user finds after chmod a-w).
-
-    Faked because these tests may run as root, to whom chmod forbids nothing.
-    """
-    real_access = os.access
-
-    def access(path, mode, **kwargs):
-        if os.path.abspath(path) == str(directory) and mode & os.W_OK:
-            return False
-        return real_access(path, mode, **kwargs)
-
-    monkeypatch.setattr(os, "access", access)
-
-
 @pytest.mark.parametrize("kind, reason", [
     ("file", r"cache is not a directory"),
     ("under a file", r"cache is not a directory"),
@@ -428,10 +413,10 @@ def test_an_unusable_cache_is_refused_before_anything_is_written(kind, reason, t
         monkeypatch.setenv("MINITODI_CACHE", str(cache / "minitodi"))
     elif kind == "read-only":
         cache.mkdir()
-        _read_only(monkeypatch, cache)
+        read_only(monkeypatch, cache)
     else:
         cache.mkdir()
-        _read_only(monkeypatch, cache)
+        read_only(monkeypatch, cache)
         monkeypatch.setenv("MINITODI_CACHE", str(cache / "minitodi"))
     monkeypatch.setattr(demo, "fit", lambda *a, **k: pytest.fail("training started"))
     with pytest.raises(ValueError, match=r"cannot use .*cache.* as the teacher cache \(MINITODI_CACHE\): .*"
@@ -463,6 +448,6 @@ def test_out_that_is_not_writable_is_refused_before_anything_runs(tmp_path, monk
     """As root no permission stops a write: the check is what is tested, with os.access saying no."""
     out = tmp_path / "out"
     out.mkdir()
-    monkeypatch.setattr(demo.os, "access", lambda path, mode: Path(path) != out)
+    read_only(monkeypatch, out)
     with pytest.raises(ValueError, match=f"--out {out} is not writable"):
         demo._claim(out)

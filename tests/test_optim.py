@@ -91,6 +91,15 @@ def test_adamw_keeps_float32():
     assert all(state[s][k].dtype == np.float32 for s in ("m", "v") for k in params)
 
 
+def _adamw_steps(step, dtype, steps):
+    """Parameters and state after ``steps`` updates by ``step`` (the pure one or parallel's)."""
+    params = _params(dtype)
+    state = optim.adamw_init(params)
+    for seed in range(steps):
+        step(params, _grads(params, seed), state, lr=1e-2, betas=BETAS, eps=ADAM_EPS, weight_decay=WD)
+    return params, state
+
+
 def test_adamw_in_groups_on_threads_gives_the_pure_step_bit_for_bit(monkeypatch):
     """parallel.adamw_step: the parameters in groups on 3 threads, the pure step's numbers bit for bit."""
     calls = []
@@ -98,18 +107,13 @@ def test_adamw_in_groups_on_threads_gives_the_pure_step_bit_for_bit(monkeypatch)
                         [fn(item) for item in items])
     monkeypatch.setattr(parallel, "GROUP_ENTRIES", 1)
     monkeypatch.setattr(parallel, "THREADS", 3)
-    runs = []
-    for step in (optim.adamw_step, parallel.adamw_step):
-        params = _params(np.float32)
-        state = optim.adamw_init(params)
-        for seed in range(3):
-            step(params, _grads(params, seed), state, lr=1e-2, betas=BETAS, eps=ADAM_EPS, weight_decay=WD)
-        runs.append((params, state))
-    for name in runs[0][0]:
-        np.testing.assert_array_equal(runs[1][0][name], runs[0][0][name])
-        np.testing.assert_array_equal(runs[1][1]["m"][name], runs[0][1]["m"][name])
-        np.testing.assert_array_equal(runs[1][1]["v"][name], runs[0][1]["v"][name])
-    assert runs[1][1]["step"] == runs[0][1]["step"] == 3
+    pure_params, pure_state = _adamw_steps(optim.adamw_step, np.float32, 3)
+    params, state = _adamw_steps(parallel.adamw_step, np.float32, 3)
+    for name in pure_params:
+        np.testing.assert_array_equal(params[name], pure_params[name])
+        np.testing.assert_array_equal(state["m"][name], pure_state["m"][name])
+        np.testing.assert_array_equal(state["v"][name], pure_state["v"][name])
+    assert state["step"] == pure_state["step"] == 3
     # each call: 12 and 10 entries alone, then 3 + 2 in the lightest group
     assert calls == [[1, 1, 2]] * 3
 
@@ -118,14 +122,10 @@ def test_adamw_in_groups_runs_the_threads(monkeypatch):
     """With a real pool of 2 threads the numbers are still the pure step's."""
     monkeypatch.setattr(parallel, "GROUP_ENTRIES", 1)
     monkeypatch.setattr(parallel, "THREADS", 2)
-    runs = []
-    for step in (optim.adamw_step, parallel.adamw_step):
-        params = _params(np.float64)
-        state = optim.adamw_init(params)
-        step(params, _grads(params, 0), state, lr=1e-2, betas=BETAS, eps=ADAM_EPS, weight_decay=WD)
-        runs.append(params)
-    for name in runs[0]:
-        np.testing.assert_array_equal(runs[1][name], runs[0][name])
+    pure_params, _ = _adamw_steps(optim.adamw_step, np.float64, 1)
+    params, _ = _adamw_steps(parallel.adamw_step, np.float64, 1)
+    for name in pure_params:
+        np.testing.assert_array_equal(params[name], pure_params[name])
     assert parallel._pool.cache_info().currsize > 0  # the pool ran
 
 

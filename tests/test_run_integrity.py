@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import read_only
 from safetensors.numpy import load_file, save_file
 
 from minitodi import checkpoint, data
@@ -303,14 +304,7 @@ def test_a_read_only_state_is_refused_before_training(run, capsys, monkeypatch, 
     if name == "last.old":
         shutil.copytree(run / "last", state)
     before = snapshot(run)
-    real_access = os.access
-
-    def access(path, mode, **kwargs):
-        if os.path.abspath(path) == str(state) and mode & os.W_OK:
-            return False
-        return real_access(path, mode, **kwargs)
-
-    monkeypatch.setattr(os, "access", access)
+    read_only(monkeypatch, state)
     assert main(["train", "--out", str(run), *TINY]) == 2
     err = one_line(capsys, f"{state} is not writable")
     assert "chmod u+w" in err
