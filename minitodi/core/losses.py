@@ -41,8 +41,10 @@ evaluated: holding it at a base point s0 makes the loss a function whose true gr
 stop-gradient gradient, which is what :func:`minitodi.core.gradcheck.check_loss` checks.
 
 Reading order: the divergences (pure functions of one block of rows, arrays (n, V) -> D (n,) and
-g (n, V)), their weights, the public functions, then what runs around them: input checks, -inf logits,
-blocks of rows and the fused GPU path. A reader of the math never meets the machinery.
+g (n, V)), their weights, the public functions, then what runs around them: the mean over positions in
+blocks of rows, input checks, -inf logits. The threads and the fused GPU kernels that run these functions
+faster are outside core (:mod:`minitodi.parallel`, :mod:`minitodi.fused`): a reader of the math never meets
+the machinery.
 """
 
 import math
