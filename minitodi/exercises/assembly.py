@@ -243,7 +243,10 @@ class LayerCheck:
         text = heading + f"{listing(wrong)} {verb} from minitodi's (relative error {largest:.2g})"
         right = [name for name in self.errors if name not in wrong]
         if right:
-            text += f"; {listing(right)} {'agrees' if len(right) == 1 else 'agree'}"
+            agree = "agree"
+            if len(right) == 1:
+                agree = "agrees"
+            text += f"; {listing(right)} {agree}"
         return text + "."
 
 

@@ -344,7 +344,10 @@ def _grade(exercise, cases, expected, answers):
             paragraphs.append(details)
     right = [names[i] for i in range(len(names)) if i not in wrong]
     if right:
-        paragraphs.append(f"({listing(right)} {'is' if len(right) == 1 else 'are'} right.)")
+        verb = "are"
+        if len(right) == 1:
+            verb = "is"
+        paragraphs.append(f"({listing(right)} {verb} right.)")
     keys = tuple(mistake.key for mistake, _ in matched)
     return Report(exercise.name, False, "\n".join(paragraphs), mistakes=keys, **summary)
 
